@@ -1,0 +1,36 @@
+"""blockq: GGUF k-quant block quantization, container, and runtime in Python.
+
+Public API (imported lazily so ``import blockq`` stays fast):
+
+- ``quantize(x, qtype, imatrix=None)`` -> uint8 (rows, bytes_per_row)
+- ``dequantize(data, qtype, shape)`` -> float32 array of ``shape``
+- ``read_gguf(path)`` / ``write_gguf(path, metadata, tensors)``
+- errors: ``BlockqError``, ``FormatError``, ``BadArgument``, ``UnsupportedModel``
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import BadArgument, BlockqError, FormatError, UnsupportedModel
+from .types import QK_K, QType, qtype
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "quantize": ("blockq.quantize", "quantize"),
+    "dequantize": ("blockq.dequantize", "dequantize"),
+    "read_gguf": ("blockq.gguf.reader", "read_gguf"),
+    "write_gguf": ("blockq.gguf.writer", "write_gguf"),
+}
+
+__all__ = ["BadArgument", "BlockqError", "FormatError", "QK_K", "QType", "UnsupportedModel",
+           "qtype", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'blockq' has no attribute {name!r}")

@@ -1,0 +1,71 @@
+"""The ``blockq`` command line.  Commands are thin: parse, call the library, print.
+
+Each command lives in a module of this package and is imported only when it runs, so
+``blockq --help`` stays fast and one command's dependencies never slow another down.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+from ..errors import BlockqError
+
+# command name -> (module, attribute)
+COMMANDS = {
+    "demo": ("blockq.cli.demo", "demo"),
+    "inspect": ("blockq.cli.inspect", "inspect_cmd"),
+    "generate": ("blockq.cli.run", "generate"),
+    "chat": ("blockq.cli.run", "chat"),
+    "perplexity": ("blockq.cli.run", "perplexity"),
+    "bench": ("blockq.cli.run", "bench"),
+    "convert": ("blockq.cli.convert", "convert"),
+    "imatrix": ("blockq.cli.convert", "imatrix"),
+    "kld": ("blockq.cli.convert", "kld"),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [n for n, (m, _) in COMMANDS.items() if importlib.util.find_spec(m) is not None]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        mod, attr = COMMANDS[name]
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                return None
+            raise
+
+
+@click.group(cls=_LazyGroup)
+@click.version_option(package_name="blockq")
+def cli():
+    """blockq: block-quantized (GGUF k-quant) language models in Python."""
+
+
+def main(argv=None):
+    """Entry point: blockq's own errors become one clear line on stderr and exit code 1."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except BlockqError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)

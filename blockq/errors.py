@@ -1,0 +1,17 @@
+"""One error type per domain. Every message names the thing, the value, and what would be right."""
+
+
+class BlockqError(Exception):
+    """Base class of every error blockq raises on purpose."""
+
+
+class FormatError(BlockqError, ValueError):
+    """A GGUF (or imatrix) file is malformed: names the file, the byte offset and what is wrong."""
+
+
+class BadArgument(BlockqError, ValueError):
+    """A caller passed a value blockq cannot use (wrong shape, NaN weights, unknown type name...)."""
+
+
+class UnsupportedModel(BlockqError, ValueError):
+    """A well-formed model that blockq cannot run or convert yet (architecture, tokenizer...)."""

@@ -1,0 +1,86 @@
+"""Quantize float rows into blocks of any type in the table.
+
+Public entry: :func:`quantize`.  It validates its arguments (shape, finiteness, the importance
+vector) and hands C-contiguous float32 rows to a per-type row quantizer.  Row quantizers live in
+family modules and have the signature ``fn(x, imatrix, out)`` where ``x`` is float32
+``(rows, cols)``, ``imatrix`` is float32 ``(cols,)`` or ``None`` and ``out`` is uint8
+``(rows, row_bytes)`` to fill in place:
+
+- ``floats``: F32, F16, BF16
+- ``symmetric``: scale-only types (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, Q8_K)
+- ``asymmetric``: scale-and-min types (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from ..errors import BadArgument
+from ..types import QType, qtype as _qtype
+
+_FAMILIES = ("floats", "symmetric", "asymmetric")
+_ROW_QUANTIZERS: dict[str, object] = {}
+
+
+def row_quantizer(name: str):
+    """The registered row quantizer for a type name (imports the family modules on first use)."""
+    if not _ROW_QUANTIZERS:
+        for fam in _FAMILIES:
+            mod = importlib.import_module(f"{__name__}.{fam}")
+            _ROW_QUANTIZERS.update(mod.QUANTIZERS)
+    fn = _ROW_QUANTIZERS.get(name)
+    if fn is None:
+        raise BadArgument(f"no quantizer for block type {name}")
+    return fn
+
+
+def check_imatrix(imatrix, n_cols: int) -> np.ndarray | None:
+    """Validate an importance vector for rows of ``n_cols``: float, right length, finite, >= 0."""
+    if imatrix is None:
+        return None
+    w = np.asarray(imatrix)
+    if w.ndim != 1 or w.shape[0] != n_cols:
+        raise BadArgument(f"importance vector has shape {w.shape}, rows have {n_cols} columns: "
+                          f"it needs exactly one entry per column, shape ({n_cols},)")
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    bad = ~np.isfinite(w)
+    if bad.any():
+        raise BadArgument(f"importance vector has {int(bad.sum())} NaN/inf entries "
+                          f"(first at column {int(np.argmax(bad))})")
+    neg = w < 0
+    if neg.any():
+        i = int(np.argmax(neg))
+        raise BadArgument(f"importance vector has {int(neg.sum())} negative entries "
+                          f"(column {i} is {float(w[i])}); it holds mean squared activations, >= 0")
+    return w
+
+
+def quantize(x, qtype: "str | int | QType", imatrix=None) -> np.ndarray:
+    """Quantize float rows ``x`` of shape ``(rows, cols)`` to blocks of ``qtype``.
+
+    ``imatrix`` (optional) is the per-column importance (mean squared activation), shape
+    ``(cols,)``; it weights the error like llama.cpp's ``quant_weights``.
+    Returns uint8 of shape ``(rows, bytes_per_row)``.
+    """
+    t = _qtype(qtype)
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise BadArgument(f"quantize takes a 2-D (rows, cols) array, got shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise BadArgument(f"quantize takes float input, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    rows, cols = a.shape
+    if cols == 0:
+        raise BadArgument(f"rows have length 0; {t.name} needs a multiple of {t.block_size}")
+    row_bytes = t.row_bytes(cols)  # raises for a partial block
+    bad = ~np.isfinite(a)
+    if bad.any():
+        r, c = np.unravel_index(int(np.argmax(bad)), a.shape)
+        raise BadArgument(f"input has {int(bad.sum())} NaN/inf values (first at row {r}, "
+                          f"column {c}: {float(a[r, c])}); only finite weights can be quantized")
+    w = check_imatrix(imatrix, cols)
+    out = np.empty((rows, row_bytes), dtype=np.uint8)
+    if rows:
+        row_quantizer(t.name)(a, w, out)
+    return out
