@@ -1,0 +1,211 @@
+"""``blockq convert / imatrix / kld``: make quantized GGUF files and measure what they lost.
+
+Thin commands over :func:`blockq.convert.convert`, :func:`blockq.imatrix.compute_imatrix` and
+:func:`blockq.imatrix.kl_divergence`; results on stdout, progress and warnings on stderr.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from ..presets import PRESETS
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@contextmanager
+def _term_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt, so a killed convert still removes its temporary file."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _threads(threads):
+    from .run import set_threads
+    return set_threads(threads)
+
+
+# -- convert ------------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--type", "preset", type=click.Choice(list(PRESETS), case_sensitive=False),
+              default="Q4_K_M", show_default=True, help="Quantization preset (llama-quantize's).")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Importance matrix: llama-imatrix's GGUF or legacy .dat format.")
+@click.option("--tensor-type", "overrides", multiple=True, metavar="REGEX=TYPE",
+              help="Force a type on tensors whose name matches REGEX (repeatable).")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads for quantizing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(src, out, preset, imatrix, overrides, threads, as_json, quiet):
+    """Convert SRC (a Hugging Face model folder or a GGUF file) to a GGUF file OUT.
+
+    Every tensor gets the type llama-quantize gives it for the preset; tensors are read,
+    quantized and written one at a time, and OUT appears only once it is complete.
+    """
+    from ..convert import convert as convert_fn
+
+    _threads(threads)
+    with _term_as_interrupt(), _ConvertBar(quiet) as bar:
+        res = convert_fn(src, out, preset.upper(), imatrix=imatrix, overrides=overrides,
+                         progress=bar, warn=bar.warn)
+    kinds = Counter(res.types.values())
+    if as_json:
+        click.echo(json.dumps({"path": str(res.path), "preset": preset.upper(),
+                               "bytes": res.nbytes, "params": res.n_params,
+                               "bits_per_weight": 8 * res.nbytes / max(res.n_params, 1),
+                               "types": dict(kinds), "warnings": res.warnings}))
+    else:
+        mix = ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
+        click.echo(f"wrote {res.path}: {len(res.types)} tensors, {res.nbytes / 2**20:.1f} MiB, "
+                   f"{8 * res.nbytes / max(res.n_params, 1):.2f} bits/weight ({mix})")
+
+
+class _ConvertBar:
+    """Progress on stderr: tensors done / total and bytes of the source processed."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self._p = None
+        self._task = None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+            self._p = Progress(TextColumn("{task.fields[tensors]}"), BarColumn(),
+                               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                               TextColumn("{task.description}"), console=_console(),
+                               transient=True)
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            return self._p.__exit__(*exc)
+
+    def warn(self, text: str) -> None:
+        if self._p is not None:
+            self._p.console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            _err(f"warning: {text}")
+
+    def __call__(self, ev) -> None:
+        if self._p is None:
+            return
+        if self._task is None:
+            self._task = self._p.add_task("", total=ev.bytes_total, tensors="")
+        self._p.update(self._task, completed=ev.bytes_done, description=ev.tensor,
+                       tensors=f"[{ev.i_tensor + 1}/{ev.n_tensors}]")
+
+
+class _ChunkBar:
+    """Progress over chunks on stderr; calling it with (done, total, value) advances it."""
+
+    def __init__(self, what: str, label: str):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn)
+        self.label = label
+        self._p = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                           console=_console(), transient=True)
+        self._task = None
+
+    def __enter__(self):
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._p.__exit__(*exc)
+
+    def __call__(self, done: int, total: int, value: float) -> None:
+        if self._task is None:
+            self._task = self._p.add_task("", total=total, info="")
+        self._p.update(self._task, completed=done, info=f"{self.label} {value:.4f}")
+
+
+# -- imatrix ------------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-f", "--file", "text_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Calibration text.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("imatrix.gguf"), show_default=True)
+@click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True,
+              help="Tokens per chunk.")
+@click.option("--chunks", type=int, default=-1, show_default=True,
+              help="Chunks to process; -1 = all the text gives.")
+@click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default=None,
+              help="File format (default: dat for a .dat name, else gguf).")
+@click.option("--process-output", is_flag=True, help="Collect output.weight too.")
+@click.option("-t", "--threads", type=int, default=None)
+def imatrix(model, text_file, out, n_ctx, chunks, fmt, process_output, threads):
+    """Compute an importance matrix for MODEL over a calibration text (llama-imatrix's way)."""
+    from ..imatrix import compute_imatrix, write_imatrix
+    from .run import open_model
+
+    m, tok = open_model(model, threads)
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    with _term_as_interrupt(), _ChunkBar("imatrix", "PPL") as bar:
+        im = compute_imatrix(m, tok, text, n_ctx=n_ctx, n_chunks=chunks, dataset=str(text_file),
+                             process_output=process_output, progress=bar)
+    write_imatrix(out, im, fmt)
+    click.echo(f"wrote {out}: {len(im.entries)} matrices, {im.chunk_count} chunks of "
+               f"{im.chunk_size} tokens")
+
+
+# -- kld ----------------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("base", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("quant", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-f", "--file", "text_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True)
+@click.option("--chunks", type=int, default=-1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-t", "--threads", type=int, default=None)
+def kld(base, quant, text_file, n_ctx, chunks, as_json, threads):
+    """KL divergence of QUANT from BASE over the same text (llama-perplexity --kl-divergence)."""
+    from ..imatrix import kl_divergence
+    from .run import open_model
+
+    mb, tok = open_model(base, threads)
+    mq, _ = open_model(quant, threads)
+    ids = tok.encode(text_file.read_text(encoding="utf-8", errors="replace"), add_special=True)
+    bos = tok.bos_id if tok.add_bos else None
+    with _ChunkBar("kld", "KLD") as bar:
+        res = kl_divergence(mb, mq, ids, n_ctx=n_ctx, n_chunks=chunks, bos=bos, progress=bar)
+    if as_json:
+        click.echo(json.dumps(res.as_dict()))
+    else:
+        click.echo(f"chunks {res.chunks} ({res.tokens} scored tokens)")
+        click.echo(f"mean KLD      {res.kld:.6f} +/- {res.kld_stderr:.6f}")
+        click.echo(f"same top      {100 * res.same_top:.2f} %")
+        click.echo(f"PPL base      {res.ppl_base:.4f}")
+        click.echo(f"PPL quant     {res.ppl_quant:.4f}  (ratio {res.ppl_ratio:.4f})")

@@ -1,0 +1,911 @@
+"""Checkpoints -> quantized GGUF, one tensor at a time.
+
+Two sources:
+
+- a Hugging Face model folder (``config.json``, one or more ``*.safetensors`` shards, with
+  ``model.safetensors.index.json`` when sharded, ``tokenizer.json`` / ``tokenizer_config.json``)
+  of a ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``.  Metadata, tensor
+  names, the q/k row permutation of llama and the byte-level BPE vocabulary are written the way
+  llama.cpp's ``convert_hf_to_gguf.py`` writes them, so the result runs in llama.cpp and blockq;
+- a GGUF file (requantize: each tensor is dequantized, then quantized to its new type; tensors
+  whose type does not change are copied byte for byte; metadata is copied as stored).
+
+Every tensor gets the type llama-quantize would give it (:mod:`blockq.presets`).  The pipeline
+per tensor is: read a slab of rows (``os.pread``, never a whole mapped file, so resident memory
+stays at about one output tensor), convert to float32, quantize with the tensor's importance
+vector, copy into the output buffer; the GGUF writer streams that tensor to a temporary file
+that is renamed into place only once everything is written.  Any error (a missing tensor, a
+shape that disagrees with config.json, NaN/inf weights, an unknown architecture, a bad imatrix)
+raises before or during the write and leaves nothing at the destination.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import presets as _presets
+from .errors import BadArgument, BlockqError, FormatError, UnsupportedModel
+from .types import qtype as _qtype
+
+SLAB_BYTES = 32 << 20  # float32 bytes of rows converted at once
+
+# --- architectures --------------------------------------------------------------------------
+# HF class -> (GGUF architecture, q/k rows permuted for llama.cpp's adjacent-pair rope)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+
+# HF tensor name (regex, layer number captured) -> GGUF name; "{}" takes the groups in order.
+HF_TENSOR_NAMES: tuple[tuple[str, str], ...] = (
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", "blk.{}.attn_q.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", "blk.{}.attn_k.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", "blk.{}.attn_v.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", "blk.{}.attn_output.{}"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+)
+_HF_COMPILED = [(re.compile(rx + r"\Z"), out) for rx, out in HF_TENSOR_NAMES]
+HF_SKIPPED = (re.compile(r".*\.rotary_emb\.inv_freq\Z"),)  # recomputed by every runtime
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF name of a Hugging Face tensor, or None for one to drop; unknown -> error."""
+    for rx, out in _HF_COMPILED:
+        m = rx.match(hf_name)
+        if m:
+            return out.format(*m.groups())
+    if any(rx.match(hf_name) for rx in HF_SKIPPED):
+        return None
+    raise UnsupportedModel(f"checkpoint tensor {hf_name!r} has no place in a llama-family GGUF "
+                           "(mixture-of-experts, vision tower, or another architecture?)")
+
+
+def qk_permutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order llama.cpp's converter gives a q (or k) projection: within each head, the two
+    rotary halves are interleaved so rope can rotate adjacent pairs.  ``new[i] = old[perm[i]]``.
+    """
+    if rows % (2 * n_head):
+        raise FormatError(f"{rows} projection rows do not split into {n_head} heads of pairs")
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
+
+# --- reading bytes --------------------------------------------------------------------------
+def _pread(fd: int, offset: int, n: int) -> np.ndarray:
+    """``n`` bytes at ``offset`` into a fresh uint8 array (not a mapping: it frees itself)."""
+    buf = np.empty(n, dtype=np.uint8)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise FormatError(f"file ends {n - got} bytes early reading {n} bytes at offset "
+                              f"{offset} (truncated download?)")
+        got += k
+    return buf
+
+
+def _to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Little-endian stored floats -> float32."""
+    if dtype == "F32":
+        return raw.view("<f4").astype(np.float32, copy=False)
+    if dtype == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if dtype == "BF16":  # the upper 16 bits of a float32
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    raise UnsupportedModel(f"tensor dtype {dtype} is not supported (F32, F16, BF16)")
+
+
+@dataclass
+class SourceTensor:
+    """One tensor to write: its GGUF name, numpy-order shape, stored type and how to read it."""
+    name: str
+    shape: tuple[int, ...]
+    qtype: str  # its type as llama-quantize would find it in an F32/F16/BF16 GGUF
+    read_rows: Callable[[int, int], np.ndarray]  # rows r0..r1 as float32 (r1 - r0, cols)
+    read_raw: Callable[[], np.ndarray] | None = None  # stored bytes, when copying unchanged
+    origin: str = ""  # where it came from, for messages
+    stored: str = ""  # type of the bytes read_raw returns (default: qtype)
+
+    def __post_init__(self) -> None:
+        self.stored = self.stored or self.qtype
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored in the source."""
+        return self.rows * _qtype(self.stored).row_bytes(self.cols)
+
+
+@dataclass
+class Checkpoint:
+    """A model to convert: metadata for the GGUF file, tensors, and the facts the rules need."""
+    metadata: dict[str, Any]
+    tensors: list[SourceTensor]
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_expert: int = 0
+    warnings: list[str] = field(default_factory=list)
+    _fds: list[int] = field(default_factory=list, repr=False)
+    _files: list = field(default_factory=list, repr=False)  # open GGUF readers (metadata fields)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        for f in self._files:
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- safetensors ----------------------------------------------------------------------------
+# A safetensors file: u64 header length N | N bytes of JSON {name: {dtype, shape, data_offsets
+# [begin, end)}, "__metadata__": {...}} | data, offsets relative to the end of the header.
+_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+@dataclass(frozen=True)
+class _StEntry:
+    file: Path
+    fd: int
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute
+    nbytes: int
+
+
+def _read_safetensors_header(path: Path, fd: int) -> dict[str, _StEntry]:
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise FormatError(f"{path}: {size} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", bytes(_pread(fd, 0, 8)))
+    if n > min(size - 8, 100 << 20):
+        raise FormatError(f"{path}: header length {n} does not fit the {size}-byte file")
+    try:
+        header = json.loads(bytes(_pread(fd, 8, n)).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: safetensors header is not JSON ({e})") from None
+    base = 8 + n
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, (b, end) = e["dtype"], e["data_offsets"]
+            shape = tuple(int(d) for d in e["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: header entry {name!r} lacks dtype/shape/data_offsets"
+                              ) from None
+        if dtype not in _ST_DTYPES:
+            raise UnsupportedModel(f"{path.name}: tensor {name} is {dtype}; blockq converts "
+                                   "F32, F16 and BF16 checkpoints")
+        want = math.prod(shape) * _ST_DTYPES[dtype]
+        if end - b != want or b < 0 or base + end > size:
+            raise FormatError(f"{path.name}: tensor {name} claims bytes {b}..{end} for "
+                              f"{dtype}{list(shape)} ({want} bytes) in a {size}-byte file")
+        out[name] = _StEntry(path, fd, dtype, shape, base + b, want)
+    return out
+
+
+# --- Hugging Face folders -------------------------------------------------------------------
+def _load_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{path.parent}: no {path.name} ({what})") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """The hyper-parameters of a llama-family config.json, checked."""
+    architecture: str
+    arch: str
+    permute_qk: bool
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx: int | None
+    rms_eps: float
+    rope_theta: float
+    head_dim: int | None  # only when config.json states it
+    tied: bool
+    rope_scaling: dict
+
+    @classmethod
+    def from_dict(cls, c: dict, where: str = "config.json") -> "HFConfig":
+        archs = c.get("architectures") or []
+        arch_name = archs[0] if archs else None
+        if arch_name not in ARCHITECTURES:
+            raise UnsupportedModel(f"{where}: architecture {arch_name!r} is not supported "
+                                   f"(supported: {', '.join(ARCHITECTURES)})")
+        arch, permute = ARCHITECTURES[arch_name]
+
+        def need(*keys):
+            for k in keys:
+                if c.get(k) is not None:
+                    return c[k]
+            raise FormatError(f"{where}: {keys[0]} is missing")
+
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+        n_head = int(need("num_attention_heads"))
+        cfg = cls(arch_name, arch, permute, int(need("vocab_size")), int(need("hidden_size")),
+                  int(need("num_hidden_layers")), n_head,
+                  int(c.get("num_key_value_heads") or n_head), int(need("intermediate_size")),
+                  c.get("max_position_embeddings"), float(c.get("rms_norm_eps", 1e-6)),
+                  float(theta), c.get("head_dim"), bool(c.get("tie_word_embeddings", False)), rope)
+        if cfg.n_head % cfg.n_head_kv:
+            raise FormatError(f"{where}: {cfg.n_head} attention heads cannot share "
+                              f"{cfg.n_head_kv} key/value heads")
+        if c.get("num_local_experts") or c.get("num_experts"):
+            raise UnsupportedModel(f"{where}: mixture-of-experts checkpoints are not supported")
+        kind = str(rope.get("rope_type", rope.get("type", "default"))).lower()
+        if kind not in ("default", "linear", "llama3"):
+            raise UnsupportedModel(f"{where}: rope scaling {kind!r} is not supported "
+                                   "(none, linear, llama3)")
+        return cfg
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every GGUF tensor this config implies -> numpy shape (biases not included)."""
+        out = {"token_embd.weight": (self.n_vocab, self.n_embd),
+               "output_norm.weight": (self.n_embd,)}
+        if not self.tied:
+            out["output.weight"] = (self.n_vocab, self.n_embd)
+        q, kv = self.n_head * self.hd, self.n_head_kv * self.hd
+        for i in range(self.n_layer):
+            p = f"blk.{i}."
+            e, ff = self.n_embd, self.n_ff
+            out.update({p + "attn_norm.weight": (e,), p + "attn_q.weight": (q, e),
+                        p + "attn_k.weight": (kv, e), p + "attn_v.weight": (kv, e),
+                        p + "attn_output.weight": (e, q), p + "ffn_norm.weight": (e,),
+                        p + "ffn_gate.weight": (ff, e), p + "ffn_up.weight": (ff, e),
+                        p + "ffn_down.weight": (e, ff)})
+        return out
+
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        q, kv = self.n_head * self.hd, self.n_head_kv * self.hd
+        out = {}
+        for i in range(self.n_layer):
+            p = f"blk.{i}."
+            out.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,),
+                        p + "attn_output.bias": (self.n_embd,)})
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        """The model keys convert_hf_to_gguf.py writes for this architecture."""
+        a = self.arch
+        md: dict[str, Any] = {f"{a}.block_count": self.n_layer}
+        if self.n_ctx is not None:
+            md[f"{a}.context_length"] = int(self.n_ctx)
+        md.update({f"{a}.embedding_length": self.n_embd, f"{a}.feed_forward_length": self.n_ff,
+                   f"{a}.attention.head_count": self.n_head,
+                   f"{a}.attention.head_count_kv": self.n_head_kv})
+        kind = str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", ""))).lower()
+        if kind == "linear" and self.rope_scaling.get("factor") is not None:
+            md[f"{a}.rope.scaling.type"] = "linear"
+            md[f"{a}.rope.scaling.factor"] = float(self.rope_scaling["factor"])
+        md[f"{a}.rope.freq_base"] = self.rope_theta
+        md[f"{a}.attention.layer_norm_rms_epsilon"] = self.rms_eps
+        if self.head_dim is not None:
+            md[f"{a}.attention.key_length"] = int(self.head_dim)
+            md[f"{a}.attention.value_length"] = int(self.head_dim)
+        if a == "llama":  # NOTE: LlamaModel adds these two; Qwen2Model does not
+            md[f"{a}.vocab_size"] = self.n_vocab
+            md[f"{a}.rope.dimension_count"] = self.hd
+        return md
+
+    def rope_freqs(self) -> np.ndarray | None:
+        """llama3 long-context frequency factors (the ``rope_freqs.weight`` tensor), or None."""
+        r = self.rope_scaling
+        if str(r.get("rope_type", r.get("type", ""))).lower() != "llama3":
+            return None
+        factor = float(r.get("factor", 8.0))
+        lo, hi = float(r.get("low_freq_factor", 1.0)), float(r.get("high_freq_factor", 4.0))
+        old = float(r.get("original_max_position_embeddings", 8192))
+        dim = self.hd
+        freqs = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+        out = []
+        for f in freqs:
+            wavelen = 2 * math.pi / f
+            if wavelen < old / hi:
+                out.append(1.0)
+            elif wavelen > old / lo:
+                out.append(factor)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                out.append(1.0 / ((1 - smooth) / factor + smooth))
+        return np.array(out, dtype=np.float32)
+
+
+# --- the tokenizer ------------------------------------------------------------------------------
+# convert_hf_to_gguf identifies a BPE pre-tokenizer by hashing the ids it gives this text.
+CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis "
+          "concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+          "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
+          "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M "
+          "not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+PRE_HASHES = {  # sha256(str(ids)) -> tokenizer.ggml.pre
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
+SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+
+
+def _looks_special(text: str) -> bool:
+    """convert_hf_to_gguf's guess for added tokens not flagged special."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _is_byte_level(tj: dict) -> bool:
+    def has(node) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(has(n) for n in node.get("pretokenizers", []) + node.get("decoders", []))
+    return has(tj.get("pre_tokenizer")) or has(tj.get("decoder"))
+
+
+def pre_tokenizer_name(tokenizer_json: Path) -> tuple[str, str | None]:
+    """(tokenizer.ggml.pre, warning or None), identified the way convert_hf_to_gguf does."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode(CHKTXT).ids
+    h = sha256(str(ids).encode()).hexdigest()
+    name = PRE_HASHES.get(h)
+    if name is None:
+        return "default", (f"BPE pre-tokenizer not recognized (chkhsh {h[:16]}...); writing "
+                           "'default' (llama.cpp's converter knows more: check tokenization)")
+    return name, None
+
+
+def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[dict, list[str]]:
+    """GGUF tokenizer keys for a byte-level BPE (``gpt2``) vocabulary, and warnings."""
+    tj_path = folder / "tokenizer.json"
+    if not tj_path.is_file():
+        if (folder / "tokenizer.model").is_file():
+            raise UnsupportedModel(f"{folder}: SentencePiece tokenizer (tokenizer.model) without "
+                                   "tokenizer.json; blockq converts byte-level BPE vocabularies")
+        raise FormatError(f"{folder}: no tokenizer.json")
+    tj = _load_json(tj_path, "the tokenizer")
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not _is_byte_level(tj):
+        raise UnsupportedModel(f"{tj_path}: a {model.get('type')} tokenizer"
+                               f"{' with byte fallback' if model.get('byte_fallback') else ''}; "
+                               "blockq converts byte-level BPE (gpt2) vocabularies only")
+    warnings = []
+    cfg_path = folder / "tokenizer_config.json"
+    tcfg = _load_json(cfg_path, "tokenizer settings") if cfg_path.is_file() else {}
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    added = tj.get("added_tokens") or []
+    for a in added:
+        vocab[a["content"]] = int(a["id"])
+    if vocab and max(vocab.values()) >= n_vocab:
+        raise FormatError(f"{tj_path}: token id {max(vocab.values())} is beyond config.json's "
+                          f"vocab_size {n_vocab}")
+    by_id = {i: t for t, i in vocab.items()}
+    added_by_id = {int(a["id"]): a for a in added}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(TOKEN_UNUSED)
+        elif i in added_by_id:
+            tokens.append(t)
+            types.append(TOKEN_CONTROL if added_by_id[i].get("special") or _looks_special(t)
+                         else TOKEN_USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(TOKEN_NORMAL)
+
+    merges = model.get("merges") or []
+    if merges and not isinstance(merges[0], str):
+        # NOTE: pairs (transformers >= 4.45); a space inside a part is stored as U+0120+...
+        # shifted by 256, as convert_hf_to_gguf does, so "a b" still splits on one space
+        merges = [" ".join("".join(chr(ord(ch) + 256) if ch == " " else ch for ch in part)
+                           for part in pair) for pair in merges]
+    pre, warn = pre_tokenizer_name(tj_path)
+    if warn:
+        warnings.append(warn)
+    md: dict[str, Any] = {}
+    if isinstance(tcfg.get("add_prefix_space"), bool):
+        md["tokenizer.ggml.add_space_prefix"] = tcfg["add_prefix_space"]
+    md.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+               "tokenizer.ggml.tokens": tokens,
+               "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
+               "tokenizer.ggml.merges": list(merges)})
+    ids, add = _special_tokens(tj, tcfg, _load_json(folder / "config.json", "the model config"))
+    for typ, tid in ids.items():
+        key = "padding" if typ == "pad" else ("unknown" if typ == "unk" else
+                                              ("seperator" if typ == "sep" else typ))
+        # NOTE: "seperator" is llama.cpp's spelling of the key
+        md[f"tokenizer.ggml.{key}_token_id"] = int(tid)
+    for typ, flag in add.items():
+        md[f"tokenizer.ggml.add_{typ}_token"] = bool(flag)
+    if architecture in ("LlamaForCausalLM", "MistralForCausalLM") and n_vocab == 49152:
+        # NOTE: convert_hf_to_gguf's LlamaModel turns BOS off for 49152-token vocabularies
+        # (meant for granite; it catches SmolLM too, and llama.cpp's SmolLM files carry it)
+        md["tokenizer.ggml.add_bos_token"] = False
+    template = _chat_template(folder, tcfg)
+    if template is not None:
+        md["tokenizer.chat_template"] = template
+    return md, warnings
+
+
+def _special_tokens(tj: dict, tcfg: dict, config: dict) -> tuple[dict[str, int], dict[str, bool]]:
+    """Special token ids and add_*_token flags, found as gguf-py's SpecialVocab finds them:
+    tokenizer_config.json names the tokens (looked up among tokenizer.json's added tokens),
+    the post-processor says whether BOS/EOS are added, config.json's *_token_id fill gaps."""
+    added = tj.get("added_tokens") or []
+    cfg = dict(tcfg)
+    ids: dict[str, int] = {}
+    add: dict[str, bool] = {}
+
+    def content(entry) -> str | None:
+        if isinstance(entry, str):
+            return entry
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+            return entry["content"]
+        return None
+
+    bos, eos = content(cfg.get("bos_token")), content(cfg.get("eos_token"))
+    if not bos and content(cfg.get("cls_token")) and cfg:
+        bos = content(cfg["cls_token"])
+        cfg["bos_token"] = bos
+    if not eos and content(cfg.get("sep_token")) and cfg:
+        eos = content(cfg["sep_token"])
+        cfg["eos_token"] = eos
+    post = tj.get("post_processor") or {}
+    for proc in post.get("processors", [post]) if post else []:
+        if proc.get("type") == "TemplateProcessing":
+            single = proc.get("single") or []
+            if len(single) > 1:
+                first = (single[0].get("SpecialToken") or {}).get("id")
+                if first:
+                    if not cfg:
+                        bos = first
+                    add["bos"] = first in (bos, content(cfg.get("cls_token")))
+                last = (single[-1].get("SpecialToken") or {}).get("id")
+                if last:
+                    if not cfg:
+                        eos = last
+                    add["eos"] = last == eos
+        elif proc.get("type") == "RobertaProcessing":
+            add.update(bos=True, eos=True, sep=True)
+    if cfg:
+        cfg["bos_token"], cfg["eos_token"] = bos, eos
+        for typ in SPECIAL_TYPES:
+            flag = cfg.get(f"add_{typ}_token")
+            if isinstance(flag, bool):
+                add[typ] = flag
+            text = content(cfg.get(f"{typ}_token"))
+            if text is None:
+                continue
+            tid = next((int(a["id"]) for a in added if a.get("content") == text), None)
+            if tid is not None and typ not in ids:
+                ids[typ] = tid
+    for typ in SPECIAL_TYPES:
+        tid = config.get(f"{typ}_token_id")
+        if isinstance(tid, int) and not isinstance(tid, bool) and tid >= 0 and typ not in ids:
+            ids[typ] = tid
+    return ids, add
+
+
+def _chat_template(folder: Path, tcfg: dict) -> str | None:
+    t = tcfg.get("chat_template")
+    if t is None:
+        jinja = folder / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        cj = folder / "chat_template.json"
+        if cj.is_file():
+            t = _load_json(cj, "the chat template").get("chat_template")
+    if isinstance(t, list):  # named templates: llama.cpp reads the default one
+        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    return t if isinstance(t, str) else None
+
+
+def open_hf(folder) -> Checkpoint:
+    """Open a Hugging Face model folder for conversion (nothing is read but headers)."""
+    folder = Path(folder)
+    cfg = HFConfig.from_dict(_load_json(folder / "config.json", "the model config"),
+                             str(folder / "config.json"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wmap = _load_json(index, "the shard index").get("weight_map") or {}
+        files = sorted({folder / f for f in wmap.values()})
+    else:
+        wmap = None
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FormatError(f"{folder}: no *.safetensors files (blockq does not read .bin/.pt)")
+    ck = Checkpoint({}, [], cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_head_kv)
+    try:
+        entries: dict[str, _StEntry] = {}
+        for f in files:
+            if not f.is_file():
+                raise FormatError(f"{index.name} names shard {f.name}, which is not in {folder}")
+            fd = os.open(f, os.O_RDONLY)
+            ck._fds.append(fd)
+            for name, e in _read_safetensors_header(f, fd).items():
+                if wmap is not None and wmap.get(name) not in (None, f.name):
+                    continue
+                entries[name] = e
+        if wmap is not None:
+            lost = sorted(set(wmap) - set(entries))
+            if lost:
+                raise FormatError(f"{index.name} lists {len(lost)} tensor(s) its shards lack, "
+                                  f"e.g. {lost[0]}")
+        _hf_tensors(ck, cfg, entries)
+        tok_md, warns = tokenizer_metadata(folder, cfg.n_vocab, cfg.architecture)
+        ck.warnings += warns
+        ck.metadata = {"general.architecture": cfg.arch, "general.type": "model",
+                       "general.name": folder.resolve().name, **cfg.metadata(), **tok_md}
+        return ck
+    except BaseException:
+        ck.close()
+        raise
+
+
+def _hf_tensors(ck: Checkpoint, cfg: HFConfig, entries: dict[str, _StEntry]) -> None:
+    by_gguf: dict[str, tuple[str, _StEntry]] = {}
+    for hf, e in entries.items():
+        g = gguf_name(hf)
+        if g is None:
+            continue
+        if g == "output.weight" and cfg.tied:
+            continue  # NOTE: tied checkpoints may store lm_head too; llama.cpp uses token_embd
+        by_gguf[g] = (hf, e)
+    want = cfg.shapes()
+    biases = cfg.bias_shapes()
+    missing = [g for g in want if g not in by_gguf]
+    if missing:
+        raise FormatError(f"checkpoint lacks {len(missing)} tensor(s) {cfg.architecture} with "
+                          f"{cfg.n_layer} layers needs, e.g. {missing[0]} "
+                          f"({_hf_name_hint(missing[0])})")
+    for g, (hf, e) in by_gguf.items():
+        shape = want.get(g) or biases.get(g)
+        if shape is None:
+            raise FormatError(f"checkpoint tensor {hf} ({g}) does not belong to a {cfg.n_layer}-"
+                              f"layer {cfg.architecture} as config.json describes it")
+        if e.shape != shape:
+            raise FormatError(f"checkpoint tensor {hf} has shape {list(e.shape)}; config.json "
+                              f"implies {list(shape)}")
+    if cfg.arch == "qwen2":
+        lacking = [b for b in biases if "attn_output" not in b and b not in by_gguf]
+        if lacking:
+            raise FormatError(f"Qwen2 checkpoint lacks q/k/v bias {lacking[0]}")
+    for g, (hf, e) in by_gguf.items():
+        perm = None
+        if cfg.permute_qk and (".attn_q." in g or ".attn_k." in g):
+            perm = qk_permutation(e.shape[0], cfg.n_head if ".attn_q." in g else cfg.n_head_kv)
+        ck.tensors.append(_st_source(g, hf, e, perm))
+    freqs = cfg.rope_freqs()
+    if freqs is not None:
+        ck.tensors.append(SourceTensor("rope_freqs.weight", freqs.shape, "F32",
+                                       lambda r0, r1, f=freqs: f[None, :].copy(),
+                                       origin="rope_scaling (llama3)"))
+
+
+def _hf_name_hint(g: str) -> str:
+    for rx, out in HF_TENSOR_NAMES:
+        pat = re.escape(out).replace(r"\{\}", "(.+?)")
+        m = re.fullmatch(pat, g)
+        if m:
+            text = rx
+            for grp in m.groups():
+                text = re.sub(r"\([^)]*\)", grp, text, count=1)
+            return text.replace("\\", "")
+    return g
+
+
+def _st_source(g: str, hf: str, e: _StEntry, perm: np.ndarray | None) -> SourceTensor:
+    cols = e.shape[-1]
+    isz = _ST_DTYPES[e.dtype]
+    row_bytes = cols * isz
+
+    def read_rows(r0: int, r1: int) -> np.ndarray:
+        if perm is not None:  # q/k: gather permuted rows (these matrices are small)
+            full = _to_f32(_pread(e.fd, e.offset, e.nbytes), e.dtype).reshape(-1, cols)
+            return np.ascontiguousarray(full[perm[r0:r1]])
+        raw = _pread(e.fd, e.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+        return _to_f32(raw, e.dtype).reshape(r1 - r0, cols)
+
+    def read_raw() -> np.ndarray:
+        if perm is not None:
+            full = _pread(e.fd, e.offset, e.nbytes).reshape(-1, row_bytes)
+            return np.ascontiguousarray(full[perm])
+        return _pread(e.fd, e.offset, e.nbytes)
+
+    # NOTE: convert_hf_to_gguf stores vectors (norms, biases) as F32 whatever the checkpoint
+    # holds, and llama-quantize then leaves them alone: they are F32 for the rules too.
+    return SourceTensor(g, e.shape, "F32" if len(e.shape) == 1 else e.dtype, read_rows,
+                        read_raw, origin=f"{e.file.name}:{hf}", stored=e.dtype)
+
+
+# --- GGUF files -----------------------------------------------------------------------------
+_SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+
+def open_gguf(path) -> Checkpoint:
+    """Open a GGUF model for requantization (metadata is copied as stored)."""
+    from .dequantize import dequantize
+    from .gguf.reader import read_gguf
+
+    path = Path(path)
+    f = read_gguf(path)
+    ck = None
+    try:
+        md = f.metadata
+        if md.get("general.type", "model") != "model":
+            raise FormatError(f"{path}: general.type is {md.get('general.type')!r}, not a model")
+        arch = md.get("general.architecture")
+        if not isinstance(arch, str):
+            raise FormatError(f"{path}: no general.architecture")
+
+        def num(key, default=None):
+            v = md.get(f"{arch}.{key}", default)
+            if v is None:
+                raise FormatError(f"{path}: {arch}.{key} is missing")
+            if isinstance(v, (list, tuple, np.ndarray)):  # per-layer form
+                v = max(int(x) for x in v)
+            return int(v)
+
+        n_head = num("attention.head_count")
+        fields = {k: v for k, v in md.fields().items() if k not in _SPLIT_KEYS}
+        ck = Checkpoint(fields, [], arch, num("block_count"), n_head,
+                        num("attention.head_count_kv", n_head), num("expert_count", 0))
+        ck._files.append(f)  # the metadata fields are copied from the mapped file
+        fd = os.open(path, os.O_RDONLY)
+        ck._fds.append(fd)
+        for t in f.tensors.values():
+            ck.tensors.append(_gguf_source(t, fd, dequantize, path.name))
+        return ck
+    except BaseException:
+        if ck is not None:
+            ck.close()
+        else:
+            f.close()
+        raise
+
+
+def _gguf_source(t, fd: int, dequantize, fname: str) -> SourceTensor:
+    qt = _qtype(t.qtype)
+    cols = t.shape[-1]
+    row_bytes = qt.row_bytes(cols)
+    offset, nbytes = t.offset, t.nbytes
+
+    def read_rows(r0: int, r1: int) -> np.ndarray:
+        raw = _pread(fd, offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+        if qt.name in ("F32", "F16", "BF16"):
+            return _to_f32(raw, qt.name).reshape(r1 - r0, cols)
+        return np.asarray(dequantize(raw, qt.name, (r1 - r0, cols)), dtype=np.float32)
+
+    return SourceTensor(t.name, tuple(t.shape), qt.name, read_rows,
+                        lambda: _pread(fd, offset, nbytes), origin=f"{fname}:{t.name}")
+
+
+def open_source(src) -> Checkpoint:
+    """A Hugging Face folder or a GGUF file."""
+    p = Path(src)
+    if p.is_dir():
+        return open_hf(p)
+    if p.is_file():
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+        if magic == b"GGUF":
+            return open_gguf(p)
+        raise FormatError(f"{p}: neither a GGUF file (magic {magic!r}) nor a model folder")
+    raise BadArgument(f"source {p} does not exist")
+
+
+# --- the conversion ---------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """What a progress callback sees after each slab of rows."""
+    tensor: str
+    i_tensor: int  # tensors finished before this one
+    n_tensors: int
+    bytes_done: int  # source bytes processed so far
+    bytes_total: int
+
+
+@dataclass
+class Result:
+    path: Path
+    types: dict[str, str]  # tensor name -> type written
+    nbytes: int  # file size
+    n_params: int
+    warnings: list[str]
+
+
+def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequence[str] = (),
+            threads: int | None = None, progress: Callable[[Progress], None] | None = None,
+            warn: Callable[[str], None] | None = None) -> Result:
+    """Convert ``src`` (HF folder or GGUF file) into a GGUF file at ``out`` with ``preset``.
+
+    ``imatrix``: a path or an :class:`blockq.imatrix.Imatrix`.  ``overrides``: ``REGEX=TYPE``
+    strings, as llama-quantize's ``--tensor-type``.  ``threads``: Numba threads.  ``warn``
+    receives one line per warning (default: printed to stderr).
+    """
+    from .gguf.constants import ValueType
+    from .gguf.reader import Value
+    from .imatrix import Imatrix, read_imatrix, vectors_for
+
+    said: list[str] = []
+    shout = warn or (lambda s: print(f"warning: {s}", file=sys.stderr))
+
+    def warn(s: str) -> None:
+        said.append(s)
+        shout(s)
+
+    p = _presets.preset(preset)
+    rules = [_presets.parse_override(o) for o in overrides]
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise BadArgument(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise BadArgument(f"output {out} is a folder; give a file name like model-{p.name}.gguf")
+    im = None
+    im_path = None
+    if imatrix is not None:
+        if isinstance(imatrix, Imatrix):
+            im = imatrix
+        else:
+            im_path = str(imatrix)
+            im = read_imatrix(imatrix)
+        if not im.entries:
+            raise FormatError(f"imatrix {im_path or ''} has no entries")
+    if threads is not None:
+        _set_threads(threads)
+
+    with open_source(src) as ck:
+        for w in ck.warnings:
+            warn(w)
+        names = [t.name for t in ck.tensors]
+        if len(set(names)) != len(names):
+            raise FormatError(f"{src}: tensor names repeat")
+        types = _presets.plan(((t.name, t.shape, t.qtype) for t in ck.tensors), p,
+                              n_layer=ck.n_layer, n_head=ck.n_head, n_head_kv=ck.n_head_kv,
+                              arch=ck.arch, n_expert=ck.n_expert, has_imatrix=im is not None,
+                              overrides=rules)
+        vectors: dict[str, np.ndarray] = {}
+        if im is not None:
+            targets = {t.name: t.cols for t in ck.tensors
+                       if types[t.name] != t.stored and _qtype(types[t.name]).is_quantized}
+            vectors, warns = vectors_for(im, targets)
+            for w in warns:
+                warn(w)
+        requant = sorted({t.stored for t in ck.tensors if _qtype(t.stored).is_quantized
+                          and types[t.name] != t.stored})
+        if requant:
+            warn(f"requantizing from {', '.join(requant)}: the result cannot be better than "
+                 "the source (convert from F32/F16/BF16 for best quality)")
+        # NOTE: like llama-quantize, the two version keys move to the end of the copied
+        # metadata, then come the imatrix keys: a requantized file's header matches its own.
+        md = {k: v for k, v in ck.metadata.items()
+              if k not in ("general.quantization_version", "general.file_type")}
+        md["general.quantization_version"] = Value(ValueType.UINT32, 2)
+        md["general.file_type"] = Value(ValueType.UINT32, p.ftype)
+        if im is not None:
+            if im_path is not None:
+                md["quantize.imatrix.file"] = im_path
+            if im.datasets:
+                md["quantize.imatrix.dataset"] = im.datasets[0]
+            md["quantize.imatrix.entries_count"] = Value(ValueType.UINT32, len(im.entries))
+            if im.chunk_count > 0:
+                md["quantize.imatrix.chunks_count"] = Value(ValueType.UINT32, im.chunk_count)
+        tensors = sorted(ck.tensors, key=lambda t: _presets.order_key(t.name))
+        total = sum(t.nbytes for t in tensors)
+        state = {"done": 0}
+        items = []
+        for i, t in enumerate(tensors):
+            items.append((t.name, types[t.name], t.shape,
+                          _producer(t, types[t.name], vectors.get(t.name), i, len(tensors),
+                                    total, state, progress)))
+        from .gguf.writer import write_gguf
+        path = write_gguf(out, md, items, file_type=p.ftype)
+    n_params = sum(math.prod(t.shape) for t in tensors)
+    return Result(path, {t.name: types[t.name] for t in tensors}, path.stat().st_size, n_params,
+                  said)
+
+
+def _set_threads(n: int) -> None:
+    import numba
+    if n < 1:
+        raise BadArgument(f"threads {n} must be >= 1")
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: int, total: int,
+              state: dict, progress) -> Callable[[], np.ndarray]:
+    """A callable the writer calls when this tensor's turn comes: returns its encoded bytes."""
+    from .quantize import quantize
+
+    def report():
+        if progress is not None:
+            progress(Progress(t.name, i, n, state["done"], total))
+
+    def make() -> np.ndarray:
+        try:
+            if target == t.stored:  # unchanged: copy the stored bytes
+                raw = t.read_raw()
+                if target in ("F32", "F16", "BF16"):
+                    _check_finite(t, _to_f32(raw.reshape(-1), target), 0)
+                state["done"] += t.nbytes
+                report()
+                return raw
+            tt = _qtype(target)
+            out = np.empty((t.rows, tt.row_bytes(t.cols)), dtype=np.uint8)  # (rows, row_bytes)
+            step = max(1, SLAB_BYTES // (4 * t.cols))
+            src_row = t.nbytes // t.rows
+            for r0 in range(0, t.rows, step):
+                r1 = min(t.rows, r0 + step)
+                x = t.read_rows(r0, r1)  # (r1 - r0, cols) float32
+                _check_finite(t, x, r0)
+                out[r0:r1] = quantize(x, tt, imatrix=imp if tt.is_quantized else None)
+                state["done"] += (r1 - r0) * src_row
+                report()
+            return out
+        except BlockqError as e:
+            raise type(e)(f"{t.name} ({t.origin}): {e}") from None
+
+    return make
+
+
+def _check_finite(t: SourceTensor, x: np.ndarray, r0: int) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        flat = int(np.argmax(bad.reshape(-1)))
+        r, c = divmod(flat, t.cols)
+        raise BadArgument(f"{int(bad.sum())} NaN/inf weights (first at row {r0 + r}, column {c}: "
+                          f"{float(x.reshape(-1)[flat])}); the checkpoint is damaged")

@@ -1,0 +1,428 @@
+"""blockq.convert: Hugging Face folders and GGUF files -> GGUF at a preset, streamed and atomic.
+
+Fixtures write tiny random llama / qwen2 checkpoints (config.json, safetensors, tokenizer.json,
+tokenizer_config.json).  Oracles: the weights themselves (an F32 conversion must reproduce them,
+q/k rows un-permuted by tests/tiny_model.py's independent inverse), tests/tiny_model.py's
+float64 forward pass, blockq.quantize on the same rows, gguf-py's SpecialVocab (how
+convert_hf_to_gguf reads special tokens) and, for the realistic vocabulary, the tokenizer keys
+llama.cpp wrote into the shipped SmolLM2 file.
+"""
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import blockq
+from blockq import BadArgument, FormatError, UnsupportedModel
+from blockq.convert import convert, gguf_name, qk_permutation
+from blockq.dequantize import dequantize
+from blockq.imatrix import Collector, write_imatrix
+from blockq.quantize import quantize
+from tiny_model import CHATML, _unpermute, reference_logits, tokenizer_metadata
+
+N_VOCAB_CFG = 272  # the tiny tokenizer has 267 tokens: ids 267..271 become [PAD] entries
+
+
+# --- fixtures: a Hugging Face folder ----------------------------------------------------------
+def _tokenizer_json(md: dict, pretok: dict | None = None) -> dict:
+    """tokenizer.json for a GGUF-style byte-level BPE vocabulary (tokens, types, merges)."""
+    toks, types = md["tokenizer.ggml.tokens"], np.asarray(md["tokenizer.ggml.token_type"])
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": int(i), "content": toks[i], "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for i in np.where(types == 3)[0]],
+        "normalizer": None,
+        "pre_tokenizer": pretok or {"type": "ByteLevel", "add_prefix_space": False,
+                                    "trim_offsets": True, "use_regex": True},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                           "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(toks)},
+                  "merges": list(md["tokenizer.ggml.merges"])},
+    }
+
+
+def _save_bf16(path: Path, tensors: dict) -> None:
+    """A safetensors file of BF16 tensors (numpy has no bf16: truncate float32 ourselves)."""
+    header, blobs, off = {}, [], 0
+    for name, a in tensors.items():
+        u = (np.ascontiguousarray(a, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(a.shape),
+                        "data_offsets": [off, off + len(u)]}
+        blobs.append(u)
+        off += len(u)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tied=False,
+            n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, seed=0, tok_md=None,
+            n_vocab=N_VOCAB_CFG, mutate=None, pretok=None) -> dict:
+    """Write a random checkpoint folder; returns the HF tensors (float32, bf16-rounded for BF16)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    hd = n_embd // n_head
+    w = {"model.embed_tokens.weight": rng.standard_normal((n_vocab, n_embd)),
+         "model.norm.weight": 1 + 0.1 * rng.standard_normal(n_embd)}
+    if not tied:
+        w["lm_head.weight"] = rng.standard_normal((n_vocab, n_embd)) / np.sqrt(n_embd)
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        m = lambda r, c: rng.standard_normal((r, c)) / np.sqrt(c)  # noqa: E731
+        w.update({p + "input_layernorm.weight": 1 + 0.1 * rng.standard_normal(n_embd),
+                  p + "self_attn.q_proj.weight": m(n_head * hd, n_embd),
+                  p + "self_attn.k_proj.weight": m(n_head_kv * hd, n_embd),
+                  p + "self_attn.v_proj.weight": m(n_head_kv * hd, n_embd),
+                  p + "self_attn.o_proj.weight": m(n_embd, n_head * hd),
+                  p + "post_attention_layernorm.weight": 1 + 0.1 * rng.standard_normal(n_embd),
+                  p + "mlp.gate_proj.weight": m(n_ff, n_embd),
+                  p + "mlp.up_proj.weight": m(n_ff, n_embd),
+                  p + "mlp.down_proj.weight": m(n_embd, n_ff)})
+        if arch == "Qwen2ForCausalLM":
+            w.update({p + "self_attn.q_proj.bias": 0.5 * rng.standard_normal(n_head * hd),
+                      p + "self_attn.k_proj.bias": 0.5 * rng.standard_normal(n_head_kv * hd),
+                      p + "self_attn.v_proj.bias": 0.5 * rng.standard_normal(n_head_kv * hd)})
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    if dtype == "BF16":  # what the file will hold
+        w = {k: ((v.view(np.uint32) >> 16) << 16).view(np.float32) for k, v in w.items()}
+    if mutate:
+        mutate(w)
+    cfg = {"architectures": [arch], "hidden_size": n_embd, "num_hidden_layers": n_layer,
+           "num_attention_heads": n_head, "num_key_value_heads": n_head_kv,
+           "intermediate_size": n_ff, "vocab_size": n_vocab, "max_position_embeddings": 256,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": tied,
+           "bos_token_id": 0, "eos_token_id": 266, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    names = list(w)
+    parts = [names[i::shards] for i in range(shards)]
+    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else
+             "model.safetensors" for i in range(shards)]
+    for part, fname in zip(parts, files):
+        sub = {n: w[n] for n in part}
+        if dtype == "BF16":
+            _save_bf16(folder / fname, sub)
+        else:
+            save_file({n: a.astype(np.float16 if dtype == "F16" else np.float32)
+                       for n, a in sub.items()}, str(folder / fname))
+    if shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {n: f for part, f in zip(parts, files) for n in part}}))
+    md = tok_md or tokenizer_metadata()
+    (folder / "tokenizer.json").write_text(json.dumps(_tokenizer_json(md, pretok)))
+    toks = md["tokenizer.ggml.tokens"]
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": toks[md["tokenizer.ggml.bos_token_id"]],
+        "eos_token": toks[md["tokenizer.ggml.eos_token_id"]],
+        "add_prefix_space": False, "chat_template": md.get("tokenizer.chat_template", CHATML)}))
+    if dtype == "F16":
+        w = {k: v.astype(np.float16).astype(np.float32) for k, v in w.items()}
+    return w
+
+
+def _gguf(path):
+    with blockq.read_gguf(path) as f:
+        md = {k: f.metadata[k] for k in f.metadata}
+        ts = {n: (t.qtype, t.shape, np.array(t.data)) for n, t in f.tensors.items()}
+    return md, ts
+
+
+def _f32(entry):
+    qt, shape, raw = entry
+    return raw.view("<f4").reshape(shape) if qt == "F32" else \
+        np.asarray(dequantize(raw, qt, shape))
+
+
+QUIET = {"warn": lambda s: None}
+
+
+# --- the HF path ------------------------------------------------------------------------------
+def test_hf_to_f32_reproduces_the_weights_with_llamas_qk_permutation(tmp_path):
+    w = make_hf(tmp_path / "hf")
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "F32", **QUIET)
+    md, ts = _gguf(r.path)
+    assert md["general.architecture"] == "llama" and md["general.file_type"] == 0
+    assert md["llama.rope.dimension_count"] == 64 and md["llama.vocab_size"] == N_VOCAB_CFG
+    for hf, a in w.items():
+        g = gguf_name(hf)
+        got = _f32(ts[g])
+        if ".attn_q." in g:
+            got = _unpermute(got, 4)
+        elif ".attn_k." in g:
+            got = _unpermute(got, 2)
+        np.testing.assert_array_equal(got, a, err_msg=g)
+    assert list(ts) == sorted(ts, key=blockq.presets.order_key)  # llama-quantize's order
+
+
+@pytest.mark.parametrize("arch,tied", [("LlamaForCausalLM", False), ("Qwen2ForCausalLM", True)])
+def test_converted_model_runs_like_the_reference(tmp_path, arch, tied):
+    make_hf(tmp_path / "hf", arch=arch, tied=tied)
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "F32", **QUIET)
+    md, ts = _gguf(r.path)
+    assert ("output.weight" in ts) == (not tied)
+    if arch == "Qwen2ForCausalLM":
+        assert md["general.architecture"] == "qwen2" and ts["blk.0.attn_q.bias"][0] == "F32"
+    from blockq.model import Model
+    m = Model.load(r.path)
+    toks = [5, 70, 200, 13, 99, 140, 7, 31]
+    got = m.forward(toks, m.new_cache(16, "f32"), outputs="all")
+    want = reference_logits(r.path, toks)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype,shards", [("BF16", 1), ("F16", 3), ("F32", 2)])
+def test_dtypes_and_shards_read_exactly(tmp_path, dtype, shards):
+    w = make_hf(tmp_path / "hf", dtype=dtype, shards=shards)
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "F32", **QUIET)
+    _, ts = _gguf(r.path)
+    np.testing.assert_array_equal(_f32(ts["token_embd.weight"]), w["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(_f32(ts["blk.1.ffn_down.weight"]),
+                                  w["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_quantized_tensors_are_blockq_quantize_of_the_rows(tmp_path):
+    w = make_hf(tmp_path / "hf", dtype="BF16")
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "Q4_K_M", **QUIET)
+    md, ts = _gguf(r.path)
+    assert md["general.file_type"] == 15
+    assert r.types == blockq.presets.plan(
+        [(gguf_name(n), a.shape, "F32") for n, a in w.items()], "Q4_K_M", n_layer=2, n_head=4,
+        n_head_kv=2)
+    qt, shape, raw = ts["blk.0.attn_k.weight"]
+    rows = w["model.layers.0.self_attn.k_proj.weight"][qk_permutation(128, 2)]
+    np.testing.assert_array_equal(raw.reshape(shape[0], -1), quantize(rows, qt))
+    assert ts["output_norm.weight"][0] == "F32"
+
+
+def test_imatrix_reaches_the_quantizer_and_the_metadata(tmp_path):
+    w = make_hf(tmp_path / "hf")
+    col = Collector(32)
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        for base in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
+            x = rng.standard_normal((32, 256)) * np.arange(1, 257) / 50
+            col.add(f"blk.{i}.{base}.weight", x)
+        col.add(f"blk.{i}.attn_output.weight", rng.standard_normal((32, 256)))
+    im = col.result(["calib.txt"])
+    write_imatrix(tmp_path / "im.gguf", im)
+    said = []
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "Q4_K_M", imatrix=tmp_path / "im.gguf",
+                warn=said.append)
+    md, ts = _gguf(r.path)
+    assert md["quantize.imatrix.file"] == str(tmp_path / "im.gguf")
+    assert md["quantize.imatrix.dataset"] == "calib.txt"
+    assert md["quantize.imatrix.entries_count"] == 12
+    qt, shape, raw = ts["blk.1.ffn_up.weight"]
+    x = w["model.layers.1.mlp.up_proj.weight"]
+    np.testing.assert_array_equal(raw.reshape(shape[0], -1),
+                                  quantize(x, qt, imatrix=im.importance("blk.1.ffn_up.weight")))
+    assert not np.array_equal(raw.reshape(shape[0], -1), quantize(x, qt))
+    # ffn_down has no entry: quantized without one, and said so in one line
+    assert any("no entry" in s and "ffn_down" in s for s in said)
+
+
+def test_tokenizer_keys_match_gguf_special_vocab(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    make_hf(tmp_path / "hf")
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "F16", **QUIET)
+    md, ts = _gguf(r.path)
+    sv = gguf.SpecialVocab(tmp_path / "hf", load_merges=True)
+    assert md["tokenizer.ggml.merges"] == sv.merges
+    names = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
+    for typ, tid in sv.special_token_ids.items():
+        assert md[f"tokenizer.ggml.{names[typ]}_token_id"] == tid
+    for typ, flag in sv.add_special_token.items():
+        assert md[f"tokenizer.ggml.add_{typ}_token"] == flag
+    assert md["tokenizer.chat_template"] == sv.chat_template
+    tm = tokenizer_metadata()
+    assert md["tokenizer.ggml.tokens"][:267] == list(tm["tokenizer.ggml.tokens"])
+    assert md["tokenizer.ggml.tokens"][267:] == [f"[PAD{i}]" for i in range(267, 272)]
+    assert list(md["tokenizer.ggml.token_type"][264:]) == [3, 3, 3, 5, 5, 5, 5, 5]
+    assert ts["token_embd.weight"][0] == "F16" and md["general.file_type"] == 1
+
+
+@pytest.mark.realfile
+def test_smollm2_vocabulary_converts_like_llama_cpp(tmp_path, smollm2_file):
+    """tokenizer.json rebuilt from the shipped file's vocab; converting it must give back the
+    tokenizer keys llama.cpp's converter wrote (pre-tokenizer 'smollm' found by its hash)."""
+    with blockq.read_gguf(smollm2_file) as f:
+        ref = {k: f.metadata[k] for k in f.metadata if k.startswith("tokenizer.")}
+    pretok = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    make_hf(tmp_path / "hf", tok_md=ref, n_vocab=49152, n_embd=64, n_head=4, n_head_kv=2,
+            n_ff=128, n_layer=1, tied=True, pretok=pretok)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.update(bos_token_id=1, eos_token_id=2)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    tc = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    tc.update(unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(tc))
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "F32", **QUIET)
+    md, _ = _gguf(r.path)
+    for key, want in ref.items():
+        got = md[key]
+        if isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(got, want, err_msg=key)
+        else:
+            assert got == want, key
+
+
+# --- GGUF requantization ----------------------------------------------------------------------
+def test_requantize_gguf_copies_metadata_and_quantizes_dequantized_rows(tmp_path):
+    make_hf(tmp_path / "hf")
+    f32 = convert(tmp_path / "hf", tmp_path / "f32.gguf", "F32", **QUIET).path
+    q8 = convert(f32, tmp_path / "q8.gguf", "Q8_0", **QUIET).path
+    q4 = convert(q8, tmp_path / "q4.gguf", "Q4_0", warn=lambda s: None).path
+    md8, t8 = _gguf(q8)
+    md4, t4 = _gguf(q4)
+    assert md4["general.file_type"] == 2
+    assert {k: v for k, v in md4.items() if k != "general.file_type"}.keys() == \
+        {k: v for k, v in md8.items() if k != "general.file_type"}.keys()
+    assert list(md4)[-2:] == ["general.quantization_version", "general.file_type"]
+    qt, shape, raw = t4["blk.0.ffn_gate.weight"]
+    np.testing.assert_array_equal(raw.reshape(shape[0], -1),
+                                  quantize(_f32(t8["blk.0.ffn_gate.weight"]), qt))
+    np.testing.assert_array_equal(t4["output_norm.weight"][2], t8["output_norm.weight"][2])
+
+
+# --- errors: one clear line, nothing written --------------------------------------------------
+def _assert_nothing_written(folder: Path):
+    assert not (folder / "out.gguf").exists()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".part")]
+
+
+def _drop(name):
+    return lambda w: w.pop(name)
+
+
+def _reshape(name):
+    return lambda w: w.__setitem__(name, w[name][:-1])
+
+
+def _poison(name):
+    def f(w):
+        w[name] = w[name].copy()
+        w[name][3, 7] = np.nan
+    return f
+
+
+@pytest.mark.parametrize("mutate,err,text", [
+    (_drop("model.layers.1.mlp.up_proj.weight"), FormatError, "mlp.up_proj"),
+    (_reshape("model.layers.0.self_attn.v_proj.weight"), FormatError, "shape"),
+    (_poison("model.layers.1.mlp.down_proj.weight"), BadArgument, "NaN"),
+])
+def test_bad_checkpoint(tmp_path, mutate, err, text):
+    make_hf(tmp_path / "hf", mutate=mutate)
+    (tmp_path / "o").mkdir()
+    with pytest.raises(err, match=text):
+        convert(tmp_path / "hf", tmp_path / "o" / "out.gguf", "Q4_K_M", **QUIET)
+    _assert_nothing_written(tmp_path / "o")
+
+
+def test_unknown_architecture(tmp_path):
+    make_hf(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "o").mkdir()
+    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel"):
+        convert(tmp_path / "hf", tmp_path / "o" / "out.gguf", "Q4_K_M", **QUIET)
+    _assert_nothing_written(tmp_path / "o")
+
+
+@pytest.mark.parametrize("content", [b"not an imatrix at all", b"GGUF\x03\x00\x00\x00garbage"])
+def test_bad_imatrix_file(tmp_path, content):
+    make_hf(tmp_path / "hf")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "bad.dat").write_bytes(content)
+    with pytest.raises(FormatError):
+        convert(tmp_path / "hf", tmp_path / "o" / "out.gguf", "Q4_K_M",
+                imatrix=tmp_path / "bad.dat", **QUIET)
+    _assert_nothing_written(tmp_path / "o")
+
+
+def test_imatrix_of_the_wrong_width_is_skipped_with_a_warning(tmp_path):
+    make_hf(tmp_path / "hf")
+    col = Collector(16)
+    col.add("blk.0.attn_q.weight", np.ones((16, 100), np.float32))
+    said = []
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "Q4_K_M", imatrix=col.result(),
+                warn=said.append)
+    assert r.path.exists() and any("wrong length" in s and "blk.0.attn_q" in s for s in said)
+
+
+def test_interrupted_convert_leaves_nothing(tmp_path):
+    make_hf(tmp_path / "hf")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "out.gguf").write_bytes(b"old")
+
+    def stop(ev):
+        if ev.i_tensor == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "hf", tmp_path / "o" / "out.gguf", "Q4_K_M", progress=stop, **QUIET)
+    assert (tmp_path / "o" / "out.gguf").read_bytes() == b"old"  # untouched
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.endswith(".part")]
+
+
+@pytest.mark.slow
+def test_killed_cli_convert_leaves_nothing(tmp_path):
+    make_hf(tmp_path / "hf", n_layer=4, n_ff=2048)
+    (tmp_path / "o").mkdir()
+    code = ("import sys, time, blockq.convert as c\n"
+            "c.SLAB_BYTES = 4096\n"  # many slabs: time to be killed mid-write
+            "orig = c._producer\n"
+            "def slow(*a, **k):\n"
+            "    f = orig(*a, **k)\n"
+            "    return lambda: (time.sleep(0.2), f())[1]\n"
+            "c._producer = slow\n"
+            "from blockq.cli import main\n"
+            "main(sys.argv[1:])\n")
+    p = subprocess.Popen([sys.executable, "-c", code, "convert", str(tmp_path / "hf"),
+                          str(tmp_path / "o" / "out.gguf"), "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.time() + 60
+    while time.time() < deadline and not [x for x in (tmp_path / "o").iterdir()]:
+        time.sleep(0.05)
+    assert [x.name for x in (tmp_path / "o").iterdir()][0].endswith(".part")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and (b"interrupted" in err or b"aborted" in err)
+    _assert_nothing_written(tmp_path / "o")
+
+
+# --- the command line -------------------------------------------------------------------------
+def test_cli_convert_prints_a_json_summary(tmp_path, capsys):
+    from blockq.cli import main
+
+    make_hf(tmp_path / "hf")
+    main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--type", "q6_k",
+          "--tensor-type", "ffn_down=Q8_0", "--json", "--quiet"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["preset"] == "Q6_K" and out["bytes"] == (tmp_path / "m.gguf").stat().st_size
+    assert out["types"] == {"Q6_K": 14, "Q8_0": 2, "F32": 5}
+
+
+def test_cli_error_is_one_line_and_nonzero(tmp_path, capsys):
+    from blockq.cli import main
+
+    make_hf(tmp_path / "hf", mutate=_drop("model.norm.weight"))
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ")
+    assert "output_norm.weight" in err[0] and not (tmp_path / "m.gguf").exists()
