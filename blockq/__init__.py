@@ -1,6 +1,6 @@
 """blockq: GGUF k-quant block quantization, container, and runtime in Python.
 
-Public API (imported lazily so ``import blockq`` stays fast):
+Public API:
 
 - ``quantize(x, qtype, imatrix=None)`` -> uint8 (rows, bytes_per_row)
 - ``dequantize(data, qtype, shape)`` -> float32 array of ``shape``
@@ -14,17 +14,22 @@ import importlib
 from .errors import BadArgument, BlockqError, FormatError, UnsupportedModel
 from .types import QK_K, QType, qtype
 
+# NOTE: the functions share their names with the modules that define them; importing them
+# eagerly binds the attribute to the function once and for all (a lazy binding would be
+# overwritten by the submodule the first time anything imported ``blockq.dequantize``).
+from .dequantize import dequantize  # noqa: E402
+from .quantize import quantize  # noqa: E402
+
 __version__ = "0.1.0"
 
+# imported on first use
 _LAZY = {
-    "quantize": ("blockq.quantize", "quantize"),
-    "dequantize": ("blockq.dequantize", "dequantize"),
     "read_gguf": ("blockq.gguf.reader", "read_gguf"),
     "write_gguf": ("blockq.gguf.writer", "write_gguf"),
 }
 
 __all__ = ["BadArgument", "BlockqError", "FormatError", "QK_K", "QType", "UnsupportedModel",
-           "qtype", *_LAZY]
+           "dequantize", "qtype", "quantize", *_LAZY]
 
 
 def __getattr__(name: str):
