@@ -1,0 +1,102 @@
+"""``blockq generate / chat / perplexity / bench / demo`` on a tiny model (and SmolLM2)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from blockq.cli import cli
+from blockq.errors import UnsupportedModel
+from blockq.generate import generate
+from blockq.model import Model
+from blockq.tokenizer import Tokenizer
+from tiny_model import write_tiny
+
+TEXT = ("The quick brown fox jumps over the lazy dog; then the dog sleeps in the sun "
+        "and the fox runs into the woods, where the trees are tall and the air is cool. ") * 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("cli") / "tiny.gguf", qtype="Q8_0", tied=False)
+
+
+def run(*args, input=None):
+    res = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res
+
+
+def test_generate_prints_only_the_generated_text(tiny):
+    res = run("generate", tiny, "-p", "the fox", "-n", 4, "--temp", 0, "-c", 64)
+    assert res.exit_code == 0
+    model = Model.load(tiny)
+    tok = Tokenizer.from_metadata(model.metadata)
+    ids = list(generate(model, tok.encode("the fox", parse_special=True), n_predict=4))
+    assert res.stdout == tok.decode(ids) + "\n"
+    assert "tok/s" in res.stderr and "tok/s" not in res.stdout
+
+
+def test_generate_seed_repeats(tiny):
+    a = run("generate", tiny, "-p", "a", "-n", 6, "--temp", 1.0, "--seed", 7).stdout
+    b = run("generate", tiny, "-p", "a", "-n", 6, "--temp", 1.0, "--seed", 7).stdout
+    assert a == b
+
+
+def test_chat_keeps_the_conversation(tiny):
+    res = run("chat", tiny, "-n", 3, "--temp", 0, input="hello\nthe sun\n/exit\nignored\n")
+    assert res.exit_code == 0
+    from blockq.cli.run import ChatSession
+    model = Model.load(tiny)
+    s = ChatSession(model, Tokenizer.from_metadata(model.metadata))
+    want = ["".join(s.reply(m, n_predict=3)) for m in ("hello", "the sun")]
+    assert res.stdout == want[0] + "\n" + want[1] + "\n"  # one reply per message
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] * 2
+    history = s.tok.decode(s.prompt_ids(), special=True)  # both turns are in the next prompt
+    assert history.count("<|im_start|>user") == 2 and "hello" in history
+
+
+def test_perplexity_json(tiny, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    res = run("perplexity", tiny, "-f", text, "-c", 64, "--json")
+    out = json.loads(res.stdout)
+    assert set(out) == {"ppl", "stderr", "chunks", "tokens"}
+    assert out["chunks"] >= 2 and out["tokens"] == out["chunks"] * 31
+    assert 1.0 < out["ppl"] < 1e6 and out["stderr"] > 0
+    plain = run("perplexity", tiny, "-f", text, "-c", 64, "--chunks", 1)
+    assert plain.stdout.startswith("PPL = ") and " +/- " in plain.stdout
+
+
+def test_bench_json(tiny):
+    out = json.loads(run("bench", tiny, "-p", 16, "-n", 2, "-r", 1, "--json", "-t", 1).stdout)
+    assert out["pp_tps"] > 0 and out["tg_tps"] > 0 and out["threads"] == 1
+
+
+def test_bad_thread_count(tiny):
+    res = CliRunner().invoke(cli, ["bench", str(tiny), "-t", "100000"])
+    assert "-t 100000" in str(res.exception)
+
+
+@pytest.mark.realfile
+def test_generate_on_smollm2(smollm2_file):
+    res = run("generate", smollm2_file, "-p", "The capital of France is", "-n", 4, "--temp", 0)
+    assert res.exit_code == 0 and "Paris" in res.stdout
+
+
+@pytest.mark.realfile
+def test_generate_refuses_gemma3(gemma3_file):
+    res = CliRunner().invoke(cli, ["generate", str(gemma3_file), "-p", "hi", "-n", 1])
+    assert isinstance(res.exception, UnsupportedModel)
+    assert "'gemma3' is not supported yet" in str(res.exception)
+
+
+@pytest.mark.realfile
+def test_demo(smollm2_file):
+    res = run("demo", smollm2_file, "-n", 12)
+    assert res.exit_code == 0
+    assert "Q4_K: RMSE" in res.stdout and "Q6_K: RMSE" in res.stdout
+    assert "Paris" in res.stdout.split("assistant:")[1]

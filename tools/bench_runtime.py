@@ -1,0 +1,274 @@
+"""blockq's runtime against llama.cpp (llama-cpp-python): same file, same threads, one run.
+
+    python tools/bench_runtime.py [-t 1,2] [-p 128] [-n 64] [-r 3] [--files F ...] [--json-out F]
+
+For each file (default: SmolLM2-135M requantized to Q4_K_M, and the synthetic 0.56 B Q4_K_M
+from tools/make_synthetic.py) and each thread count:
+
+- prompt (pp) and decode (tg) tokens/s of both engines, llama-bench style (random tokens, an
+  empty cache, one warm-up, then ``-r`` repetitions, the engines interleaved so that load on
+  the machine hits both alike); the median is reported with blockq/llama.cpp ratios.
+  Bars: decode >= 0.5x, prompt >= 0.3x.
+- start-up: wall time of a fresh process that loads the model and decodes one token, with an
+  empty Numba cache (first run: every kernel compiles) and with the cache filled (warm).
+- resident memory while generating (VmRSS after the tg run, VmHWM peak) against the file size
+  plus the KV cache.
+
+llama-cpp-python is needed here only, never by the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from blockq import fetch  # noqa: E402
+
+STARTUP = """
+import sys, time, json
+t0 = time.perf_counter()
+sys.path.insert(0, {root!r})
+from blockq.model import Model
+m = Model.load({path!r})
+c = m.new_cache(64)
+m.forward([1, 2, 3, 4], c)
+t1 = time.perf_counter()
+m.forward([5], c)
+t2 = time.perf_counter()
+print(json.dumps({{"load_and_prompt_s": t1 - t0, "first_decode_s": t2 - t1, "total_s": t2 - t0}}))
+"""
+
+
+def smollm2_q4km() -> Path:
+    from make_synthetic import requantize
+
+    dst = fetch.cache_dir() / "SmolLM2-135M-Instruct.Q4_K_M.requant.gguf"
+    if not dst.exists():
+        requantize(fetch.smollm2_path(), dst, preset_name="Q4_K_M")
+    return dst
+
+
+def synthetic_q4km() -> Path:
+    from make_synthetic import write_synthetic
+
+    dst = fetch.cache_dir() / "synthetic-0.56B-Q4_K_M.gguf"
+    if not dst.exists():
+        write_synthetic(dst, "Q4_K_M")
+    return dst
+
+
+def proc_status() -> dict:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def startup_times(path: Path, threads: int) -> dict:
+    """Fresh-process start-up with an empty Numba cache, then with the cache it left behind."""
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    code = STARTUP.format(root=str(ROOT), path=str(path))
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env["NUMBA_CACHE_DIR"] = cache
+        for label in ("first_run", "warm"):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                               text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-2000:])
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            d["process_s"] = time.perf_counter() - t0
+            out[label] = {k: round(v, 2) for k, v in d.items()}
+    return out
+
+
+def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict:
+    import llama_cpp
+    from blockq.cli.run import set_threads
+    from blockq.model import Model
+
+    set_threads(threads)
+    rng = np.random.default_rng(0)
+    model = Model.load(path)
+    n_vocab = model.args.n_vocab
+    n_ctx = max(n_prompt, n_gen) + 8
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=max(n_prompt, 1),
+                          n_ubatch=max(n_prompt, 1), n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    cache = model.new_cache(n_ctx)
+
+    def bq_pp():
+        cache.clear()
+        toks = rng.integers(0, n_vocab, n_prompt)
+        t0 = time.perf_counter()
+        model.forward(toks, cache, "last")
+        return n_prompt / (time.perf_counter() - t0)
+
+    def bq_tg():
+        cache.clear()
+        tok = int(rng.integers(0, n_vocab))
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            tok = int(np.argmax(model.forward([tok], cache, "last")[0]))
+        return n_gen / (time.perf_counter() - t0)
+
+    def lc_pp():
+        llm.reset()
+        toks = [int(t) for t in rng.integers(0, n_vocab, n_prompt)]
+        t0 = time.perf_counter()
+        llm.eval(toks)
+        return n_prompt / (time.perf_counter() - t0)
+
+    def lc_tg():
+        llm.reset()
+        tok = int(rng.integers(0, n_vocab))
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return n_gen / (time.perf_counter() - t0)
+
+    runs = {"blockq_pp": bq_pp, "llama_cpp_pp": lc_pp, "blockq_tg": bq_tg, "llama_cpp_tg": lc_tg}
+    for f in runs.values():  # warm-up (compiles, faults the weights in)
+        f()
+    got = {k: [] for k in runs}
+    for _ in range(reps):  # interleaved, so background load hits both engines alike
+        for k, f in runs.items():
+            got[k].append(f())
+    mem = proc_status()  # after blockq's and llama.cpp's tg runs: both engines' pages
+    med = {k: float(np.median(v)) for k, v in got.items()}
+    a = model.args
+    kv_nominal = 2 * a.n_layer * a.n_head_kv * a.head_dim * n_ctx * 2  # f16, as llama.cpp's
+    kv_ours = cache.k.nbytes + cache.v.nbytes  # float32 storage of f16-rounded values
+    del llm
+    return {
+        "file": path.name, "size_mib": round(path.stat().st_size / 2**20, 1),
+        "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
+        **{k: round(v, 2) for k, v in med.items()},
+        "pp_ratio": round(med["blockq_pp"] / med["llama_cpp_pp"], 3),
+        "tg_ratio": round(med["blockq_tg"] / med["llama_cpp_tg"], 3),
+        "all_runs": {k: [round(x, 2) for x in v] for k, v in got.items()},
+        "gbps_blockq_tg": round(model.nbytes * med["blockq_tg"] / 1e9, 2),
+        "kv_cache_mib_f16": round(kv_nominal / 2**20, 2),
+        "kv_cache_mib_blockq": round(kv_ours / 2**20, 2),
+        "rss_mib_both_engines": round(mem.get("VmRSS", 0) / 2**20, 1),
+    }
+
+
+MEMORY = {
+    "blockq": """
+from blockq.model import Model
+m = Model.load(PATH)
+mem["after_load"] = proc_status()["VmRSS"]
+c = m.new_cache(N_CTX)
+tok = 1
+for i in range(N_GEN):
+    tok = int(np.argmax(m.forward([tok], c)[0]))
+    if i == 0:
+        mem["after_first_token"] = proc_status()["VmRSS"]
+a = m.args
+kv_used = 2 * a.n_layer * a.n_head_kv * a.head_dim * c.n_past * 2  # as f16, llama.cpp's size
+""",
+    "llama_cpp": """
+import llama_cpp
+llm = llama_cpp.Llama(str(PATH), n_ctx=N_CTX, n_threads=THREADS, verbose=False)
+mem["after_load"] = proc_status()["VmRSS"]
+tok = 1
+for i in range(N_GEN):
+    llm.eval([tok])
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    if i == 0:
+        mem["after_first_token"] = proc_status()["VmRSS"]
+kv_used = 0
+""",
+}
+
+
+def engine_memory(engine: str, path: Path, threads: int, n_ctx: int, n_gen: int) -> dict:
+    """Resident memory of a process running one engine alone: after loading the model, after
+    the first token, and while generating (after n_gen tokens); MiB."""
+    code = f"""
+import sys, json, numpy as np
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tools')!r})
+from bench_runtime import proc_status
+PATH, N_CTX, N_GEN, THREADS = {str(path)!r}, {n_ctx}, {n_gen}, {threads}
+mem = {{"start": proc_status()["VmRSS"]}}
+{MEMORY[engine]}
+s = proc_status()
+mem.update(generating=s["VmRSS"], peak=s["VmHWM"], kv_used=kv_used)
+print(json.dumps(mem))
+"""
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    return {k: round(v / 2**20, 1) for k, v in d.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-t", "--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("-p", "--n-prompt", type=int, default=128)
+    ap.add_argument("-n", "--n-gen", type=int, default=64)
+    ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("--files", nargs="*", type=Path)
+    ap.add_argument("--skip-startup", action="store_true")
+    ap.add_argument("--json-out", type=Path)
+    a = ap.parse_args(argv)
+    files = a.files or [smollm2_q4km(), synthetic_q4km()]
+    threads = [int(t) for t in a.threads.split(",")]
+    report = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "results": [],
+              "memory": [], "startup": []}
+    print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
+    for f in files:
+        for t in threads:
+            r = bench_file(f, t, a.n_prompt, a.n_gen, a.reps)
+            report["results"].append(r)
+            print(f"{r['file']} ({r['size_mib']} MiB) -t {t}: "
+                  f"pp{a.n_prompt} blockq {r['blockq_pp']:.1f} vs llama.cpp "
+                  f"{r['llama_cpp_pp']:.1f} tok/s = {r['pp_ratio']:.2f}x "
+                  f"[{'ok' if r['pp_ratio'] >= 0.3 else 'FAIL'} >= 0.3] | "
+                  f"tg{a.n_gen} blockq {r['blockq_tg']:.1f} vs llama.cpp "
+                  f"{r['llama_cpp_tg']:.1f} tok/s = {r['tg_ratio']:.2f}x "
+                  f"[{'ok' if r['tg_ratio'] >= 0.5 else 'FAIL'} >= 0.5] | "
+                  f"blockq decode reads {r['gbps_blockq_tg']} GB/s of weights", flush=True)
+        n_ctx = a.n_gen + 8
+        mem = {e: engine_memory(e, f, threads[0], n_ctx, a.n_gen) for e in MEMORY}
+        size = round(f.stat().st_size / 2**20, 1)
+        report["memory"].append({"file": f.name, "file_mib": size, **mem})
+        b, l = mem["blockq"], mem["llama_cpp"]
+        print(f"  memory (MiB, one engine per process, {a.n_gen} tokens generated): file {size}"
+              f" + KV(f16) {b['kv_used']} | blockq RSS {b['start']} at start -> "
+              f"{b['after_load']} loaded -> {b['generating']} generating (+"
+              f"{b['generating'] - b['start']:.1f}) | llama.cpp RSS {l['start']} -> "
+              f"{l['after_load']} -> {l['generating']} (+{l['generating'] - l['start']:.1f})",
+              flush=True)
+        if not a.skip_startup:
+            s = startup_times(f, threads[0])
+            s["file"] = f.name
+            report["startup"].append(s)
+            print(f"  start-up (load + 4-token prompt + 1 token, fresh process): first run "
+                  f"{s['first_run']['process_s']} s (Numba compiles), warm "
+                  f"{s['warm']['process_s']} s", flush=True)
+    report["load_avg_end"] = os.getloadavg()
+    if a.json_out:
+        a.json_out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""blockq's runtime against llama.cpp (llama-cpp-python) on the same files, text and context.
+
+    python tools/compare_llama_cpp.py [--text FILE] [-c 512] [--chunks N] [-t THREADS]
+                                      [--record] [--json-out FILE]
+
+For each file (SmolLM2-135M-Instruct Q4_1 as llama.cpp wrote it, and the same weights
+requantized by blockq into a mix whose ffn_down matrices cycle through Q2_K..Q6_K, the
+576-column matrices taking llama.cpp's fallback types):
+
+- perplexity by llama-perplexity's protocol, both engines fed the same token ids (llama.cpp's
+  tokenization; blockq's is checked against it) and scored by the same code
+  (``blockq.generate.chunk_nll``), so only the logits differ.  Bar: PPL within 1%.
+- greedy agreement: 5 prompts, 32 tokens each, argmax decoding.  Bar: >= 4 of 5 identical.
+- the noise floor of that bar: llama.cpp against itself with its KV cache in f32 instead of f16.
+- the KV-cache precision closest to llama.cpp: RMS logit difference on the first chunk with
+  blockq's f16 and f32 caches (llama.cpp's default cache is f16).
+
+``--record`` saves llama.cpp's greedy ids for the Q4_1 file to tests/data/llama_cpp_greedy.json
+(read by tests/test_model.py).  llama-cpp-python is needed here only, never by the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from blockq import fetch  # noqa: E402
+from blockq.generate import chunk_nll, generate, perplexity  # noqa: E402
+from blockq.model import Model  # noqa: E402
+from blockq.presets import fallback  # noqa: E402
+from blockq.tokenizer import Tokenizer  # noqa: E402
+from make_synthetic import requantize  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
+N_GREEDY = 32
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
+
+
+def kmix_path() -> Path:
+    """SmolLM2 requantized: layer i's matrices get K_TYPES[(i + j) % 5] (fallbacks where the
+    576-wide rows are not whole 256-blocks), so ffn_down holds every k-quant."""
+    dst = fetch.cache_dir() / "SmolLM2-135M-Instruct.kmix.gguf"
+    if dst.exists():
+        return dst
+
+    def types(name, shape):
+        if len(shape) != 2 or not name.startswith("blk."):
+            return None
+        layer = int(name.split(".")[1])
+        j = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+             "ffn_down"].index(name.split(".")[2])
+        return fallback(K_TYPES[(layer + j) % len(K_TYPES)], shape[-1])
+
+    return requantize(fetch.smollm2_path(), dst, types=types)
+
+
+class LlamaCpp:
+    """The few llama.cpp calls we need: tokenize, evaluate a batch, logits."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int, **kw):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   logits_all=True, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False, **kw)
+        self.bos = self.llm.token_bos()
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False)
+
+    def logits(self, tokens) -> np.ndarray:
+        """Logits (n, n_vocab) of ``tokens`` from an empty cache."""
+        self.llm.reset()
+        self.llm.eval([int(t) for t in tokens])
+        return np.array(self.llm.scores[:len(tokens)], dtype=np.float32)
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        self.llm.reset()
+        self.llm.eval(prompt)
+        out = []
+        for _ in range(n):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(tok)
+            self.llm.eval([tok])
+        return out
+
+
+def llama_cpp_perplexity(lc: LlamaCpp, tokens: np.ndarray, n_ctx: int, n_chunks: int,
+                         bos: int | None) -> tuple[float, float, int]:
+    """llama-perplexity's loop around llama.cpp's logits (same scoring code as blockq)."""
+    first = n_ctx // 2
+    n = min(n_chunks, len(tokens) // n_ctx) if n_chunks > 0 else len(tokens) // n_ctx
+    nll = nll2 = 0.0
+    count = 0
+    for i in range(n):
+        chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
+        if bos is not None:
+            chunk[0] = bos
+        logits = lc.logits(chunk)[first:n_ctx - 1]
+        v = chunk_nll(logits, tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
+        nll += float(v.sum())
+        nll2 += float((v * v).sum())
+        count += len(v)
+    mean = nll / count
+    var = nll2 / count - mean * mean
+    ppl = math.exp(mean)
+    return ppl, ppl * math.sqrt(var / (count - 1)), n
+
+
+def compare_file(path: Path, text: str, n_ctx: int, n_chunks: int, threads: int) -> dict:
+    lc = LlamaCpp(path, n_ctx, threads)
+    model = Model.load(path)
+    tok = Tokenizer.from_metadata(model.metadata)
+    ids_lc = lc.tokenize(text)
+    ids_bq = tok.encode(text, add_special=True)
+    tokens = np.array(ids_lc, dtype=np.int64)
+    bos = lc.bos if tok.add_bos else None
+    res: dict = {"file": path.name, "size_mib": round(path.stat().st_size / 2**20, 1),
+                 "text_tokens": len(tokens), "tokenization_identical": ids_lc == ids_bq}
+
+    t0 = time.perf_counter()
+    p_lc, e_lc, n = llama_cpp_perplexity(lc, tokens, n_ctx, n_chunks, bos)
+    t_lc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r = perplexity(model, tokens, n_ctx=n_ctx, n_chunks=n_chunks, bos_id=bos)
+    t_bq = time.perf_counter() - t0
+    res.update(chunks=n, ppl_llama_cpp=round(p_lc, 4), stderr_llama_cpp=round(e_lc, 5),
+               ppl_blockq=round(r.ppl, 4), stderr_blockq=round(r.stderr, 5),
+               ppl_rel_diff=round(r.ppl / p_lc - 1, 5), seconds_llama_cpp=round(t_lc, 1),
+               seconds_blockq=round(t_bq, 1))
+
+    # which KV-cache precision gets blockq's logits closest to llama.cpp's
+    chunk = tokens[:n_ctx].copy()
+    if bos is not None:
+        chunk[0] = bos
+    ref = lc.logits(chunk)
+    for ct in ("f16", "f32"):
+        got = model.forward(chunk, model.new_cache(n_ctx, ct), "all")
+        res[f"logit_rms_diff_{ct}"] = round(float(np.sqrt(((got - ref) ** 2).mean())), 5)
+    res["logit_rms"] = round(float(ref.std()), 4)
+
+    greedy = []
+    for prompt in PROMPTS:
+        p_ids = lc.tokenize(prompt)
+        want = lc.greedy(p_ids, N_GREEDY)
+        got = list(generate(model, p_ids, n_predict=N_GREEDY,
+                            cache=model.new_cache(len(p_ids) + N_GREEDY)))
+        same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+        greedy.append({"prompt": prompt, "prompt_ids": p_ids, "llama_cpp": want,
+                       "blockq": got, "identical": got == want, "agree_first": same,
+                       "text_llama_cpp": tok.decode(want)})
+    res["greedy"] = greedy
+    res["greedy_identical"] = sum(g["identical"] for g in greedy)
+
+    # the noise floor: llama.cpp against itself with its KV cache in f32 instead of f16
+    lc32 = LlamaCpp(path, n_ctx, threads, type_k=0, type_v=0)  # GGML_TYPE_F32
+    floor = []
+    for g in greedy:
+        other = lc32.greedy(list(g["prompt_ids"]), N_GREEDY)
+        floor.append(next((i for i, (a, b) in enumerate(zip(other, g["llama_cpp"]))
+                           if a != b), N_GREEDY))
+    res["llama_cpp_f32kv_agree_first"] = floor
+    res["llama_cpp_f32kv_identical"] = sum(f == N_GREEDY for f in floor)
+    return res
+
+
+def record_short_ppl(path: Path, text: str, threads: int, n_ctx: int = 128,
+                     n_chunks: int = 4) -> None:
+    """Save llama.cpp's perplexity of a short stretch of ``text`` (with its token ids) to
+    tests/data/llama_cpp_ppl.json, for a fast real-file test."""
+    lc = LlamaCpp(path, n_ctx, threads)
+    ids = lc.tokenize(text)[:n_ctx * n_chunks]
+    tok = Tokenizer.from_metadata(Model.load(path).metadata)
+    bos = lc.bos if tok.add_bos else None
+    ppl, err, n = llama_cpp_perplexity(lc, np.array(ids), n_ctx, n_chunks, bos)
+    rec = {"file": path.name, "n_ctx": n_ctx, "chunks": n, "bos": bos, "ppl": ppl,
+           "stderr": err, "tokens": ids,
+           "note": "llama.cpp perplexity of these ids (tools/compare_llama_cpp.py --record)"}
+    out = ROOT / "tests" / "data" / "llama_cpp_ppl.json"
+    out.write_text(json.dumps(rec))
+    print(f"recorded {out}: PPL {ppl:.4f} +/- {err:.4f} over {n} chunks of {n_ctx}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    ap.add_argument("-c", "--ctx-size", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=-1)
+    ap.add_argument("-t", "--threads", type=int, default=1)
+    ap.add_argument("--files", nargs="*", type=Path, default=None,
+                    help="default: SmolLM2 Q4_1 and its k-quant mix")
+    ap.add_argument("--record", action="store_true",
+                    help="save llama.cpp's greedy ids to tests/data/llama_cpp_greedy.json")
+    ap.add_argument("--json-out", type=Path)
+    a = ap.parse_args(argv)
+    from blockq.cli.run import set_threads
+    set_threads(a.threads)
+    text = a.text.read_text(encoding="utf-8")
+    files = a.files or [fetch.smollm2_path(), kmix_path()]
+    report = {"text": str(a.text), "n_ctx": a.ctx_size, "threads": a.threads, "files": []}
+    for f in files:
+        r = compare_file(f, text, a.ctx_size, a.chunks, a.threads)
+        report["files"].append(r)
+        ok_ppl = abs(r["ppl_rel_diff"]) <= 0.01
+        ok_greedy = r["greedy_identical"] >= 4
+        print(f"{r['file']} ({r['size_mib']} MiB), {r['chunks']} chunks of {a.ctx_size}, "
+              f"tokenization identical: {r['tokenization_identical']}")
+        print(f"  PPL llama.cpp {r['ppl_llama_cpp']:.4f} +/- {r['stderr_llama_cpp']:.5f} | "
+              f"blockq {r['ppl_blockq']:.4f} +/- {r['stderr_blockq']:.5f} | "
+              f"diff {100 * r['ppl_rel_diff']:+.3f}% [{'ok' if ok_ppl else 'FAIL'} <= 1%]")
+        print(f"  greedy 32 tokens identical: {r['greedy_identical']}/5 "
+              f"(first divergence: {[g['agree_first'] for g in r['greedy']]}) "
+              f"[{'ok' if ok_greedy else 'FAIL'} >= 4]; llama.cpp itself with an f32 KV "
+              f"cache: {r['llama_cpp_f32kv_identical']}/5 "
+              f"(first divergence: {r['llama_cpp_f32kv_agree_first']})")
+        print(f"  logit RMS diff vs llama.cpp (logit RMS {r['logit_rms']}): "
+              f"f16 cache {r['logit_rms_diff_f16']}, f32 cache {r['logit_rms_diff_f32']}")
+        print(f"  time: llama.cpp {r['seconds_llama_cpp']} s, blockq {r['seconds_blockq']} s "
+              f"(perplexity, {a.threads} thread(s))")
+    if a.json_out:
+        a.json_out.write_text(json.dumps(report, indent=1))
+    if a.record:
+        record_short_ppl(files[0], text, a.threads)
+        first = report["files"][0]
+        rec = {"file": first["file"], "note": "llama.cpp greedy ids (tools/compare_llama_cpp.py)",
+               "prompts": [{k: g[k] for k in ("prompt", "prompt_ids", "llama_cpp")}
+                           for g in first["greedy"]]}
+        out = ROOT / "tests" / "data" / "llama_cpp_greedy.json"
+        out.write_text(json.dumps(rec, indent=1))
+        print(f"recorded {out}")
+
+
+if __name__ == "__main__":
+    main()
