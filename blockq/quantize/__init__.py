@@ -13,7 +13,9 @@ family modules and have the signature ``fn(x, imatrix, out)`` where ``x`` is flo
 from __future__ import annotations
 
 import importlib
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 from ..errors import BadArgument
@@ -33,6 +35,24 @@ def row_quantizer(name: str):
     if fn is None:
         raise BadArgument(f"no quantizer for block type {name}")
     return fn
+
+
+def split_rows(call, x: np.ndarray, out: np.ndarray, min_weights_per_thread: int) -> None:
+    """Run ``call(x_chunk, out_chunk)`` on one contiguous chunk of rows per thread.
+
+    The row kernels are compiled ``nogil``, so Python threads run them in parallel; tiny inputs
+    stay on the calling thread, where a thread would cost more than it saves.
+    """
+    rows = x.shape[0]
+    n = min(numba.config.NUMBA_NUM_THREADS, rows, max(1, x.size // min_weights_per_thread))
+    if n <= 1:
+        call(x, out)
+        return
+    cuts = [rows * k // n for k in range(n + 1)]
+    with ThreadPoolExecutor(n) as pool:
+        jobs = [pool.submit(call, x[a:b], out[a:b]) for a, b in zip(cuts, cuts[1:])]
+        for job in jobs:
+            job.result()
 
 
 def check_imatrix(imatrix, n_cols: int) -> np.ndarray | None:

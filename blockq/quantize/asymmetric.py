@@ -23,14 +23,12 @@ The algorithm of every type is described in words in ``formats/<TYPE>.md`` ("## 
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import numba
 import numpy as np
 from numba import njit
 
 from ..types import QK, QK_K
-from .symmetric import _put_f16  # (y, off, f): store f as f16 at y[off:off+2], return its value
+from . import split_rows
+from .symmetric import put_f16  # (y, off, f): store f as f16 at y[off:off+2], return its value
 from .symmetric import nearest_int
 
 F = np.float32
@@ -322,8 +320,8 @@ def _lane_buffers(buf, n, nl):
 
 @njit("void(u1[::1], f4, f4, u1[::1], int64)", **_JIT)
 def _put_q4_1_q5_1(L, d, m, y, nbits):  # L (32,) levels, y (20 or 24,) the block's bytes
-    _put_f16(y, 0, d)
-    _put_f16(y, 2, m)
+    put_f16(y, 0, d)
+    put_f16(y, 2, m)
     qs = 4
     if nbits == 5:
         qh = 0
@@ -393,8 +391,8 @@ def _finish_q2_k(xb, Lb, y, scales, mins, sw, has_w):
     Ls = np.empty(16, np.uint8)
     Lm = np.empty(16, np.uint8)
     if has_w:  # quantize_row_q2_K_impl: weighted 4-bit fit of the scales and of the mins
-        dm = _put_f16(y, 80, make_qp_quants(15, scales, Ls, sw))
-        mm = _put_f16(y, 82, make_qp_quants(15, mins, Lm, sw))
+        dm = put_f16(y, 80, make_qp_quants(15, scales, Ls, sw))
+        mm = put_f16(y, 82, make_qp_quants(15, mins, Lm, sw))
         for j in range(16):
             sc[j] = Ls[j] | (Lm[j] << 4)
     else:  # quantize_row_q2_K_ref: 4 bits against the largest
@@ -405,18 +403,18 @@ def _finish_q2_k(xb, Lb, y, scales, mins, sw, has_w):
             max_min = mins[j] if mins[j] > max_min else max_min
         for j in range(16):
             sc[j] = 0
-        dm = _put_f16(y, 80, F(0))
-        mm = _put_f16(y, 82, F(0))
+        dm = put_f16(y, 80, F(0))
+        mm = put_f16(y, 82, F(0))
         if max_scale > F(0):
             iscale = F(15) / max_scale
             for j in range(16):
                 sc[j] = nearest_int(iscale * scales[j]) & 0xFF  # NOTE: wraps like ggml's uint8
-            dm = _put_f16(y, 80, max_scale / F(15))
+            dm = put_f16(y, 80, max_scale / F(15))
         if max_min > F(0):
             iscale = F(15) / max_min
             for j in range(16):
                 sc[j] |= (nearest_int(iscale * mins[j]) << 4) & 0xFF
-            mm = _put_f16(y, 82, max_min / F(15))
+            mm = put_f16(y, 82, max_min / F(15))
     # requantize against the stored (f16, 4-bit) scales and mins
     for j in range(16):
         d = dm * F(sc[j] & 0xF)
@@ -506,8 +504,8 @@ def _finish_q4_k_q5_k(xb, Lb, y, scales, mins, sw, has_w, nbits):
         m_block = max_min / F(63)
     q = y[4:16]
     pack_scale_min_k4(Ls, Lm, q)
-    dd = _put_f16(y, 0, d_block)
-    dmn = _put_f16(y, 2, m_block)
+    dd = put_f16(y, 0, d_block)
+    dmn = put_f16(y, 2, m_block)
     # requantize against the stored (f16, 6-bit) scales and mins
     for j in range(8):
         sc, m = get_scale_min_k4(j, q)
@@ -590,25 +588,12 @@ _NO_WEIGHTS = np.zeros(0, np.float32)
 _MIN_WEIGHTS_PER_THREAD = 1 << 14  # below this a thread costs more than it saves
 
 
-def _run(kernel, x, imatrix, out, *extra) -> None:
-    has_w = imatrix is not None
-    w = imatrix if has_w else _NO_WEIGHTS
-    rows = x.shape[0]
-    n = min(numba.config.NUMBA_NUM_THREADS, rows, max(1, x.size // _MIN_WEIGHTS_PER_THREAD))
-    if n <= 1:
-        kernel(x, w, has_w, out, *extra)
-        return
-    cuts = [rows * k // n for k in range(n + 1)]
-    with ThreadPoolExecutor(n) as pool:
-        jobs = [pool.submit(kernel, x[a:b], w, has_w, out[a:b], *extra)
-                for a, b in zip(cuts, cuts[1:])]
-        for job in jobs:
-            job.result()
-
-
 def _quantizer(name: str, kernel, *extra):
     def quantize_rows(x: np.ndarray, imatrix: np.ndarray | None, out: np.ndarray) -> None:
-        _run(kernel, x, imatrix, out, *extra)
+        has_w = imatrix is not None
+        w = imatrix if has_w else _NO_WEIGHTS
+        split_rows(lambda xs, os: kernel(xs, w, has_w, os, *extra), x, out,
+                   _MIN_WEIGHTS_PER_THREAD)
 
     quantize_rows.__name__ = quantize_rows.__qualname__ = f"quantize_{name.lower()}"
     quantize_rows.__doc__ = f"Fill ``out`` (rows, row_bytes) with {name} blocks of ``x``."

@@ -24,13 +24,11 @@ The algorithm of every type is described in words in ``formats/<TYPE>.md`` ("## 
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import numba
 import numpy as np
 from numba import njit
 
 from ..types import QK, QK_K
+from . import split_rows
 
 F32 = np.float32
 _JIT = dict(cache=True, error_model="numpy")  # IEEE division: x/0 -> inf, no Python exception
@@ -89,7 +87,7 @@ _nearest_int, _fp16_bits, _fp16_value = nearest_int, fp32_to_fp16, fp16_to_fp32
 
 
 @njit("float32(uint8[::1], int64, float32)", **_JIT)
-def _put_f16(out, o, f):
+def put_f16(out, o, f):
     """Store ``f`` as a little-endian half at ``out[o:o+2]``; return the stored half's value."""
     h = fp32_to_fp16(f)
     out[o] = h & 0xFF
@@ -274,7 +272,7 @@ def _q4_0_q5_0_row(x, qw, use_qw, out, nmax):
             for j in range(QK):
                 weight[j] = qw[ib * QK + j] * np.sqrt(sigma2 + xb[j] * xb[j])
             d = make_qx_quants(QK, nmax, xb, L, 1, weight, True)
-            _put_f16(out, o, d)
+            put_f16(out, o, d)
         else:
             # scale from the largest-magnitude value, mapped to -nmax
             amax = F32(0.0)
@@ -285,7 +283,7 @@ def _q4_0_q5_0_row(x, qw, use_qw, out, nmax):
                     mx = xb[j]
             d = mx / F32(-nmax)
             idv = F32(1.0) / d if d != 0 else F32(0.0)
-            _put_f16(out, o, d)
+            put_f16(out, o, d)
             half = F32(nmax) + F32(0.5)
             for j in range(QK):
                 # NOTE: truncation of x/d + nmax + 0.5 (C's (int8_t) cast), capped at 2*nmax-1
@@ -314,7 +312,7 @@ def _q8_0_row(x, out):
             amax = max(amax, abs(x[ib * QK + j]))
         d = amax / F32(127.0)
         idv = F32(1.0) / d if d != 0 else F32(0.0)
-        _put_f16(out, o, d)
+        put_f16(out, o, d)
         for j in range(QK):
             v = x[ib * QK + j] * idv
             # roundf: half away from zero (v - trunc(v) is exact).  int32, branch-free: the
@@ -364,7 +362,7 @@ def _q3_k_row(x, qw, use_qw, out):
                                            1, weight, True)
             # the 16 sub-block scales themselves: weighted 6-bit search, weights = sum of weights
             d_block = make_qx_quants(16, 32, scales, Ls, 1, sw, True)
-            d = _put_f16(out, o + 108, d_block)
+            d = put_f16(out, o + 108, d_block)
         else:
             max_scale = F32(0.0)
             amax = F32(0.0)
@@ -379,11 +377,11 @@ def _q3_k_row(x, qw, use_qw, out):
                 iscale = F32(-32.0) / max_scale
                 for j in range(16):
                     Ls[j] = max(-32, min(31, nearest_int(iscale * scales[j]))) + 32
-                d = _put_f16(out, o + 108, F32(1.0) / iscale)
+                d = put_f16(out, o + 108, F32(1.0) / iscale)
             else:
                 for j in range(16):
                     Ls[j] = 0
-                d = _put_f16(out, o + 108, F32(0.0))
+                d = put_f16(out, o + 108, F32(0.0))
         # pack the 6-bit scales (lossless), then requantize with the stored scales
         for k in range(12):
             out[o + 96 + k] = 0
@@ -447,7 +445,7 @@ def _q6_k_row(x, qw, use_qw, out):
                 out[o + k] = 0
             continue
         iscale = F32(-128.0) / max_scale
-        d = _put_f16(out, o + 208, F32(1.0) / iscale)
+        d = put_f16(out, o + 208, F32(1.0) / iscale)
         for ib in range(16):
             sc[ib] = min(127, nearest_int(iscale * scales[ib]))
             out[o + 192 + ib] = sc[ib] & 0xFF
@@ -534,25 +532,12 @@ _NO_WEIGHTS = np.zeros(QK_K, np.float32)
 _MIN_WEIGHTS_PER_THREAD = 1 << 16  # below this a thread costs more than it saves
 
 
-def _run(kind: int, x: np.ndarray, qw: np.ndarray, use_qw: bool, out: np.ndarray) -> None:
-    """Quantize all rows, splitting them into one contiguous chunk per thread."""
-    rows = x.shape[0]
-    n = min(numba.config.NUMBA_NUM_THREADS, rows, max(1, x.size // _MIN_WEIGHTS_PER_THREAD))
-    if n <= 1:
-        _quantize_rows(kind, x, qw, use_qw, out)
-        return
-    edges = [rows * k // n for k in range(n + 1)]
-    with ThreadPoolExecutor(n) as pool:
-        jobs = [pool.submit(_quantize_rows, kind, x[a:b], qw, use_qw, out[a:b])
-                for a, b in zip(edges[:-1], edges[1:])]
-        for job in jobs:
-            job.result()
-
-
 def _row_quantizer(kind: int, uses_imatrix: bool, name: str):
     def quantize_rows(x: np.ndarray, imatrix: np.ndarray | None, out: np.ndarray) -> None:
         use_qw = uses_imatrix and imatrix is not None
-        _run(kind, x, imatrix if use_qw else _NO_WEIGHTS, use_qw, out)
+        qw = imatrix if use_qw else _NO_WEIGHTS
+        split_rows(lambda xs, os: _quantize_rows(kind, xs, qw, use_qw, os), x, out,
+                   _MIN_WEIGHTS_PER_THREAD)
 
     quantize_rows.__name__ = quantize_rows.__qualname__ = f"quantize_{name.lower()}"
     quantize_rows.__doc__ = f"Fill ``out`` (rows, row_bytes) with {name} blocks of ``x``."
