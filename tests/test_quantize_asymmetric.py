@@ -9,6 +9,7 @@ values, one-signed rows, outliers; importance vectors with zero runs) quantized 
 """
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -141,7 +142,7 @@ def test_threads_give_the_same_bytes(rng, monkeypatch):
     w = rng.gamma(0.5, 1.0, 2048).astype(np.float32)
     whole = quantize(x, "Q4_K", w)
     monkeypatch.setattr(asym, "_MIN_WEIGHTS_PER_THREAD", 1)
-    monkeypatch.setattr(asym.numba.config, "NUMBA_NUM_THREADS", 3)
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 3)
     assert np.array_equal(quantize(x, "Q4_K", w), whole)
 
 
