@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..presets import PRESETS
+from .progress import ChunkProgress
 
 
 def _err(msg: str) -> None:
@@ -122,31 +123,6 @@ class _ConvertBar:
                        tensors=f"[{ev.i_tensor + 1}/{ev.n_tensors}]")
 
 
-class _ChunkBar:
-    """Progress over chunks on stderr; calling it with (done, total, value) advances it."""
-
-    def __init__(self, what: str, label: str):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
-        self.label = label
-        self._p = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                           console=_console(), transient=True)
-        self._task = None
-
-    def __enter__(self):
-        self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._p.__exit__(*exc)
-
-    def __call__(self, done: int, total: int, value: float) -> None:
-        if self._task is None:
-            self._task = self._p.add_task("", total=total, info="")
-        self._p.update(self._task, completed=done, info=f"{self.label} {value:.4f}")
-
-
 # -- imatrix ------------------------------------------------------------------------------------
 
 @click.command()
@@ -171,7 +147,7 @@ def imatrix(model, text_file, out, n_ctx, chunks, fmt, process_output, threads):
 
     m, tok = open_model(model, threads)
     text = text_file.read_text(encoding="utf-8", errors="replace")
-    with _term_as_interrupt(), _ChunkBar("imatrix", "PPL") as bar:
+    with _term_as_interrupt(), ChunkProgress("imatrix", "PPL") as bar:
         im = compute_imatrix(m, tok, text, n_ctx=n_ctx, n_chunks=chunks, dataset=str(text_file),
                              process_output=process_output, progress=bar)
     write_imatrix(out, im, fmt)
@@ -199,7 +175,7 @@ def kld(base, quant, text_file, n_ctx, chunks, as_json, threads):
     mq, _ = open_model(quant, threads)
     ids = tok.encode(text_file.read_text(encoding="utf-8", errors="replace"), add_special=True)
     bos = tok.bos_id if tok.add_bos else None
-    with _ChunkBar("kld", "KLD") as bar:
+    with ChunkProgress("kld", "KLD") as bar:
         res = kl_divergence(mb, mq, ids, n_ctx=n_ctx, n_chunks=chunks, bos=bos, progress=bar)
     if as_json:
         click.echo(json.dumps(res.as_dict()))
