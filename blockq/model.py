@@ -259,6 +259,7 @@ class Rope:
 
 
 CACHE_TYPES = ("f16", "f32")
+NUMERICS = ("default", "llama")  # Model.load(numerics=...)
 
 
 class KVCache:
@@ -438,6 +439,7 @@ class Model:
     """A llama-family transformer whose weights are the GGUF file's blocks."""
 
     fast_decode = True  # one token goes through _decode's fused kernels (False: the batch path)
+    numerics = "default"  # "llama": every step as llama.cpp's CPU backend rounds it (slow)
 
     def __init__(self, args: ModelArgs, tensors: Mapping, metadata: Mapping | None = None):
         """``tensors``: name -> tensor info (``.qtype``, ``.shape``, ``.data``) as read_gguf gives."""
@@ -512,8 +514,14 @@ class Model:
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: "str | Path") -> "Model":
-        """Open a GGUF file and map its weights (zero-copy; the file stays mapped)."""
+    def load(cls, path: "str | Path", numerics: str = "default") -> "Model":
+        """Open a GGUF file and map its weights (zero-copy; the file stays mapped).
+
+        ``numerics``: one of NUMERICS; "llama" reproduces llama.cpp's CPU logits to the bit
+        (8-bit activations, f16 attention; :mod:`blockq.kernels.cpu_q8`), in numpy: slow.
+        """
+        if numerics not in NUMERICS:
+            raise BadArgument(f"numerics {numerics!r} is unknown; use one of {NUMERICS}")
         from .gguf.reader import read_gguf
 
         reader = read_gguf(path)
@@ -533,7 +541,21 @@ class Model:
             raise
         model._reader = reader  # keeps the mapping alive as long as the model
         model.path = Path(path)
+        if numerics != "default":
+            model.set_numerics(numerics)
         return model
+
+    def set_numerics(self, numerics: str) -> None:
+        """Switch between blockq's kernels ("default") and llama.cpp's roundings ("llama")."""
+        if numerics not in NUMERICS:
+            raise BadArgument(f"numerics {numerics!r} is unknown; use one of {NUMERICS}")
+        if numerics == "llama" and getattr(self, "_q8", None) is None:
+            from .kernels.cpu_q8 import Q8Dot
+            self._q8 = {id(lin.weight): Q8Dot(lin.weight) for b in self.blk
+                        for lin in (b.attn_q, b.attn_k, b.attn_v, b.attn_output, b.ffn_gate,
+                                    b.ffn_up, b.ffn_down)}
+            self._q8[id(self.output.weight)] = Q8Dot(self.output.weight)
+        self.numerics = numerics
 
     def close(self) -> None:
         """Close the file (the mapping itself goes once no weight view is left)."""
@@ -586,6 +608,8 @@ class Model:
         else:
             rows = np.asarray(outputs, dtype=np.int64)
 
+        if self.numerics == "llama":
+            return self._forward_llama(tokens, cache, rows)
         if n == 1 and self.fast_decode:
             return self._decode(int(tokens[0]), cache)[None, :]
 
@@ -637,6 +661,53 @@ class Model:
         _rms_norm_into(x, self.output_norm.weight, eps, h)
         cache.tokens.append(token)
         return self.output.vec(h)  # (n_vocab,)
+
+    def _forward_llama(self, tokens: np.ndarray, cache: KVCache, rows) -> np.ndarray:
+        """``forward`` with llama.cpp's CPU roundings (see :mod:`blockq.kernels.cpu_q8`)."""
+        from .kernels import cpu_q8 as L
+
+        a = self.args
+        if cache.cache_type != "f16":
+            raise BadArgument("numerics='llama' needs an f16 KV cache, as llama.cpp's default; "
+                              f"got {cache.cache_type!r}")
+        if any(b is not None for b in self._biases()) or self.rope.freq_factors is not None \
+                or float(self.rope.freq_scale) != 1.0:
+            raise UnsupportedModel("numerics='llama' covers llama models without biases, rope "
+                                   "frequency factors or rope scaling")
+        dot = self._q8
+        n = len(tokens)
+        p0 = cache.n_past
+        T = p0 + n
+        x = self.token_embd.take_rows(tokens)  # (n, n_embd)
+        if getattr(self, "_rope_llama", None) is None or len(self._rope_llama[0]) < T:
+            self._rope_llama = L.rope_tables(float(self.rope.base), a.rope_dim,
+                                             -(-max(T, 1) // 1024) * 1024)
+        cos, sin = self._rope_llama[0][p0:T], self._rope_llama[1][p0:T]
+        for il, b in enumerate(self.blk):
+            h = L.rms_norm(x, b.attn_norm.weight, b.attn_norm.eps)
+            q = dot[id(b.attn_q.weight)](h).reshape(n, a.n_head, a.head_dim)
+            k = dot[id(b.attn_k.weight)](h).reshape(n, a.n_head_kv, a.head_dim)
+            v = dot[id(b.attn_v.weight)](h).reshape(n, a.n_head_kv, a.head_dim)
+            L.rope(q, cos, sin, a.rope_neox)
+            L.rope(k, cos, sin, a.rope_neox)
+            cache.store(il, p0, k, v)
+            att = L.attention(q, cache.k[il, :, :T], cache.v[il, :, :T], p0, a.attn_scale)
+            if il == a.n_layer - 1 and rows is not None:
+                att, x = att[rows], x[rows]
+            x = (x + dot[id(b.attn_output.weight)](att)).astype(np.float32)
+            h = L.rms_norm(x, b.ffn_norm.weight, b.ffn_norm.eps)
+            g = L.swiglu(dot[id(b.ffn_gate.weight)](h), dot[id(b.ffn_up.weight)](h))
+            x = (x + dot[id(b.ffn_down.weight)](g)).astype(np.float32)
+        cache.tokens.extend(int(t) for t in tokens)
+        h = L.rms_norm(x, self.output_norm.weight, self.output_norm.eps)
+        return dot[id(self.output.weight)](h)  # (n_outputs, n_vocab)
+
+    def _biases(self):
+        yield self.output.bias
+        for b in self.blk:
+            for lin in (b.attn_q, b.attn_k, b.attn_v, b.attn_output, b.ffn_gate, b.ffn_up,
+                        b.ffn_down):
+                yield lin.bias
 
 
 def _as_f32(t) -> np.ndarray:

@@ -14,6 +14,10 @@ requantized by blockq into a mix whose ffn_down matrices cycle through Q2_K..Q6_
 - the noise floor of that bar: llama.cpp against itself with its KV cache in f32 instead of f16.
 - the KV-cache precision closest to llama.cpp: RMS logit difference on the first chunk with
   blockq's f16 and f32 caches (llama.cpp's default cache is f16).
+- the same greedy bar and an RMS logit difference (one prompt plus its 32 greedy tokens) with
+  ``Model.load(numerics="llama")``, which reproduces llama.cpp's CPU roundings (8-bit
+  activations, f16 attention) and should be bit-identical; skipped for files holding weight
+  types it does not cover (the k-quant mix).  ``--numerics default`` leaves it out (it is slow).
 
 ``--record`` saves llama.cpp's greedy ids for the Q4_1 file to tests/data/llama_cpp_greedy.json
 (read by tests/test_model.py).  llama-cpp-python is needed here only, never by the tests.
@@ -123,7 +127,41 @@ def llama_cpp_perplexity(lc: LlamaCpp, tokens: np.ndarray, n_ctx: int, n_chunks:
     return ppl, ppl * math.sqrt(var / (count - 1)), n
 
 
-def compare_file(path: Path, text: str, n_ctx: int, n_chunks: int, threads: int) -> dict:
+def greedy_runs(model: Model, lc: LlamaCpp, tok: Tokenizer) -> list[dict]:
+    out = []
+    for prompt in PROMPTS:
+        p_ids = lc.tokenize(prompt)
+        want = lc.greedy(p_ids, N_GREEDY)
+        got = list(generate(model, p_ids, n_predict=N_GREEDY,
+                            cache=model.new_cache(len(p_ids) + N_GREEDY)))
+        same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+        out.append({"prompt": prompt, "prompt_ids": p_ids, "llama_cpp": want,
+                    "blockq": got, "identical": got == want, "agree_first": same,
+                    "text_llama_cpp": tok.decode(want)})
+    return out
+
+
+def compare_llama_numerics(path: Path, lc: LlamaCpp, tok: Tokenizer) -> dict:
+    """blockq with numerics="llama" against llama.cpp: greedy agreement and logit RMS diff."""
+    from blockq.errors import UnsupportedModel
+    try:
+        model = Model.load(path, numerics="llama")
+    except UnsupportedModel as e:
+        return {"skipped": str(e)}
+    t0 = time.perf_counter()
+    greedy = greedy_runs(model, lc, tok)
+    ids = greedy[1]["prompt_ids"] + greedy[1]["llama_cpp"]
+    ref = lc.logits(ids)
+    got = model.forward(ids, model.new_cache(len(ids)), "all")
+    return {"greedy_identical": sum(g["identical"] for g in greedy),
+            "agree_first": [g["agree_first"] for g in greedy],
+            "logit_rms_diff": float(np.sqrt(((got - ref) ** 2).mean())),
+            "logits_bit_identical": bool((got == ref).all()), "logit_positions": len(ids),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def compare_file(path: Path, text: str, n_ctx: int, n_chunks: int, threads: int,
+                 numerics: str = "both") -> dict:
     lc = LlamaCpp(path, n_ctx, threads)
     model = Model.load(path)
     tok = Tokenizer.from_metadata(model.metadata)
@@ -155,16 +193,7 @@ def compare_file(path: Path, text: str, n_ctx: int, n_chunks: int, threads: int)
         res[f"logit_rms_diff_{ct}"] = round(float(np.sqrt(((got - ref) ** 2).mean())), 5)
     res["logit_rms"] = round(float(ref.std()), 4)
 
-    greedy = []
-    for prompt in PROMPTS:
-        p_ids = lc.tokenize(prompt)
-        want = lc.greedy(p_ids, N_GREEDY)
-        got = list(generate(model, p_ids, n_predict=N_GREEDY,
-                            cache=model.new_cache(len(p_ids) + N_GREEDY)))
-        same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
-        greedy.append({"prompt": prompt, "prompt_ids": p_ids, "llama_cpp": want,
-                       "blockq": got, "identical": got == want, "agree_first": same,
-                       "text_llama_cpp": tok.decode(want)})
+    greedy = greedy_runs(model, lc, tok)
     res["greedy"] = greedy
     res["greedy_identical"] = sum(g["identical"] for g in greedy)
 
@@ -177,6 +206,8 @@ def compare_file(path: Path, text: str, n_ctx: int, n_chunks: int, threads: int)
                            if a != b), N_GREEDY))
     res["llama_cpp_f32kv_agree_first"] = floor
     res["llama_cpp_f32kv_identical"] = sum(f == N_GREEDY for f in floor)
+    if numerics == "both":
+        res["numerics_llama"] = compare_llama_numerics(path, lc, tok)
     return res
 
 
@@ -208,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--record", action="store_true",
                     help="save llama.cpp's greedy ids to tests/data/llama_cpp_greedy.json")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--numerics", choices=("default", "both"), default="both",
+                    help="both: also run Model.load(numerics='llama') (slow: ~1 s a token)")
     a = ap.parse_args(argv)
     from blockq.cli.run import set_threads
     set_threads(a.threads)
@@ -215,7 +248,7 @@ def main(argv=None):
     files = a.files or [fetch.smollm2_path(), kmix_path()]
     report = {"text": str(a.text), "n_ctx": a.ctx_size, "threads": a.threads, "files": []}
     for f in files:
-        r = compare_file(f, text, a.ctx_size, a.chunks, a.threads)
+        r = compare_file(f, text, a.ctx_size, a.chunks, a.threads, a.numerics)
         report["files"].append(r)
         ok_ppl = abs(r["ppl_rel_diff"]) <= 0.01
         ok_greedy = r["greedy_identical"] >= 4
@@ -233,6 +266,14 @@ def main(argv=None):
               f"f16 cache {r['logit_rms_diff_f16']}, f32 cache {r['logit_rms_diff_f32']}")
         print(f"  time: llama.cpp {r['seconds_llama_cpp']} s, blockq {r['seconds_blockq']} s "
               f"(perplexity, {a.threads} thread(s))")
+        ln = r.get("numerics_llama")
+        if ln and "skipped" in ln:
+            print(f"  numerics='llama': skipped ({ln['skipped']})")
+        elif ln:
+            print(f"  numerics='llama': greedy identical {ln['greedy_identical']}/5 (first "
+                  f"divergence: {ln['agree_first']}); logit RMS diff {ln['logit_rms_diff']:.3g} "
+                  f"over {ln['logit_positions']} positions, bit-identical: "
+                  f"{ln['logits_bit_identical']} ({ln['seconds']} s)")
     if a.json_out:
         a.json_out.write_text(json.dumps(report, indent=1))
     if a.record:
