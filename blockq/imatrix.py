@@ -371,6 +371,9 @@ def observe_matmuls(model, observe: Callable[[str, np.ndarray], None]) -> Iterat
                 setattr(b, base, _Observed(inner, f"blk.{i}.{base}.weight", observe))
         saved.append((model, "output", model.output))
         model.output = _Observed(model.output, "output.weight", observe)
+        if getattr(model, "device", None) is not None:  # blocks offloaded to a GPU
+            saved.append((model.device, "observe", None))
+            model.device.observe = observe
         yield
     finally:
         for obj, attr, inner in reversed(saved):

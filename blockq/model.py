@@ -310,25 +310,27 @@ class KVCache:
         self.v[layer, :, p0:p0 + n] = v.transpose(1, 0, 2)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: float) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: float,
+              xp=np) -> np.ndarray:
     """Causal grouped-query attention of n new queries at positions p0.. over T = p0 + n keys.
 
     q (n, n_head, hd); k, v (n_head_kv, T, hd) -> (n, n_head * hd).  Query head h reads key/value
-    head h // (n_head / n_head_kv), as in ggml's broadcasting.
+    head h // (n_head / n_head_kv), as in ggml's broadcasting.  ``xp``: the array module (numpy,
+    or CuPy for the layers offloaded to a GPU).
     """
     n, n_head, hd = q.shape
     n_kv, T, _ = k.shape
     g = n_head // n_kv
     qh = q.reshape(n, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * n, hd)
-    s = np.matmul(qh, k.transpose(0, 2, 1))  # (n_kv, g*n, T)
+    s = xp.matmul(qh, k.transpose(0, 2, 1))  # (n_kv, g*n, T)
     s *= np.float32(scale)
     if n > 1:  # query i (position p0 + i) sees keys 0..p0+i
-        future = np.arange(T)[None, :] > (p0 + np.arange(n))[:, None]  # (n, T)
+        future = xp.arange(T)[None, :] > (p0 + xp.arange(n))[:, None]  # (n, T)
         s.reshape(n_kv, g, n, T)[:, :, future] = -np.inf
     s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
+    xp.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
-    o = np.matmul(s, v)  # (n_kv, g*n, hd)
+    o = xp.matmul(s, v)  # (n_kv, g*n, hd)
     return o.reshape(n_kv, g, n, hd).transpose(2, 0, 1, 3).reshape(n, n_head * hd)
 
 
@@ -440,6 +442,7 @@ class Model:
 
     fast_decode = True  # one token goes through _decode's fused kernels (False: the batch path)
     numerics = "default"  # "llama": every step as llama.cpp's CPU backend rounds it (slow)
+    device = None  # blockq.gpu.offload.DeviceLayers: the last blocks on a GPU (Model.offload)
 
     def __init__(self, args: ModelArgs, tensors: Mapping, metadata: Mapping | None = None):
         """``tensors``: name -> tensor info (``.qtype``, ``.shape``, ``.data``) as read_gguf gives."""
@@ -610,13 +613,14 @@ class Model:
 
         if self.numerics == "llama":
             return self._forward_llama(tokens, cache, rows)
-        if n == 1 and self.fast_decode:
+        if n == 1 and self.fast_decode and self.device is None:
             return self._decode(int(tokens[0]), cache)[None, :]
 
         x = self.token_embd.take_rows(tokens)  # (n, n_embd)
         cos, sin = self.rope.tables(np.arange(p0, p0 + n))  # (n, rope_dim/2)
         T = p0 + n
-        for il, b in enumerate(self.blk):
+        n_cpu = a.n_layer if self.device is None else self.device.first
+        for il, b in enumerate(self.blk[:n_cpu]):
             h = b.attn_norm(x)  # (n, n_embd)
             q = b.attn_q(h).reshape(n, a.n_head, a.head_dim)
             k = b.attn_k(h).reshape(n, a.n_head_kv, a.head_dim)
@@ -632,8 +636,26 @@ class Model:
             g = np.ascontiguousarray(b.ffn_gate(h))  # (n, n_ff)
             _swiglu_into(g.reshape(-1), np.ascontiguousarray(b.ffn_up(h)).reshape(-1))
             x = x + b.ffn_down(g)
+        if self.device is not None:  # the last blocks (and maybe the head) on the GPU
+            x = self.device.run(self, x, p0, cos, sin, cache, rows)
+            if self.device.head is not None:
+                cache.tokens.extend(int(t) for t in tokens)
+                return x  # (n_outputs, n_vocab)
         cache.tokens.extend(int(t) for t in tokens)
         return self.output(self.output_norm(x))  # (n_outputs, n_vocab)
+
+    def offload(self, n_layers: int, xp=None, to_device=None) -> None:
+        """Put the last ``n_layers`` blocks (and the output head when all are) on the GPU.
+
+        ``xp`` / ``to_device``: the array module and the function that moves a ``QMatrix`` to
+        the device; by default CuPy and :class:`blockq.gpu.matrix.GPUQMatrix`.
+        """
+        from .gpu.offload import DeviceLayers
+
+        if self.numerics != "default":
+            raise BadArgument("GPU offload runs the default numerics, not numerics="
+                              f"{self.numerics!r}")
+        self.device = DeviceLayers(self, n_layers, xp, to_device) if n_layers else None
 
     def _decode(self, token: int, cache: KVCache) -> np.ndarray:
         """``forward`` for one token: matvecs plus the fused kernels above.  -> (n_vocab,)"""

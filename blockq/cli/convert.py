@@ -140,12 +140,14 @@ class _ConvertBar:
               help="File format (default: dat for a .dat name, else gguf).")
 @click.option("--process-output", is_flag=True, help="Collect output.weight too.")
 @click.option("-t", "--threads", type=int, default=None)
-def imatrix(model, text_file, out, n_ctx, chunks, fmt, process_output, threads):
+@click.option("-ngl", "--gpu-layers", default=None,
+              help="Blocks to offload to the GPU: N, 'all' or 'auto' (needs CuPy and a GPU).")
+def imatrix(model, text_file, out, n_ctx, chunks, fmt, process_output, threads, gpu_layers):
     """Compute an importance matrix for MODEL over a calibration text (llama-imatrix's way)."""
     from ..imatrix import compute_imatrix, write_imatrix
     from .run import open_model
 
-    m, tok = open_model(model, threads)
+    m, tok = open_model(model, threads, gpu_layers, n_ctx)
     text = text_file.read_text(encoding="utf-8", errors="replace")
     with _term_as_interrupt(), ChunkProgress("imatrix", "PPL") as bar:
         im = compute_imatrix(m, tok, text, n_ctx=n_ctx, n_chunks=chunks, dataset=str(text_file),

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import BadArgument
+from .progress import ChunkProgress
 
 DEFAULT_CTX = 4096  # llama.cpp's default -c, capped at the model's training context
 
@@ -25,6 +26,12 @@ def _model_arg(f):
 def _threads_opt(f):
     return click.option("-t", "--threads", type=int, default=None,
                         help="CPU threads for the kernels (default: all cores numba sees).")(f)
+
+
+def _gpu_opt(f):
+    return click.option("-ngl", "--gpu-layers", default=None,
+                        help="Blocks to offload to the GPU, the last ones first: N, 'all' or "
+                             "'auto' (needs CuPy and a CUDA device; default: none).")(f)
 
 
 def _ctx_opts(f):
@@ -90,8 +97,10 @@ def _set_blas_threads(n: int) -> None:
                 break
 
 
-def open_model(path: Path | None, threads: int | None = None):
-    """(model, tokenizer) for a GGUF path, or for the default SmolLM2 file when None."""
+def open_model(path: Path | None, threads: int | None = None, gpu_layers=None,
+               n_ctx: int = DEFAULT_CTX):
+    """(model, tokenizer) for a GGUF path, or for the default SmolLM2 file when None; the last
+    ``gpu_layers`` blocks are offloaded to the GPU (``--gpu-layers``)."""
     from ..model import Model
     from ..tokenizer import Tokenizer
 
@@ -100,7 +109,29 @@ def open_model(path: Path | None, threads: int | None = None):
         from ..fetch import smollm2_path
         path = smollm2_path()
     model = Model.load(path)
+    apply_gpu_layers(model, gpu_layers, _ctx(model, n_ctx))
     return model, Tokenizer.from_metadata(model.metadata)
+
+
+def apply_gpu_layers(model, gpu_layers, n_ctx: int) -> int:
+    """Offload per ``--gpu-layers`` (N, 'all', 'auto'); returns the number of blocks offloaded."""
+    from ..gpu.offload import auto_layers, parse_gpu_layers
+
+    n = parse_gpu_layers(gpu_layers, model.args.n_layer)
+    if n == 0:
+        model.offload(0)
+        return 0
+    from ..gpu import require_gpu
+
+    device = require_gpu()
+    if n == "auto":
+        import cupy
+
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        n = auto_layers(model, n_ctx, free)
+        _err(f"--gpu-layers auto: {n} of {model.args.n_layer} blocks on the GPU ({device})")
+    model.offload(n)
+    return n
 
 
 def make_sampler(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed):
@@ -138,8 +169,9 @@ def _err(msg: str) -> None:
 @_sampling_opts
 @_threads_opt
 @_ctx_opts
+@_gpu_opt
 def generate(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, threads, n_ctx, cache_type):
+             repeat_last_n, seed, threads, n_ctx, cache_type, gpu_layers):
     """Continue PROMPT with MODEL (a GGUF file; default: SmolLM2-135M-Instruct).
 
     Only the generated text goes to stdout; timings go to stderr.
@@ -149,7 +181,7 @@ def generate(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, r
     if prompt is not None and prompt_file is not None:
         raise BadArgument("give the prompt with -p or -f, not both")
     text = prompt_file.read_text(encoding="utf-8") if prompt_file else (prompt or "")
-    m, tok = open_model(model, threads)
+    m, tok = open_model(model, threads, gpu_layers, n_ctx)
     ids = tok.encode(text, add_special=True, parse_special=True)
     if not ids:
         ids = [tok.bos_id]
@@ -177,15 +209,16 @@ def generate(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, r
 @_sampling_opts
 @_threads_opt
 @_ctx_opts
+@_gpu_opt
 def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-         seed, threads, n_ctx, cache_type):
+         seed, threads, n_ctx, cache_type, gpu_layers):
     """Talk with MODEL through its chat template: one message per line on stdin.
 
     The conversation is kept (and its cached keys/values reused); /exit or end of input ends it.
     """
     from .. import generate as gen
 
-    m, tok = open_model(model, threads)
+    m, tok = open_model(model, threads, gpu_layers, n_ctx)
     session = ChatSession(m, tok, system=system, n_ctx=_ctx(m, n_ctx), cache_type=cache_type,
                           sampler=make_sampler(temp, top_k, top_p, min_p, repeat_penalty,
                                                repeat_last_n, seed))
@@ -274,7 +307,8 @@ class ChatSession:
               show_default=True, help="KV cache precision.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_threads_opt
-def perplexity(model, text_file, n_ctx, chunks, cache_type, as_json, threads):
+@_gpu_opt
+def perplexity(model, text_file, n_ctx, chunks, cache_type, as_json, threads, gpu_layers):
     """Perplexity of MODEL on a text file, by llama-perplexity's protocol.
 
     Non-overlapping chunks of -c tokens; each starts from an empty cache (first token replaced
@@ -282,10 +316,10 @@ def perplexity(model, text_file, n_ctx, chunks, cache_type, as_json, threads):
     """
     from ..generate import perplexity as ppl_fn
 
-    m, tok = open_model(model, threads)
+    m, tok = open_model(model, threads, gpu_layers, n_ctx)
     ids = tok.encode(text_file.read_text(encoding="utf-8"), add_special=True)
     bos = tok.bos_id if tok.add_bos else None
-    with _progress("perplexity") as bar:
+    with ChunkProgress("perplexity", "PPL") as bar:
         res = ppl_fn(m, ids, n_ctx=n_ctx, n_chunks=chunks, bos_id=bos, cache_type=cache_type,
                      progress=bar)
     if as_json:
@@ -293,32 +327,6 @@ def perplexity(model, text_file, n_ctx, chunks, cache_type, as_json, threads):
     else:
         _err(",".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(res.running)))
         click.echo(f"PPL = {res.ppl:.4f} +/- {res.stderr:.5f}")
-
-
-class _progress:
-    """A rich progress bar on stderr; calling it with (done, total, ppl) advances it."""
-
-    def __init__(self, what: str):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeRemainingColumn
-
-        self._p = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                           console=Console(stderr=True), transient=True)
-        self._task = None
-
-    def __enter__(self):
-        self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._p.__exit__(*exc)
-
-    def __call__(self, done: int, total: int, ppl: float) -> None:
-        if self._task is None:
-            self._task = self._p.add_task("", total=total, info="")
-        self._p.update(self._task, completed=done, info=f"PPL {ppl:.4f}")
 
 
 # -- bench ------------------------------------------------------------------------------------
@@ -330,24 +338,32 @@ class _progress:
 @click.option("-n", "--n-gen", type=int, default=64, show_default=True,
               help="Generated tokens (tg test).")
 @click.option("-r", "--repetitions", "reps", type=int, default=3, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list of them "
+              "when several --gpu-layers values are given).")
 @_threads_opt
-def bench(model, n_prompt, n_gen, reps, as_json, threads):
+@click.option("-ngl", "--gpu-layers", default="0", show_default=True,
+              help="Blocks on the GPU; several comma-separated values (e.g. 0,8,all) bench each.")
+def bench(model, n_prompt, n_gen, reps, as_json, threads, gpu_layers):
     """Prompt and decode throughput of MODEL, like llama-bench's pp/tg tests."""
     from ..generate import bench as bench_fn
 
     m, _ = open_model(model, threads)
-    res = bench_fn(m, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
+    results = []
+    for value in gpu_layers.split(","):
+        n_gpu = apply_gpu_layers(m, value, max(n_prompt, n_gen, 1))
+        results.append((n_gpu, bench_fn(m, n_prompt=n_prompt, n_gen=n_gen, reps=reps)))
     if as_json:
-        click.echo(json.dumps(res.as_dict()))
+        rows = [dict(res.as_dict(), gpu_layers=n_gpu) for n_gpu, res in results]
+        click.echo(json.dumps(rows[0] if len(rows) == 1 else rows))
         return
     name = getattr(m, "path", Path("model")).name
     size = m.nbytes / 2**20
-    click.echo(f"| model | size | threads | test | t/s |")
-    click.echo(f"| --- | ---: | ---: | --- | ---: |")
-    if n_prompt:
-        click.echo(f"| {name} | {size:.1f} MiB | {res.threads} | pp{n_prompt} | "
-                   f"{res.pp_tps:.2f} ± {res.pp_std:.2f} |")
-    if n_gen:
-        click.echo(f"| {name} | {size:.1f} MiB | {res.threads} | tg{n_gen} | "
-                   f"{res.tg_tps:.2f} ± {res.tg_std:.2f} |")
+    click.echo("| model | size | threads | ngl | test | t/s |")
+    click.echo("| --- | ---: | ---: | ---: | --- | ---: |")
+    for n_gpu, res in results:
+        if n_prompt:
+            click.echo(f"| {name} | {size:.1f} MiB | {res.threads} | {n_gpu} | pp{n_prompt} | "
+                       f"{res.pp_tps:.2f} ± {res.pp_std:.2f} |")
+        if n_gen:
+            click.echo(f"| {name} | {size:.1f} MiB | {res.threads} | {n_gpu} | tg{n_gen} | "
+                       f"{res.tg_tps:.2f} ± {res.tg_std:.2f} |")
