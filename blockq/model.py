@@ -652,7 +652,7 @@ class Model:
         """
         from .gpu.offload import DeviceLayers
 
-        if self.numerics != "default":
+        if n_layers and self.numerics != "default":
             raise BadArgument("GPU offload runs the default numerics, not numerics="
                               f"{self.numerics!r}")
         self.device = DeviceLayers(self, n_layers, xp, to_device) if n_layers else None

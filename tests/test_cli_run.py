@@ -100,3 +100,16 @@ def test_demo(smollm2_file):
     assert res.exit_code == 0
     assert "Q4_K: RMSE" in res.stdout and "Q6_K: RMSE" in res.stdout
     assert "Paris" in res.stdout.split("assistant:")[1]
+
+
+def test_generate_llama_numerics_on_tiny_q8_0(tmp_path):
+    """--numerics llama runs end to end (the exactness itself is in test_q8_activations.py)."""
+    from click.testing import CliRunner
+
+    from blockq.cli import cli
+    from tiny_model import write_tiny
+
+    path = write_tiny(tmp_path / "q8.gguf", qtype="Q8_0")
+    r = CliRunner().invoke(cli, ["generate", str(path), "-p", "ab", "-n", "3", "--temp", "0",
+                                 "--numerics", "llama"])
+    assert r.exit_code == 0, r.output

@@ -34,6 +34,13 @@ def _gpu_opt(f):
                              "'auto' (needs CuPy and a CUDA device; default: none).")(f)
 
 
+def _numerics_opt(f):
+    return click.option("--numerics", type=click.Choice(["default", "llama"]), default="default",
+                        show_default=True,
+                        help="'llama': reproduce llama.cpp's CPU arithmetic bit for bit (8-bit "
+                             "activations; Q4_1/Q8_0 llama models; slow, for comparisons).")(f)
+
+
 def _ctx_opts(f):
     f = click.option("--cache-type", type=click.Choice(["f16", "f32"]), default="f16",
                      show_default=True, help="KV cache precision (llama.cpp: -ctk/-ctv).")(f)
@@ -98,7 +105,7 @@ def _set_blas_threads(n: int) -> None:
 
 
 def open_model(path: Path | None, threads: int | None = None, gpu_layers=None,
-               n_ctx: int = DEFAULT_CTX):
+               n_ctx: int = DEFAULT_CTX, numerics: str = "default"):
     """(model, tokenizer) for a GGUF path, or for the default SmolLM2 file when None; the last
     ``gpu_layers`` blocks are offloaded to the GPU (``--gpu-layers``)."""
     from ..model import Model
@@ -108,7 +115,7 @@ def open_model(path: Path | None, threads: int | None = None, gpu_layers=None,
     if path is None:
         from ..fetch import smollm2_path
         path = smollm2_path()
-    model = Model.load(path)
+    model = Model.load(path, numerics=numerics)
     apply_gpu_layers(model, gpu_layers, _ctx(model, n_ctx))
     return model, Tokenizer.from_metadata(model.metadata)
 
@@ -170,8 +177,9 @@ def _err(msg: str) -> None:
 @_threads_opt
 @_ctx_opts
 @_gpu_opt
+@_numerics_opt
 def generate(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, threads, n_ctx, cache_type, gpu_layers):
+             repeat_last_n, seed, threads, n_ctx, cache_type, gpu_layers, numerics):
     """Continue PROMPT with MODEL (a GGUF file; default: SmolLM2-135M-Instruct).
 
     Only the generated text goes to stdout; timings go to stderr.
@@ -181,7 +189,7 @@ def generate(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, r
     if prompt is not None and prompt_file is not None:
         raise BadArgument("give the prompt with -p or -f, not both")
     text = prompt_file.read_text(encoding="utf-8") if prompt_file else (prompt or "")
-    m, tok = open_model(model, threads, gpu_layers, n_ctx)
+    m, tok = open_model(model, threads, gpu_layers, n_ctx, numerics)
     ids = tok.encode(text, add_special=True, parse_special=True)
     if not ids:
         ids = [tok.bos_id]
@@ -308,7 +316,9 @@ class ChatSession:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_threads_opt
 @_gpu_opt
-def perplexity(model, text_file, n_ctx, chunks, cache_type, as_json, threads, gpu_layers):
+@_numerics_opt
+def perplexity(model, text_file, n_ctx, chunks, cache_type, as_json, threads, gpu_layers,
+               numerics):
     """Perplexity of MODEL on a text file, by llama-perplexity's protocol.
 
     Non-overlapping chunks of -c tokens; each starts from an empty cache (first token replaced
@@ -316,7 +326,7 @@ def perplexity(model, text_file, n_ctx, chunks, cache_type, as_json, threads, gp
     """
     from ..generate import perplexity as ppl_fn
 
-    m, tok = open_model(model, threads, gpu_layers, n_ctx)
+    m, tok = open_model(model, threads, gpu_layers, n_ctx, numerics)
     ids = tok.encode(text_file.read_text(encoding="utf-8"), add_special=True)
     bos = tok.bos_id if tok.add_bos else None
     with ChunkProgress("perplexity", "PPL") as bar:
