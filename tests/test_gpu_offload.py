@@ -26,7 +26,7 @@ def _host_offload(model, n):
     model.offload(n, xp=np, to_device=lambda q: q)  # the "device" is the host
 
 
-@pytest.mark.parametrize("n_gpu", range(N_LAYER + 1))
+@pytest.mark.parametrize("n_gpu", list(range(N_LAYER + 1)))
 def test_split_at_every_n_gives_cpu_logits(tiny_path, n_gpu):
     model = Model.load(tiny_path)
     want = model.forward(TOKENS, model.new_cache(64), "all")
@@ -35,7 +35,7 @@ def test_split_at_every_n_gives_cpu_logits(tiny_path, n_gpu):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("n_gpu", range(N_LAYER + 1))
+@pytest.mark.parametrize("n_gpu", list(range(N_LAYER + 1)))
 def test_split_decode_token_by_token_and_greedy(tiny_path, n_gpu):
     model = Model.load(tiny_path)
 

