@@ -26,7 +26,7 @@ def _cases():
             yield pytest.param(rec, c, id=f"{m}-{label}")
 
 
-@pytest.mark.parametrize("rec,case", _cases())
+@pytest.mark.parametrize("rec,case", list(_cases()))
 def test_plan_matches_llama_quantize(rec, case):
     tensors = [(n, tuple(s), t) for n, s, t in rec["tensors"]]
     got = plan(tensors, case["preset"], n_layer=rec["n_layer"], n_head=rec["n_head"],
