@@ -60,8 +60,8 @@ def main(argv=None) -> int:
         print(f"blockq imatrix over {'+'.join(TEXTS)}: {im.chunk_count} chunks of {a.ctx} tokens")
         print(f"{'matrix':26} {'cols':>5} {'mean rel diff':>14} {'median':>8} {'max':>8} {'corr':>8}")
         for name, r in results["matrices"].items():
-            print(f"{name:26} {r['columns']:5d} {100 * r['mean_rel_diff']:13.2f}% "
-                  f"{100 * r['median_rel_diff']:7.2f}% {100 * r['max_rel_diff']:7.1f}% "
+            print(f"{name:26} {r['columns']:5d} {100 * r['mean_rel_diff']:13.4f}% "
+                  f"{100 * r['median_rel_diff']:7.4f}% {100 * r['max_rel_diff']:7.3f}% "
                   f"{r['corr']:8.5f}")
     return 0
 
