@@ -9,6 +9,7 @@ from blockq import BadArgument
 from blockq.dequantize import (block_fields, dequantize, dequantize_blocks_ref, quant_ints,
                                unpack_q3k_scales, unpack_scale_min_k4)
 from blockq.kernels import cpu_dequant
+from blockq.testing import random_blocks
 from blockq.types import ALL, qtype
 
 TYPES = [t.name for t in ALL]
@@ -23,24 +24,6 @@ def _gguf_can_dequantize(name):
 
 
 GGUF_TYPES = [n for n in TYPES if _gguf_can_dequantize(n)]  # all but Q8_K in gguf-py 0.19
-
-
-def random_blocks(name, n, rng, scales="finite"):
-    """n random blocks of ``name``: random bytes, with every f16 field set to a random finite
-    half (any exponent, subnormals included) or, with ``scales="any"``, any bit pattern."""
-    t = qtype(name)
-    b = rng.integers(0, 256, (n, t.type_size), dtype=np.uint8)
-    rec = b.view(t.dtype)[:, 0]
-    for field, dt, count in t.fields:
-        if dt == "<f2" and scales == "finite":
-            h = rng.integers(0, 1 << 16, (n, count), dtype=np.uint16)
-            h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # exponent 31 (inf/NaN) -> 15 (finite)
-            rec[field] = h.view(np.float16).reshape(rec[field].shape)
-        elif dt == "<f4" and (t.is_quantized or scales == "finite"):
-            rec[field] = rng.standard_normal(n).astype(np.float32)
-        elif name == "BF16" and scales == "finite":
-            rec[field][(rec[field] & 0x7F80) == 0x7F80] &= 0xBFFF  # exponent 255 -> 127
-    return b
 
 
 def as_f32_bits(a):

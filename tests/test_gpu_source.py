@@ -13,6 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 from blockq.gpu.source import GPU_TYPES, decoders_source, kernel_suffix, kernels_source
+from blockq.testing import random_blocks
 from blockq.types import BY_NAME
 
 _HARNESS = r"""
@@ -51,25 +52,11 @@ def harness(tmp_path_factory):
     return d / "h"
 
 
-def _random_blocks(t, n, rng):
-    """Random blocks with finite half-precision scales (random bytes elsewhere)."""
-    raw = rng.integers(0, 256, size=(n, t.type_size), dtype=np.uint8)
-    blocks = raw.view(t.dtype).reshape(n)
-    for name, dt, _ in t.fields:
-        if name == "f" and t.name == "BF16":
-            blocks[name] = (rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16)
-        elif dt == "<f2":
-            blocks[name] = rng.uniform(-2, 2, size=blocks[name].shape).astype(np.float16)
-        elif dt == "<f4":
-            blocks[name] = rng.uniform(-2, 2, size=blocks[name].shape).astype(np.float32)
-    return raw
-
-
 @pytest.mark.parametrize("name", [t.name for t in GPU_TYPES])
 def test_decoder_matches_gguf(harness, name, rng):
     t = BY_NAME[name]
     n = 64 if t.is_quantized else 512
-    raw = _random_blocks(t, n, rng)
+    raw = random_blocks(t, n, rng, 1.0)
     n_kernel_blocks = n if t.is_quantized else n // 8  # float types: pseudo-blocks of 8
     out = subprocess.run([str(harness), kernel_suffix(t), str(n_kernel_blocks)],
                          input=raw.tobytes(), capture_output=True, check=True).stdout

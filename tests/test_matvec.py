@@ -18,24 +18,11 @@ from gguf import quants
 from blockq.errors import BadArgument
 from blockq.kernels import cpu_matvec
 from blockq.kernels.cpu_matvec import KERNELS, QMatrix
+from blockq.testing import random_blocks
 from blockq.types import qtype
 
 RTOL = 1e-5
 TYPES = tuple(KERNELS)  # every type with CPU kernels: F32 F16 BF16, legacy, k-quants, Q8_K
-
-
-def random_blocks(name, rows, cols, rng):
-    """Random bytes laid out as ``name`` blocks, with finite, modest f16/f32 scale fields."""
-    t = qtype(name)
-    nb = rows * cols // t.block_size
-    blocks = rng.integers(0, 256, nb * t.type_size, dtype=np.uint8).view(t.dtype).copy()
-    for field, dt, _ in t.fields:
-        if dt in ("<f2", "<f4"):
-            blocks[field] = (rng.standard_normal(blocks[field].shape) * 0.02).astype(dt)
-        elif name == "BF16":
-            f = rng.standard_normal(nb).astype(np.float32)
-            blocks[field] = (f.view(np.uint32) >> 16).astype(np.uint16)
-    return blocks.view(np.uint8).reshape(rows, -1)
 
 
 def dequantize_ref(name, data, rows, cols):
@@ -68,7 +55,7 @@ def _shape(name):
 @pytest.mark.parametrize("name", TYPES)
 def test_matvec_matmul_take_rows(name, rng):
     rows, cols = _shape(name)
-    data = random_blocks(name, rows, cols, rng)
+    data = random_blocks(name, rows * cols // qtype(name).block_size, rng, 0.02).reshape(rows, -1)
     w = dequantize_ref(name, data, rows, cols)
     m = QMatrix(name, data, (rows, cols))
     x = rng.standard_normal(cols).astype(np.float32)
@@ -86,7 +73,7 @@ def test_parallel_and_tiled_paths_match_serial(name, rng, monkeypatch):
     """Big enough for the thread drivers; matmul through several tiles, the last one odd."""
     rows, cols = 150, 1024
     assert rows * cols >= cpu_matvec.PARALLEL_MIN_WEIGHTS
-    data = random_blocks(name, rows, cols, rng)
+    data = random_blocks(name, rows * cols // qtype(name).block_size, rng, 0.02).reshape(rows, -1)
     w = dequantize_ref(name, data, rows, cols)
     m = QMatrix(name, data, (rows, cols))
     x = rng.standard_normal(cols).astype(np.float32)
@@ -110,7 +97,7 @@ def test_parallel_and_tiled_paths_match_serial(name, rng, monkeypatch):
 
 def test_zero_copy_and_layout_forms(rng):
     rows, cols = 4, 64
-    data = random_blocks("Q8_0", rows, cols, rng)
+    data = random_blocks("Q8_0", rows * cols // 32, rng, 0.02).reshape(rows, -1)
     m = QMatrix("Q8_0", data, (rows, cols))
     assert np.shares_memory(m.data, data) and m.nbytes == data.nbytes == rows * 68
     assert (m.qtype, m.shape) == ("Q8_0", (rows, cols))

@@ -35,22 +35,8 @@ from gguf import quants as gq  # noqa: E402
 
 import blockq  # noqa: E402
 from blockq.dequantize import dequantize, dequantize_blocks_ref  # noqa: E402
+from blockq.testing import random_blocks  # noqa: E402
 from blockq.types import ALL, qtype  # noqa: E402
-
-
-def random_blocks(name: str, n: int, rng) -> np.ndarray:
-    """n random blocks whose f16/f32 scale fields hold small finite values."""
-    t = qtype(name)
-    b = rng.integers(0, 256, (n, t.type_size), dtype=np.uint8)
-    rec = b.view(t.dtype)[:, 0]
-    for field, dt, count in t.fields:
-        if dt in ("<f2", "<f4"):
-            v = rng.standard_normal((n, count)) * (0.01 if t.is_quantized else 1.0)
-            rec[field] = v.astype(dt).reshape(rec[field].shape)
-        elif name == "BF16":
-            rec[field] = (rng.standard_normal(n).astype(np.float32).view(np.uint32)
-                          >> 16).astype(np.uint16)
-    return b
 
 
 def best_time(fn, repeat: int) -> float:
@@ -66,7 +52,7 @@ def best_time(fn, repeat: int) -> float:
 def bench_type(name: str, rows: int, cols: int, repeat: int, llama: bool, rng) -> dict:
     t = qtype(name)
     n_w = rows * cols
-    blocks = random_blocks(name, n_w // t.block_size, rng)
+    blocks = random_blocks(name, n_w // t.block_size, rng, 0.01 if t.is_quantized else 1.0)
     shape = (rows, cols)
     check = slice(0, min(len(blocks), 4096))  # validate on the first blocks
     want = dequantize_blocks_ref(blocks[check], name).view(np.uint32)

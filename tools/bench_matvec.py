@@ -43,19 +43,11 @@ ALL_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K
 LLC_BYTES = 32 << 20  # last-level cache of the machine these figures were taken on (32 MiB L3)
 
 
-def random_blocks(name: str, rows: int, cols: int, rng) -> np.ndarray:
-    """Random bytes laid out as ``name`` blocks, with finite, modest f16/f32 scales."""
+def _rows_of_blocks(name: str, rows: int, cols: int, rng) -> np.ndarray:
+    """(rows, row_bytes) random blocks with modest finite scales."""
+    from blockq.testing import random_blocks
     from blockq.types import qtype
-    t = qtype(name)
-    nb = rows * cols // t.block_size
-    blocks = rng.integers(0, 256, nb * t.type_size, dtype=np.uint8).view(t.dtype).copy()
-    for field, dt, _ in t.fields:
-        if dt in ("<f2", "<f4"):
-            blocks[field] = (rng.standard_normal(blocks[field].shape) * 0.02).astype(dt)
-        elif name == "BF16":
-            f = rng.standard_normal(nb).astype(np.float32)
-            blocks[field] = (f.view(np.uint32) >> 16).astype(np.uint16)
-    return blocks.view(np.uint8).reshape(rows, -1)
+    return random_blocks(name, rows * cols // qtype(name).block_size, rng, 0.02).reshape(rows, -1)
 
 
 def reference_dequantize(name: str, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -108,7 +100,7 @@ def validate(types, rng) -> bool:
     print("validation against gguf-py (float64 products); bound: |err| <= 1e-5 * (|W| @ |x|)")
     for name in types:
         rows, cols = 67, (768 if name not in ("F32", "F16", "BF16") else 771)
-        data = random_blocks(name, rows, cols, rng)
+        data = _rows_of_blocks(name, rows, cols, rng)
         w = reference_dequantize(name, data, rows, cols)  # (rows, cols)
         m = QMatrix(name, data, (rows, cols))
         x = rng.standard_normal(cols).astype(np.float32)
@@ -139,7 +131,7 @@ def bench(types, shapes, threads, n_tok, reps, min_time, rng):
             if cols % qtype(name).block_size:
                 print(f"{name:5} {rows:>5}x{cols:<5}     (rows of {cols} are not whole blocks)")
                 continue
-            data = random_blocks(name, rows, cols, rng)
+            data = _rows_of_blocks(name, rows, cols, rng)
             m = QMatrix(name, data, (rows, cols))
             w = reference_dequantize(name, data, rows, cols)  # (rows, cols)
             x = rng.standard_normal(cols).astype(np.float32)
@@ -183,8 +175,8 @@ from bench_matvec import random_blocks
 rng = np.random.default_rng(0)
 for name in sys.argv[1].split(","):
     cols = 256
-    small = QMatrix(name, random_blocks(name, 8, cols, rng), (8, cols))
-    big = QMatrix(name, random_blocks(name, 512, cols, rng), (512, cols))
+    small = QMatrix(name, _rows_of_blocks(name, 8, cols, rng), (8, cols))
+    big = QMatrix(name, _rows_of_blocks(name, 512, cols, rng), (512, cols))
     x = np.ones(cols, np.float32)
     t = time.perf_counter()
     small.matvec(x); small.take_rows(np.arange(8))

@@ -1,0 +1,37 @@
+"""Helpers shared by the tests and the benchmarks in tools/: random blocks of any type."""
+from __future__ import annotations
+
+import numpy as np
+
+from .types import QType, qtype as _qtype
+
+
+def random_blocks(qtype: "str | int | QType", n: int, rng: np.random.Generator,
+                  scales: "str | float" = "finite") -> np.ndarray:
+    """``n`` random blocks of a type as uint8 ``(n, type_size)``: random bytes everywhere, with
+    the float fields (d, dmin, m, Q8_K's d, and the values of F16/BF16/F32) set by ``scales``:
+
+    - ``"finite"``: any finite value (f16: every exponent, subnormals included);
+    - a number s: normal values of standard deviation s (modest scales for products);
+    - ``"any"``: left as random bits, inf and NaN included (F32 values too; Q8_K's d is normal).
+    """
+    t = _qtype(qtype)
+    b = rng.integers(0, 256, (n, t.type_size), dtype=np.uint8)
+    rec = b.view(t.dtype)[:, 0]
+    for field, dt, count in t.fields:
+        shape = rec[field].shape
+        if not isinstance(scales, str):
+            if dt in ("<f2", "<f4"):
+                rec[field] = (rng.standard_normal((n, count)) * scales).astype(dt).reshape(shape)
+            elif t.name == "BF16":
+                f = (rng.standard_normal(n) * scales).astype(np.float32)
+                rec[field] = (f.view(np.uint32) >> 16).astype(np.uint16)
+        elif dt == "<f2" and scales == "finite":
+            h = rng.integers(0, 1 << 16, (n, count), dtype=np.uint16)
+            h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # exponent 31 (inf/NaN) -> 15 (finite)
+            rec[field] = h.view(np.float16).reshape(shape)
+        elif dt == "<f4" and (t.is_quantized or scales == "finite"):
+            rec[field] = rng.standard_normal(n).astype(np.float32)
+        elif t.name == "BF16" and scales == "finite":
+            rec[field][(rec[field] & 0x7F80) == 0x7F80] &= 0xBFFF  # exponent 255 -> 127
+    return b
