@@ -111,6 +111,19 @@ def _weight(xi, i, rmse_type, qw, use_qw):
     return np.sqrt(abs(xi))
 
 
+@njit("UniTuple(float32, 2)(float32[::1], int64)", **_JIT)
+def _max_abs(x, n):
+    """(largest |x[i]| over x[:n], the signed value that has it, the first one on ties)."""
+    amax = F32(0.0)
+    mx = F32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    return amax, mx
+
+
 @njit("float32(int64, int64, float32[::1], int64[::1], int64, float32[::1], boolean)", **_JIT)
 def make_qx_quants(n, nmax, x, L, rmse_type, qw, use_qw):
     """Best scale for ``x[:n]`` on the integer grid [-nmax, nmax-1]; fills ``L`` with q + nmax.
@@ -121,13 +134,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, use_qw):
     18 more candidate inverse scales -(nmax + 0.1*is)/max, is = -9..9 (is != 0), are tried and
     the one with the largest (sum w x l)^2 / sum w l^2 wins.
     """
-    mx = F32(0.0)
-    amax = F32(0.0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
+    amax, mx = _max_abs(x, n)
     if amax < F32(1e-15):  # all zero (GROUP_MAX_EPS)
         # NOTE: llama.cpp leaves L = 0 here (not nmax), i.e. quant -nmax; we do the same.
         for i in range(n):
@@ -187,13 +194,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
     each quant is moved to the value the least-squares scale of the others asks for, if that
     raises (sum w x l)^2 / sum w l^2 with w = x*x; the least-squares scale is returned.
     """
-    mx = F32(0.0)
-    amax = F32(0.0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
+    amax, mx = _max_abs(x, n)
     if amax < F32(1e-15):
         for i in range(n):
             L[i] = 0
@@ -275,12 +276,7 @@ def _q4_0_q5_0_row(x, qw, use_qw, out, nmax):
             put_f16(out, o, d)
         else:
             # scale from the largest-magnitude value, mapped to -nmax
-            amax = F32(0.0)
-            mx = F32(0.0)
-            for j in range(QK):
-                if amax < abs(xb[j]):
-                    amax = abs(xb[j])
-                    mx = xb[j]
+            amax, mx = _max_abs(xb, QK)
             d = mx / F32(-nmax)
             idv = F32(1.0) / d if d != 0 else F32(0.0)
             put_f16(out, o, d)
