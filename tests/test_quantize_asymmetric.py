@@ -12,68 +12,17 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
 
 from blockq.quantize import asymmetric as asym
 from blockq.quantize import quantize
 from blockq.types import qtype
+from quant_reference import BOUND, all_files, dequantize, edge_file, names, rmse, source_files
 
 DATA = Path(__file__).parent / "data"
-EDGE = DATA / "refblocks_asym_edge.npz"
-SOURCES = sorted(p for p in DATA.glob("refblocks_asym_*.npz") if p != EDGE)
-FILES = SOURCES + [EDGE] * EDGE.exists()  # (test_reference_data_is_complete needs all)
-
-# type, least fraction of byte-identical blocks (measured: 1.0 everywhere), bound on the
-# relative RMSE (rmse / std) of N(0, 1) rows (measured value in the comment)
-TYPES = [
-    ("Q4_1", 1.0, 0.090),  # 0.0784
-    ("Q5_1", 1.0, 0.044),  # 0.0381
-    ("Q2_K", 1.0, 0.34),  # 0.293
-    ("Q4_K", 1.0, 0.083),  # 0.0716
-    ("Q5_K", 1.0, 0.042),  # 0.0361
-]
-NAMES = [t for t, _, _ in TYPES]
-BOUND = {t: b for t, _, b in TYPES}
-
-
-def dequantize(name, blocks, cols):
-    """Float rows of ``blocks`` (gguf-py is the oracle)."""
-    return gguf_dequantize(blocks, GGMLQuantizationType[name]).reshape(blocks.shape[0], cols)
-
-
-def rmse(x, y, w=None):
-    e2 = (x.astype(np.float64) - y) ** 2
-    if w is None:
-        return np.sqrt(e2.mean())
-    w = np.broadcast_to(w.astype(np.float64), e2.shape)
-    return np.sqrt((w * e2).sum() / w.sum())
-
-
-def identical(a, b, type_size):
-    return (a.reshape(-1, type_size) == b.reshape(-1, type_size)).all(1).mean()
-
-
-def cases():
-    """(type, threshold, file, blocks key, importance-vector key or None) for every stored set."""
-    for name, least, _ in TYPES:
-        for path in FILES:
-            with np.load(path) as d:
-                for key, wkey in ((name, None), (name + "_imatrix", "imatrix"),
-                                  (name + "_imatrix_sparse", "imatrix_sparse")):
-                    if key in d.files:
-                        yield pytest.param(name, least, path, key, wkey,
-                                           id=f"{path.stem[15:]}-{key}")
-
-
-@pytest.mark.parametrize("name,least,path,key,wkey", list(cases()))
-def test_byte_identical_to_llama_cpp(name, least, path, key, wkey):
-    d = np.load(path)
-    x, want = d["x"], d[key]
-    got = quantize(x, name, None if wkey is None else d[wkey])
-    assert got.shape == want.shape
-    share = identical(got, want, qtype(name).type_size)
-    assert share >= least, f"{name} {path.name} {key}: {share:.4f} of blocks identical"
+EDGE = edge_file("asym")
+SOURCES = source_files("asym")
+FILES = all_files("asym")  # (test_reference_data_is_complete needs all)
+NAMES = names("asym")
 
 
 def test_reference_data_is_complete():
@@ -84,46 +33,6 @@ def test_reference_data_is_complete():
             stored |= set(d.files)
     for name in NAMES:
         assert {name, name + "_imatrix", name + "_imatrix_sparse"} <= stored
-
-
-def quality_cases():
-    for name in NAMES:
-        for path in SOURCES:
-            with np.load(path) as d:
-                if name in d.files:
-                    yield pytest.param(name, path, id=f"{path.stem[15:]}-{name}")
-
-
-@pytest.mark.parametrize("name,path", list(quality_cases()))
-def test_rmse_not_worse_than_llama_cpp(name, path):
-    """Issue's bar: at most 0.5% above llama.cpp's RMSE (importance-weighted with one)."""
-    d = np.load(path)
-    x, im = d["x"], d["imatrix"]
-    cols = x.shape[1]
-    for key, w in ((name, None), (name + "_imatrix", im)):
-        ours = rmse(x, dequantize(name, quantize(x, name, w), cols), w)
-        theirs = rmse(x, dequantize(name, d[key], cols), w)
-        assert ours <= 1.005 * theirs, f"{key}: rmse {ours:.5g} vs llama.cpp {theirs:.5g}"
-
-
-@pytest.mark.parametrize("name,bound", [(n, b) for n, _, b in TYPES])
-def test_gaussian_round_trip(name, bound, rng):
-    x = rng.standard_normal((8, 1024)).astype(np.float32)
-    q = quantize(x, name)
-    assert q.dtype == np.uint8 and q.shape == (8, qtype(name).row_bytes(1024))
-    rel = rmse(x, dequantize(name, q, 1024)) / x.std()
-    assert rel < bound, f"{name}: relative rmse {rel:.4f}"
-    assert rel > bound / 4  # a real quantization happened, not a copy
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_importance_lowers_weighted_error(name, rng):
-    x = rng.standard_normal((16, 512)).astype(np.float32)
-    w = rng.gamma(0.3, 1.0, 512).astype(np.float32)  # a few columns matter a lot
-    plain = rmse(x, dequantize(name, quantize(x, name), 512), w)
-    weighted = rmse(x, dequantize(name, quantize(x, name, w), 512), w)
-    # measured weighted / plain: Q4_1 0.70, Q5_1 0.72, Q2_K 0.67, Q4_K 0.79, Q5_K 0.84
-    assert weighted < 0.9 * plain, f"{name}: {weighted:.5g} weighted vs {plain:.5g} plain"
 
 
 @pytest.mark.parametrize("name", NAMES)
