@@ -149,6 +149,27 @@ def test_cache_overflow_is_refused(tiny_dir):
         model.forward(TOKENS, cache)
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_kv_cache_pages_in_only_what_is_stored():
+    # SmolLM2's shape at a 4096-token context: 2 x 94 MiB of float32 slots
+    from blockq.model import KVCache
+
+    args = ModelArgs.from_metadata(BASE_MD)
+    before = _rss_mib()
+    cache = KVCache(args, 4096)
+    kv = np.ones((1, args.n_head_kv, args.head_dim), np.float32)
+    for layer in range(args.n_layer):
+        cache.store(layer, 0, kv, kv)
+    assert cache.k.nbytes == 30 * 3 * 4096 * 64 * 4
+    assert cache.k[7, 2, 0, 5] == 1 and cache.v[29, 0, 1, 0] == 0
+    assert _rss_mib() - before < 16  # one 4 KiB page per (layer, head), not the whole cache
+
+
 @pytest.mark.parametrize("drop, words", [
     ("blk.1.ffn_up.weight", ["blk.1.ffn_up.weight", "missing"]),
     ("output_norm.weight", ["output_norm.weight", "missing"]),
