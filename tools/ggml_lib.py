@@ -138,3 +138,83 @@ def vec_dot(qt: str, w: np.ndarray, a: np.ndarray, n: int) -> np.float32:
 def symbol(name: str, proto=GEMX):
     """An exported function of libggml-cpu (e.g. ``ggml_gemv_q4_K_8x8_q8_K``) as ``proto``."""
     return proto((name, libs()[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the repacked path (added for blockq/kernels/cpu_q8_repack.py)
+
+
+@lru_cache(None)
+def _backend_api() -> tuple:
+    """Declare the ggml-backend functions ``mul_mat_repacked`` needs (on top of ``libs()``)."""
+    base, cpu = libs()
+    vp, sz = _c.c_void_p, _c.c_size_t
+    for lib, name, res, args in (
+            (base, "ggml_tensor_overhead", sz, []),
+            (base, "ggml_graph_overhead", sz, []),
+            (base, "ggml_backend_alloc_ctx_tensors_from_buft", vp, [vp, vp]),
+            (base, "ggml_backend_alloc_ctx_tensors", vp, [vp, vp]),
+            (base, "ggml_backend_tensor_set", None, [vp, vp, sz, sz]),
+            (base, "ggml_backend_tensor_get", None, [vp, vp, sz, sz]),
+            (base, "ggml_backend_graph_compute", _c.c_int, [vp, vp]),
+            (base, "ggml_backend_buffer_free", None, [vp]),
+            (base, "ggml_backend_free", None, [vp]),
+            (cpu, "ggml_backend_cpu_init", vp, []),
+            (cpu, "ggml_backend_cpu_set_n_threads", None, [vp, _c.c_int]),
+            (cpu, "_Z35ggml_backend_cpu_repack_buffer_typev", vp, [])):
+        f = getattr(lib, name)
+        f.restype, f.argtypes = res, args
+    return base, cpu
+
+
+def mul_mat_repacked(qt: str, blocks: np.ndarray, shape: tuple[int, int], x: np.ndarray,
+                     threads: int = 1) -> np.ndarray:
+    """ggml_mul_mat(W, X) with W in the CPU_REPACK buffer, as llama.cpp loads Q4_0 / Q4_K (and
+    IQ4_NL, MXFP4) matrices with rows % 8 == 0 on an AVX2 machine: ``ggml_backend_tensor_set``
+    repacks the rows 8 at a time (q4_0_8x8 / q4_K_8x8) and the graph runs through the repack
+    traits' gemm (groups of 4 activation rows) / gemv (the rest).  W (rows, cols) of type ``qt``
+    as raw bytes, X float32 (n, cols) -> (n, rows) float32."""
+    base, cpu = _backend_api()
+    rows, cols = shape
+    x = np.ascontiguousarray(x, np.float32)
+    n = x.shape[0]
+    raw = np.ascontiguousarray(blocks).view(np.uint8).reshape(-1)
+    ctx_w = ctx = backend = buf_w = buf = None
+    try:
+        ctx_w = base.ggml_init(_InitParams(4 * base.ggml_tensor_overhead(), None, True))
+        w = base.ggml_new_tensor_2d(ctx_w, qtype(qt).id, cols, rows)
+        if base.ggml_nbytes(w) != raw.nbytes:
+            raise ValueError(f"{qt} {shape}: ggml wants {base.ggml_nbytes(w)} bytes, "
+                             f"got {raw.nbytes}")
+        buft = cpu._Z35ggml_backend_cpu_repack_buffer_typev()
+        buf_w = base.ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, buft)
+        if not buf_w:
+            raise RuntimeError("could not allocate the CPU_REPACK buffer")
+        base.ggml_backend_tensor_set(w, _ptr(raw), 0, raw.nbytes)  # repacks (asserts if it can't)
+
+        mem = 8 * base.ggml_tensor_overhead() + base.ggml_graph_overhead()
+        ctx = base.ggml_init(_InitParams(mem, None, True))
+        a = base.ggml_new_tensor_2d(ctx, 0, cols, n)  # GGML_TYPE_F32
+        y = base.ggml_mul_mat(ctx, w, a)
+        g = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(g, y)
+        backend = cpu.ggml_backend_cpu_init()
+        cpu.ggml_backend_cpu_set_n_threads(backend, threads)
+        buf = base.ggml_backend_alloc_ctx_tensors(ctx, backend)  # a and y, in a CPU buffer
+        base.ggml_backend_tensor_set(a, _ptr(x), 0, x.nbytes)
+        if base.ggml_backend_graph_compute(backend, g) != 0:
+            raise RuntimeError("ggml_backend_graph_compute failed")
+        out = np.empty((n, rows), np.float32)
+        base.ggml_backend_tensor_get(y, _ptr(out), 0, out.nbytes)
+        return out
+    finally:
+        if buf:
+            base.ggml_backend_buffer_free(buf)
+        if backend:
+            base.ggml_backend_free(backend)
+        if ctx:
+            base.ggml_free(ctx)
+        if buf_w:
+            base.ggml_backend_buffer_free(buf_w)
+        if ctx_w:
+            base.ggml_free(ctx_w)

@@ -28,8 +28,11 @@ What is reproduced, step by step (x86 AVX2 code paths of ggml-cpu):
   ggml's 8-lane ``expf`` polynomial, chunk sums in double, probabilities rounded to f16.
 - swiglu: ``x / (1 + expf(-x)) * g`` with the same ``expf``.
 
-Weight types: Q4_1 and Q8_0 (what SmolLM2's llama.cpp file holds).  Others raise
-:class:`~blockq.errors.UnsupportedModel` (their dot orders are not reproduced yet).
+Weight types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K..Q6_K, each through the kernel llama.cpp
+picks for it (:func:`llama_dot`: repacked Q4_0 / Q4_K, vec_dot, tinyBLAS, the tiled k-quant
+matmul for >= 8 rows); measured: logits identical to the bit on SmolLM2 as Q4_1, as Q4_K_M and
+as a mix of every k-quant (tools/compare_llama_cpp.py).  F16 / BF16 / F32 matrices raise
+:class:`~blockq.errors.UnsupportedModel`.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import ctypes.util
 
 import numpy as np
 
-from ..errors import UnsupportedModel
+from ..errors import BadArgument, UnsupportedModel
 from ..types import qtype as _lookup
 
 F32 = np.float32
@@ -52,11 +55,33 @@ VEC_DOT_TYPE = {"Q4_1": "Q8_1", "Q8_0": "Q8_0"}
 # float helpers
 
 
+_MID = np.int64(1 << 28)  # float64 bits below float32's last: a float32 midpoint is 100..0
+_LOW = np.int64((1 << 29) - 1)
+_TINY = 2.0 ** -126  # below it float32 is subnormal and midpoints sit elsewhere
+
+
 def fma32(a, b, c) -> np.ndarray:
-    """float32 fused multiply-add: the f32 product is exact in f64, so one rounding to f32
-    (the f64 sum's own rounding differs from a true fma only in ~2^-29 of cases)."""
-    return (np.asarray(a, np.float64) * np.asarray(b, np.float64)
-            + np.asarray(c, np.float64)).astype(F32)
+    """float32 fused multiply-add, correctly rounded for float32 a, b, c.
+
+    a * b is exact in float64, so ``f32(a * b + c)`` (two roundings) differs from a true fma
+    only where the float64 sum lands exactly on a float32 midpoint (or is tiny); there the
+    exact TwoSum error decides the side (a plain float64 detour is one ulp off in ~2^-29 of
+    cases)."""
+    p = np.multiply(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    c = np.asarray(c, np.float64)
+    s = np.add(p, c, out=np.empty(np.broadcast_shapes(p.shape, c.shape)))
+    tiny = np.abs(s) < _TINY
+    risky = ((s.view(np.int64) & _LOW) == _MID) | (tiny & (s != 0))  # s == 0: exact
+    if risky.any():
+        pr, cr = np.broadcast_to(p, s.shape)[risky], np.broadcast_to(c, s.shape)[risky]
+        sr = s[risky]
+        v = sr - pr
+        e = (pr - (sr - v)) + (cr - v)  # (p + c) - s, exactly
+        step = np.where(e == 0, 0, np.where((e > 0) == (sr > 0), 1, -1))
+        even = (sr.view(np.int64) & 1) == 0
+        # round to odd (last bit set where inexact): the one rounding below is then exact
+        s[risky] = (sr.view(np.int64) + np.where(even, step, 0)).view(np.float64)
+    return s.astype(F32)
 
 
 def hsum8(v: np.ndarray) -> np.ndarray:
@@ -104,6 +129,15 @@ def _v_expf(x: np.ndarray) -> np.ndarray:
 # activations -> 8-bit blocks
 
 
+def activations(x, qtype: str, shape: tuple[int, int]) -> np.ndarray:
+    """``x`` as float32 (n, cols) for a (rows, cols) ``qtype`` matrix, or BadArgument."""
+    x = np.asarray(x, F32)
+    if x.ndim != 2 or x.shape[1] != shape[1]:
+        raise BadArgument(f"{qtype} matrix {tuple(shape)} takes activations (n, {shape[1]}), "
+                          f"got shape {x.shape}")
+    return x
+
+
 def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (n, k) -> codes (n, k/32, 32) float32 in [-127, 127], d (n, k/32) float32 (f16 values),
     s (n, k/32) float32 (f16 of d_f32 * sum(codes), Q8_1's block sum)."""
@@ -147,9 +181,10 @@ class Q8Dot:
             codes = blocks["qs"]
             self.m = None
         self.codes = codes.astype(F32).reshape(rows, cols // QK, 8, 4)  # lanes of 4 values
-        self.shape = (rows, cols)
+        self.qtype, self.shape = t, (rows, cols)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
+        x = activations(x, self.qtype, self.shape)
         q, d, s = quantize_q8(x)
         rows, nb = self.d.shape
         out = np.empty((x.shape[0], rows), F32)
@@ -163,6 +198,40 @@ class Q8Dot:
                 acc = fma32((self.d[:, ib] * d[t, ib]).astype(F32)[:, None], lanes[:, ib], acc)
             out[t] = hsum8(acc) + summs
         return out
+
+
+def llama_dot(weight, repackable: bool = True):
+    """The emulation of llama.cpp's product for this ``QMatrix``, following the path its CPU
+    backend takes (x86 AVX2 build):
+
+    ==========================  =====================================================
+    Q4_0, Q4_K, rows % 8 == 0   repacked 8x8 gemv / gemm (:mod:`.cpu_q8_repack`)
+    Q4_1, Q8_0                  vec_dot / tinyBLAS on Q8_1 / Q8_0 (:class:`Q8Dot`)
+    Q4_0, Q5_0, Q5_1            vec_dot / tinyBLAS (:mod:`.cpu_q8_legacy`)
+    Q2_K .. Q6_K                vec_dot / tiled on Q8_K (:mod:`.cpu_q8_kquant`)
+    ==========================  =====================================================
+
+    ``repackable``: False for a matrix llama.cpp keeps in an ordinary buffer although its type
+    could be repacked (the tied output, which is the token embedding table: a GET_ROWS input).
+    """
+    t = str(weight.qtype)
+    from .cpu_q8_repack import is_repacked
+
+    if repackable and is_repacked(t, weight.shape):
+        from .cpu_q8_repack import RepackDot
+        return RepackDot(weight)
+    if t in VEC_DOT_TYPE:
+        return Q8Dot(weight)
+    from .cpu_q8_legacy import LEGACY
+    if t in LEGACY:
+        from .cpu_q8_legacy import LegacyDot
+        return LegacyDot(weight)
+    if t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        from .cpu_q8_kquant import KQuantDot
+        return KQuantDot(weight)
+    raise UnsupportedModel(f"numerics='llama' reproduces the products of Q4_0, Q4_1, Q5_0, Q5_1, "
+                           f"Q8_0 and Q2_K..Q6_K matrices; this model has a {t} matrix "
+                           f"{tuple(weight.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
