@@ -565,11 +565,13 @@ class Model:
         if numerics not in NUMERICS:
             raise BadArgument(f"numerics {numerics!r} is unknown; use one of {NUMERICS}")
         if numerics == "llama" and getattr(self, "_q8", None) is None:
-            from .kernels.cpu_q8 import Q8Dot
-            self._q8 = {id(lin.weight): Q8Dot(lin.weight) for b in self.blk
+            from .kernels.cpu_q8 import llama_dot
+            self._q8 = {id(lin.weight): llama_dot(lin.weight) for b in self.blk
                         for lin in (b.attn_q, b.attn_k, b.attn_v, b.attn_output, b.ffn_gate,
                                     b.ffn_up, b.ffn_down)}
-            self._q8[id(self.output.weight)] = Q8Dot(self.output.weight)
+            # NOTE: a tied output is llama.cpp's token embedding table, never repacked
+            self._q8[id(self.output.weight)] = llama_dot(self.output.weight,
+                                                         repackable=not self.tied)
         self.numerics = numerics
 
     def close(self) -> None:
@@ -726,9 +728,13 @@ class Model:
             L.rope(k, cos, sin, a.rope_neox)
             cache.store(il, p0, k, v)
             att = L.attention(q, cache.k[il, :, :T], cache.v[il, :, :T], p0, a.attn_scale)
+            o = dot[id(b.attn_output.weight)](att)
             if il == a.n_layer - 1 and rows is not None:
-                att, x = att[rows], x[rows]
-            x = (x + dot[id(b.attn_output.weight)](att)).astype(np.float32)
+                # NOTE: llama.cpp drops the rows without outputs after the attention output
+                # projection; the kernels after it see fewer rows (and some pick their path
+                # by the row count)
+                o, x = o[rows], x[rows]
+            x = (x + o).astype(np.float32)
             h = L.rms_norm(x, b.ffn_norm.weight, b.ffn_norm.eps)
             g = L.swiglu(dot[id(b.ffn_gate.weight)](h), dot[id(b.ffn_up.weight)](h))
             x = (x + dot[id(b.ffn_down.weight)](g)).astype(np.float32)

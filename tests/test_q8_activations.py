@@ -68,6 +68,39 @@ def test_f16_dot_orders_agree_with_float64():
         np.testing.assert_allclose(cpu_q8.f16_dot(a, b, batch), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qt, rows, repackable, kind", [
+    ("Q4_0", 16, True, "RepackDot"),    # rows % 8 == 0: llama.cpp's CPU_REPACK buffer
+    ("Q4_0", 12, True, "LegacyDot"),
+    ("Q4_0", 16, False, "LegacyDot"),   # a tied output stays in the ordinary buffer
+    ("Q4_K", 8, True, "RepackDot"),
+    ("Q4_K", 4, True, "KQuantDot"),
+    ("Q4_K", 8, False, "KQuantDot"),
+    ("Q4_1", 8, True, "Q8Dot"),
+    ("Q8_0", 8, True, "Q8Dot"),
+    ("Q5_0", 8, True, "LegacyDot"),
+    ("Q5_1", 8, True, "LegacyDot"),
+    ("Q2_K", 8, True, "KQuantDot"),
+    ("Q3_K", 8, True, "KQuantDot"),
+    ("Q5_K", 8, True, "KQuantDot"),
+    ("Q6_K", 8, True, "KQuantDot"),
+])
+def test_llama_dot_takes_llama_cpps_path(qt, rows, repackable, kind):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((rows, 256)).astype(np.float32)
+    dot = cpu_q8.llama_dot(QMatrix(qt, quantize(w, qt), w.shape), repackable=repackable)
+    assert type(dot).__name__ == kind
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    want = x @ dequantize(quantize(w, qt), qt, w.shape).T
+    np.testing.assert_allclose(dot(x), want, rtol=0, atol=0.05 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("qt", ["F16", "BF16", "F32"])
+def test_llama_dot_refuses_float_matrices(qt):
+    w = np.ones((8, 64), np.float32)
+    with pytest.raises(UnsupportedModel, match=f"{qt} matrix"):
+        cpu_q8.llama_dot(QMatrix(qt, quantize(w, qt), w.shape))
+
+
 @pytest.fixture(scope="module")
 def tiny_q(tmp_path_factory):
     d = tmp_path_factory.mktemp("q8")

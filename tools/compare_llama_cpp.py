@@ -3,9 +3,10 @@
     python tools/compare_llama_cpp.py [--text FILE] [-c 512] [--chunks N] [-t THREADS]
                                       [--record] [--json-out FILE]
 
-For each file (SmolLM2-135M-Instruct Q4_1 as llama.cpp wrote it, and the same weights
-requantized by blockq into a mix whose ffn_down matrices cycle through Q2_K..Q6_K, the
-576-column matrices taking llama.cpp's fallback types):
+For each file (SmolLM2-135M-Instruct Q4_1 as llama.cpp wrote it; the same weights through
+``blockq convert`` with the Q4_K_M preset: Q5_0, Q8_0, Q4_K, Q6_K; and a mix requantized by
+blockq whose matrices cycle through Q2_K..Q6_K, the 576-column ones taking llama.cpp's fallbacks
+Q4_0/Q5_0/Q5_1/Q8_0):
 
 - perplexity by llama-perplexity's protocol, both engines fed the same token ids (llama.cpp's
   tokenization; blockq's is checked against it) and scored by the same code
@@ -16,11 +17,13 @@ requantized by blockq into a mix whose ffn_down matrices cycle through Q2_K..Q6_
   blockq's f16 and f32 caches (llama.cpp's default cache is f16).
 - the same greedy bar and an RMS logit difference (one prompt plus its 32 greedy tokens) with
   ``Model.load(numerics="llama")``, which reproduces llama.cpp's CPU roundings (8-bit
-  activations, f16 attention) and should be bit-identical; skipped for files holding weight
-  types it does not cover (the k-quant mix).  ``--numerics default`` leaves it out (it is slow).
+  activations, f16 attention) and should be bit-identical.  ``--numerics default`` leaves it
+  out (it is slow).  llama.cpp's greedy runs ask for the last token's logits only, as llama-cli
+  does (with logits for every token its last layer multiplies more rows, and some kernels pick
+  their path by the row count).
 
 ``--record`` saves llama.cpp's greedy ids for the Q4_1 file to tests/data/llama_cpp_greedy.json
-(read by tests/test_model.py).  llama-cpp-python is needed here only, never by the tests.
+(read by tests/test_model.py) and for the Q4_K_M file to llama_cpp_greedy_q4_k_m.json.  llama-cpp-python is needed here only, never by the tests.
 """
 from __future__ import annotations
 
@@ -56,6 +59,16 @@ K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
+def q4km_path() -> Path:
+    """SmolLM2 requantized by ``blockq convert`` with the Q4_K_M preset (Q5_0, Q8_0, Q4_K, Q6_K
+    blocks; the same tensors llama-quantize writes)."""
+    dst = fetch.cache_dir() / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
+    if not dst.exists():
+        from blockq.convert import convert
+        convert(fetch.smollm2_path(), dst, "Q4_K_M", warn=lambda msg: None)
+    return dst
+
+
 def kmix_path() -> Path:
     """SmolLM2 requantized: layer i's matrices get K_TYPES[(i + j) % 5] (fallbacks where the
     576-wide rows are not whole 256-blocks), so ffn_down holds every k-quant."""
@@ -84,6 +97,11 @@ class LlamaCpp:
                                    logits_all=True, n_threads=threads,
                                    n_threads_batch=threads, verbose=False, **kw)
         self.bos = self.llm.token_bos()
+        # greedy runs as llama-cli does: logits of the last token only (the last layer's
+        # feed-forward then multiplies one row, which decides some kernels' paths)
+        self.llm_last = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                        logits_all=False, n_threads=threads,
+                                        n_threads_batch=threads, verbose=False, **kw)
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False)
@@ -95,13 +113,17 @@ class LlamaCpp:
         return np.array(self.llm.scores[:len(tokens)], dtype=np.float32)
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
-        self.llm.reset()
-        self.llm.eval(prompt)
+        import llama_cpp
+
+        llm = self.llm_last
+        llm.reset()
+        llm.eval(prompt)
         out = []
         for _ in range(n):
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            last = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            tok = int(np.argmax(np.ctypeslib.as_array(last, shape=(llm.n_vocab(),))))
             out.append(tok)
-            self.llm.eval([tok])
+            llm.eval([tok])
         return out
 
 
@@ -235,7 +257,7 @@ def main(argv=None):
     ap.add_argument("--chunks", type=int, default=-1)
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("--files", nargs="*", type=Path, default=None,
-                    help="default: SmolLM2 Q4_1 and its k-quant mix")
+                    help="default: SmolLM2 Q4_1, its Q4_K_M and its k-quant mix")
     ap.add_argument("--record", action="store_true",
                     help="save llama.cpp's greedy ids to tests/data/llama_cpp_greedy.json")
     ap.add_argument("--json-out", type=Path)
@@ -245,7 +267,7 @@ def main(argv=None):
     from blockq.cli.run import set_threads
     set_threads(a.threads)
     text = a.text.read_text(encoding="utf-8")
-    files = a.files or [fetch.smollm2_path(), kmix_path()]
+    files = a.files or [fetch.smollm2_path(), q4km_path(), kmix_path()]
     report = {"text": str(a.text), "n_ctx": a.ctx_size, "threads": a.threads, "files": []}
     for f in files:
         r = compare_file(f, text, a.ctx_size, a.chunks, a.threads, a.numerics)
@@ -285,6 +307,25 @@ def main(argv=None):
         out = ROOT / "tests" / "data" / "llama_cpp_greedy.json"
         out.write_text(json.dumps(rec, indent=1))
         print(f"recorded {out}")
+        record_q4km_greedy(a.threads)
+
+
+def record_q4km_greedy(threads: int, n: int = 12) -> None:
+    """llama.cpp's greedy ids on the Q4_K_M file ``blockq convert`` makes from SmolLM2 (with
+    its sha256), for a real-file test of numerics="llama" on k-quants."""
+    import hashlib
+
+    path = q4km_path()
+    lc = LlamaCpp(path, 256, threads)
+    prompts = [p for p in PROMPTS if len(lc.tokenize(p)) >= 8][:2]  # >= 8: the tiled kernel
+    rec = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+           "note": "llama.cpp greedy ids on `blockq convert SmolLM2.Q4_1 -> Q4_K_M` "
+                   "(tools/compare_llama_cpp.py --record)",
+           "prompts": [{"prompt": p, "prompt_ids": lc.tokenize(p),
+                        "llama_cpp": lc.greedy(lc.tokenize(p), n)} for p in prompts]}
+    out = ROOT / "tests" / "data" / "llama_cpp_greedy_q4_k_m.json"
+    out.write_text(json.dumps(rec, indent=1))
+    print(f"recorded {out}")
 
 
 if __name__ == "__main__":

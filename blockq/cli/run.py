@@ -38,7 +38,8 @@ def _numerics_opt(f):
     return click.option("--numerics", type=click.Choice(["default", "llama"]), default="default",
                         show_default=True,
                         help="'llama': reproduce llama.cpp's CPU arithmetic bit for bit (8-bit "
-                             "activations; Q4_1/Q8_0 llama models; slow, for comparisons).")(f)
+                             "activations; llama models in Q4_0..Q8_0 and Q2_K..Q6_K; slow, for "
+                             "comparisons).")(f)
 
 
 def _ctx_opts(f):
