@@ -12,7 +12,9 @@ from tools/make_synthetic.py) and each thread count:
 - start-up: wall time of a fresh process that loads the model and decodes one token, with an
   empty Numba cache (first run: every kernel compiles) and with the cache filled (warm).
 - resident memory while generating (VmRSS after the tg run, VmHWM peak) against the file size
-  plus the KV cache.
+  plus the KV cache of the positions used; and the peak RSS of ``blockq generate`` and of
+  llama.cpp generating the same greedy tokens at llama.cpp's default context (-c 4096), against
+  file + the KV cache llama.cpp allocates for that context + 150 MB.
 
 llama-cpp-python is needed here only, never by the tests.
 """
@@ -220,6 +222,44 @@ print(json.dumps(mem))
     return {k: round(v / 2**20, 1) for k, v in d.items()}
 
 
+CLI_PROMPT = "Write a short story about a lighthouse keeper."
+LLAMA_CLI = """
+import sys, llama_cpp
+path, n_ctx, n_gen, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, verbose=False)
+llm.create_completion(sys.argv[5], max_tokens=n_gen, temperature=0)
+"""
+
+
+def peak_rss_mib(cmd: list[str], env: dict) -> float:
+    """Peak resident set of a child process (its rusage), MiB."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{cmd[:3]} failed: {p.stderr.read().decode()[-2000:]}")
+    return round(usage.ru_maxrss / 1024, 1)
+
+
+def cli_memory(path: Path, threads: int, n_gen: int, n_ctx: int = 4096) -> dict:
+    """Peak RSS of ``blockq generate`` and of llama.cpp generating the same greedy tokens, both
+    at llama.cpp's default context (4096), with the KV cache llama.cpp allocates for it."""
+    from blockq.gguf.reader import read_gguf
+    from blockq.model import ModelArgs
+
+    with read_gguf(path) as r:
+        args = ModelArgs.from_metadata(r.metadata)
+    n_ctx = min(n_ctx, args.n_ctx_train)
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    ours = peak_rss_mib([sys.executable, "-c", "from blockq.cli import main; main()",
+                         "generate", str(path), "-p", CLI_PROMPT, "-n", str(n_gen), "--temp",
+                         "0", "-c", str(n_ctx), "-t", str(threads)], env)
+    theirs = peak_rss_mib([sys.executable, "-c", LLAMA_CLI, str(path), str(n_ctx), str(n_gen),
+                           str(threads), CLI_PROMPT], env)
+    kv = 2 * args.n_layer * args.n_embd_kv * n_ctx * 2 / 2**20  # f16 K and V, all positions
+    return {"n_ctx": n_ctx, "blockq_peak": ours, "llama_cpp_peak": theirs,
+            "kv_cache_mib": round(kv, 1)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-t", "--threads", default="1,2", help="comma-separated thread counts")
@@ -258,6 +298,13 @@ def main(argv=None):
               f"{b['generating'] - b['start']:.1f}) | llama.cpp RSS {l['start']} -> "
               f"{l['after_load']} -> {l['generating']} (+{l['generating'] - l['start']:.1f})",
               flush=True)
+        c = cli_memory(f, threads[0], a.n_gen)
+        report["memory"][-1]["cli"] = c
+        bar = size + c["kv_cache_mib"] + 150
+        print(f"  generate at -c {c['n_ctx']} (peak RSS, MiB): blockq {c['blockq_peak']} | "
+              f"llama.cpp {c['llama_cpp_peak']} | bar file {size} + KV(f16, {c['n_ctx']} "
+              f"positions) {c['kv_cache_mib']} + 150 = {bar:.1f} "
+              f"[{'ok' if c['blockq_peak'] <= bar else 'FAIL'}]", flush=True)
         if not a.skip_startup:
             s = startup_times(f, threads[0])
             s["file"] = f.name
