@@ -10,7 +10,7 @@ import pytest
 
 from blockq.errors import FormatError, UnsupportedModel
 from blockq.model import Model, ModelArgs
-from tiny_model import N_VOCAB, reference_logits, write_tiny
+from tiny_model import N_VOCAB, greedy_ids, reference_logits, write_tiny
 
 DATA = Path(__file__).parent / "data"
 TOKENS = [5, 200, 17, 88, 260, 3, 141, 99, 12, 250, 7, 64]
@@ -215,15 +215,8 @@ def test_smollm2_greedy_matches_llama_cpp(smollm2_file):
     assert model.tied
     agree = 0
     for case in rec["prompts"]:
-        ids = list(case["prompt_ids"])
         want = case["llama_cpp"][:4]
-        cache = model.new_cache(len(ids) + len(want))
-        logits = model.forward(ids, cache)[0]
-        got = []
-        for _ in want:
-            got.append(int(np.argmax(logits)))
-            logits = model.forward([got[-1]], cache)[0]
-        agree += got == want
+        agree += greedy_ids(model, case["prompt_ids"], len(want)) == want
     assert agree >= 4, f"only {agree} of {len(rec['prompts'])} prompts agree on 4 tokens"
 
 

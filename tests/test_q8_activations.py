@@ -13,7 +13,7 @@ from blockq.kernels import cpu_q8
 from blockq.kernels.cpu_matvec import QMatrix
 from blockq.model import Model
 from blockq.quantize import quantize
-from tiny_model import reference_logits, write_tiny
+from tiny_model import greedy_ids, reference_logits, write_tiny
 
 DATA = Path(__file__).parent / "data"
 TOKENS = [5, 200, 17, 88, 260, 3, 141, 99, 12, 250, 7, 64]
@@ -143,11 +143,24 @@ def test_smollm2_llama_numerics_greedy_is_llama_cpps(smollm2_file):
     default kernels agree on 4 tokens of 4 prompts out of 5; see test_model.py)."""
     case = json.loads((DATA / "llama_cpp_greedy.json").read_text())["prompts"][2]
     model = Model.load(smollm2_file, numerics="llama")
-    ids, want = list(case["prompt_ids"]), case["llama_cpp"][:10]
-    cache = model.new_cache(len(ids) + len(want))
-    logits = model.forward(ids, cache)[0]
-    got = []
-    for _ in want:
-        got.append(int(np.argmax(logits)))
-        logits = model.forward([got[-1]], cache)[0]
-    assert got == want
+    want = case["llama_cpp"][:10]
+    assert greedy_ids(model, case["prompt_ids"], len(want)) == want
+
+
+@pytest.mark.realfile
+def test_q4_k_m_llama_numerics_greedy_is_llama_cpps(smollm2_file, tmp_path):
+    """SmolLM2 through ``blockq convert`` with the Q4_K_M preset (Q5_0, Q8_0, repacked Q4_K,
+    Q6_K; prompts of >= 8 tokens take the tiled k-quant kernel): llama.cpp's recorded greedy
+    continuation, token for token."""
+    import hashlib
+
+    from blockq.convert import convert
+
+    rec = json.loads((DATA / "llama_cpp_greedy_q4_k_m.json").read_text())
+    path = tmp_path / "q4km.gguf"
+    convert(smollm2_file, path, "Q4_K_M", warn=lambda msg: None)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha256"]
+    model = Model.load(path, numerics="llama")
+    case = rec["prompts"][0]
+    assert len(case["prompt_ids"]) >= 8
+    assert greedy_ids(model, case["prompt_ids"], len(case["llama_cpp"])) == case["llama_cpp"]

@@ -206,3 +206,15 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
             w[p + "ffn_down.weight"].T
     out_w = w.get("output.weight", w["token_embd.weight"])
     return norm(x, w["output_norm.weight"]) @ out_w.T + w.get("output.bias", 0.0)
+
+
+def greedy_ids(model, prompt: list[int], n: int) -> list[int]:
+    """``n`` argmax tokens after ``prompt`` (the prompt in one batch, then one token at a time,
+    as llama.cpp's recorded runs), without stopping at end-of-generation tokens."""
+    cache = model.new_cache(len(prompt) + n)
+    logits = model.forward(list(prompt), cache)[0]
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = model.forward([out[-1]], cache)[0]
+    return out
