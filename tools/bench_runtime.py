@@ -81,7 +81,7 @@ def proc_status() -> dict:
 
 def startup_times(path: Path, threads: int) -> dict:
     """Fresh-process start-up with an empty Numba cache, then with the cache it left behind."""
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
     code = STARTUP.format(root=str(ROOT), path=str(path))
     out = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -214,7 +214,7 @@ s = proc_status()
 mem.update(generating=s["VmRSS"], peak=s["VmHWM"], kv_used=kv_used)
 print(json.dumps(mem))
 """
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
@@ -231,13 +231,26 @@ llm.create_completion(sys.argv[5], max_tokens=n_gen, temperature=0)
 """
 
 
-def peak_rss_mib(cmd: list[str], env: dict) -> float:
-    """Peak resident set of a child process (its rusage), MiB."""
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{cmd[:3]} failed: {p.stderr.read().decode()[-2000:]}")
-    return round(usage.ru_maxrss / 1024, 1)
+PEAK = """
+import atexit, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+    print(f"PEAK_KB {kb}", file=sys.stderr)
+atexit.register(_peak)
+"""
+
+
+def peak_rss_mib(code: str, args: list[str], env: dict) -> float:
+    """Peak resident set (VmHWM at exit) of ``python -c code args``, MiB.  (Not the child's
+    rusage: ru_maxrss also counts the moments after fork when the child still shares this big
+    process's pages.)"""
+    r = subprocess.run([sys.executable, "-c", PEAK + code, *args], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{args[:2]} failed: {r.stderr[-2000:]}")
+    kb = next(int(l.split()[1]) for l in r.stderr.splitlines() if l.startswith("PEAK_KB"))
+    return round(kb / 1024, 1)
 
 
 def cli_memory(path: Path, threads: int, n_gen: int, n_ctx: int = 4096) -> dict:
@@ -249,12 +262,12 @@ def cli_memory(path: Path, threads: int, n_gen: int, n_ctx: int = 4096) -> dict:
     with read_gguf(path) as r:
         args = ModelArgs.from_metadata(r.metadata)
     n_ctx = min(n_ctx, args.n_ctx_train)
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
-    ours = peak_rss_mib([sys.executable, "-c", "from blockq.cli import main; main()",
-                         "generate", str(path), "-p", CLI_PROMPT, "-n", str(n_gen), "--temp",
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
+    ours = peak_rss_mib("from blockq.cli import main; main()",
+                        ["generate", str(path), "-p", CLI_PROMPT, "-n", str(n_gen), "--temp",
                          "0", "-c", str(n_ctx), "-t", str(threads)], env)
-    theirs = peak_rss_mib([sys.executable, "-c", LLAMA_CLI, str(path), str(n_ctx), str(n_gen),
-                           str(threads), CLI_PROMPT], env)
+    theirs = peak_rss_mib(LLAMA_CLI, [str(path), str(n_ctx), str(n_gen), str(threads),
+                                      CLI_PROMPT], env)
     kv = 2 * args.n_layer * args.n_embd_kv * n_ctx * 2 / 2**20  # f16 K and V, all positions
     return {"n_ctx": n_ctx, "blockq_peak": ours, "llama_cpp_peak": theirs,
             "kv_cache_mib": round(kv, 1)}
