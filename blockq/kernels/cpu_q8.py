@@ -7,7 +7,7 @@ network chaotic at the last bit: one ulp of difference anywhere flips an 8-bit c
 later, and the logits end up ~0.3 RMS apart (llama.cpp against itself with an f32 KV cache
 lands just as far).  Matching llama.cpp's greedy tokens therefore needs every step bit-exact,
 which is what this module does (measured on SmolLM2-135M Q4_1: logits identical to the bit,
-greedy 5/5; tools/compare_llama_cpp.py).  It is slow (numpy, ~1 s per token for 135M) and meant
+greedy 5/5; tools/compare_llama_cpp.py).  It is slow (numpy, ~0.4 s per token for 135M) and meant
 for comparisons, not for serving.
 
 What is reproduced, step by step (x86 AVX2 code paths of ggml-cpu):
@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 
 import numpy as np
+from numba import vectorize
 
 from ..errors import BadArgument, UnsupportedModel
 from ..types import qtype as _lookup
@@ -55,33 +57,31 @@ VEC_DOT_TYPE = {"Q4_1": "Q8_1", "Q8_0": "Q8_0"}
 # float helpers
 
 
-_MID = np.int64(1 << 28)  # float64 bits below float32's last: a float32 midpoint is 100..0
-_LOW = np.int64((1 << 29) - 1)
-_TINY = 2.0 ** -126  # below it float32 is subnormal and midpoints sit elsewhere
-
-
-def fma32(a, b, c) -> np.ndarray:
-    """float32 fused multiply-add, correctly rounded for float32 a, b, c.
+@vectorize(["float32(float32, float32, float32)", "float32(float64, float64, float64)"],
+           cache=True)
+def fma32(a, b, c):
+    """float32 fused multiply-add, correctly rounded (a numpy ufunc: broadcasts, any shapes;
+    float64 operands, e.g. exact integer sums, are taken as they are).
 
     a * b is exact in float64, so ``f32(a * b + c)`` (two roundings) differs from a true fma
-    only where the float64 sum lands exactly on a float32 midpoint (or is tiny); there the
-    exact TwoSum error decides the side (a plain float64 detour is one ulp off in ~2^-29 of
+    only where the float64 sum lands exactly on a float32 midpoint; there the exact TwoSum
+    error of the sum decides the side (a plain float64 detour is one ulp off in ~2^-29 of
     cases)."""
-    p = np.multiply(np.asarray(a, np.float64), np.asarray(b, np.float64))
-    c = np.asarray(c, np.float64)
-    s = np.add(p, c, out=np.empty(np.broadcast_shapes(p.shape, c.shape)))
-    tiny = np.abs(s) < _TINY
-    risky = ((s.view(np.int64) & _LOW) == _MID) | (tiny & (s != 0))  # s == 0: exact
-    if risky.any():
-        pr, cr = np.broadcast_to(p, s.shape)[risky], np.broadcast_to(c, s.shape)[risky]
-        sr = s[risky]
-        v = sr - pr
-        e = (pr - (sr - v)) + (cr - v)  # (p + c) - s, exactly
-        step = np.where(e == 0, 0, np.where((e > 0) == (sr > 0), 1, -1))
-        even = (sr.view(np.int64) & 1) == 0
-        # round to odd (last bit set where inexact): the one rounding below is then exact
-        s[risky] = (sr.view(np.int64) + np.where(even, step, 0)).view(np.float64)
-    return s.astype(F32)
+    p = np.float64(a) * np.float64(b)
+    cd = np.float64(c)
+    s = p + cd
+    r = np.float32(s)
+    rd = np.float64(r)
+    if rd == s or math.isinf(rd) or math.isnan(s):
+        return r
+    o = 2.0 * s - rd  # the float32 on the other side of s, if s is halfway between the two
+    if np.float64(np.float32(o)) != o:
+        return r  # not a midpoint: one rounding either way
+    bp = s - p
+    err = (p - (s - bp)) + (cd - bp)  # (p + c) - s, exactly
+    if err == 0.0:
+        return r  # a true tie: to even, as the conversion did
+    return np.float32(o) if (err > 0.0) == (o > rd) else r
 
 
 def hsum8(v: np.ndarray) -> np.ndarray:
