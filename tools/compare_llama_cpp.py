@@ -262,7 +262,7 @@ def main(argv=None):
                     help="save llama.cpp's greedy ids to tests/data/llama_cpp_greedy.json")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--numerics", choices=("default", "both"), default="both",
-                    help="both: also run Model.load(numerics='llama') (slow: ~0.4 s a token)")
+                    help="both: also run Model.load(numerics='llama') (slow: ~0.3 s a token)")
     a = ap.parse_args(argv)
     from blockq.cli.run import set_threads
     set_threads(a.threads)

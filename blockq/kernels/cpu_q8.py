@@ -7,7 +7,7 @@ network chaotic at the last bit: one ulp of difference anywhere flips an 8-bit c
 later, and the logits end up ~0.3 RMS apart (llama.cpp against itself with an f32 KV cache
 lands just as far).  Matching llama.cpp's greedy tokens therefore needs every step bit-exact,
 which is what this module does (measured on SmolLM2-135M Q4_1: logits identical to the bit,
-greedy 5/5; tools/compare_llama_cpp.py).  It is slow (numpy, ~0.4 s per token for 135M) and meant
+greedy 5/5; tools/compare_llama_cpp.py).  It is slow (numpy, ~0.3 s per token for 135M) and meant
 for comparisons, not for serving.
 
 What is reproduced, step by step (x86 AVX2 code paths of ggml-cpu):
@@ -49,8 +49,9 @@ from ..types import qtype as _lookup
 F32 = np.float32
 QK = 32  # values per Q8_0 / Q8_1 block
 
-# weight type -> the activation blocks llama.cpp dots it with (ggml-cpu type_traits vec_dot_type)
-VEC_DOT_TYPE = {"Q4_1": "Q8_1", "Q8_0": "Q8_0"}
+# 32-value weight type -> the activation blocks llama.cpp dots it with (ggml-cpu type_traits
+# vec_dot_type)
+ACTIVATIONS = {"Q4_0": "Q8_0", "Q4_1": "Q8_1", "Q5_0": "Q8_0", "Q5_1": "Q8_1", "Q8_0": "Q8_0"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,46 +159,60 @@ def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class Q8Dot:
-    """A Q4_1 or Q8_0 matrix (a ``QMatrix``) multiplied the way llama.cpp's CPU dot does.
+    """A matrix of 32-value blocks (a ``QMatrix``) multiplied the way llama.cpp's CPU does:
+    ``vec_dot`` and tinyBLAS agree to the bit (per block, 8 float lanes each holding the integer
+    sum of 4 adjacent products, ``acc = fma(d_w * d_a, lanes, acc)``; types with a min add
+    ``summs = fma(m_w, s_a, summs)``; result ``hsum8(acc) + summs``).
 
-    Weight codes are decoded once (float32, 4x the Q4_1 bytes): this is a comparison tool.
-    Blocks:  Q4_1  | d f16 | m f16 | qs[16]: low nibbles = values 0..15, high = 16..31 |
-             Q8_0  | d f16 | qs[32] int8 |
+    This class takes Q4_1 and Q8_0; :class:`.cpu_q8_legacy.LegacyDot` the same arithmetic for
+    Q4_0, Q5_0 and Q5_1.  Codes are decoded once to float32 (a comparison tool); the lane sums
+    (|sum| < 2^16) are exact in float32 in any order.
     """
 
+    TYPES: tuple[str, ...] = ("Q4_1", "Q8_0")
+
     def __init__(self, weight):
+        from ..dequantize import quant_ints
+
         t = str(weight.qtype)
-        if t not in VEC_DOT_TYPE:
-            raise UnsupportedModel(f"numerics='llama' reproduces {sorted(VEC_DOT_TYPE)} weight "
-                                   f"dots; this model has a {t} matrix {weight.shape}")
+        if t not in self.TYPES:
+            raise UnsupportedModel(f"{type(self).__name__} reproduces llama.cpp's "
+                                   f"{'/'.join(self.TYPES)} dots; got a {t} matrix "
+                                   f"{tuple(weight.shape)}")
         rows, cols = weight.shape
-        blocks = np.asarray(weight.data).view(_lookup(t).dtype).reshape(rows, cols // QK)
-        self.d = blocks["d"].astype(F32)  # (rows, nb)
-        if t == "Q4_1":
-            qs = blocks["qs"]
-            codes = np.concatenate([qs & 15, qs >> 4], axis=-1)
-            self.m = blocks["m"].astype(F32)  # (rows, nb)
-        else:
-            codes = blocks["qs"]
-            self.m = None
-        self.codes = codes.astype(F32).reshape(rows, cols // QK, 8, 4)  # lanes of 4 values
+        nb = cols // QK
+        blocks = np.asarray(weight.data).view(_lookup(t).dtype).reshape(rows, nb)
+        codes = quant_ints(weight.data, t).astype(F32)  # (rows * nb, 32)
+        # lanes of 4 adjacent values, batched by (block, lane): (nb * 8, rows, 4)
+        self.codes = np.ascontiguousarray(codes.reshape(rows, nb * 8, 4).transpose(1, 0, 2))
+        self.d = np.ascontiguousarray(blocks["d"].astype(F32).T)  # (nb, rows)
+        self.m = (np.ascontiguousarray(blocks["m"].astype(F32).T)  # (nb, rows)
+                  if "m" in blocks.dtype.names else None)
+        self.vec_dot_type = ACTIVATIONS[t]
         self.qtype, self.shape = t, (rows, cols)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
         x = activations(x, self.qtype, self.shape)
-        q, d, s = quantize_q8(x)
-        rows, nb = self.d.shape
-        out = np.empty((x.shape[0], rows), F32)
-        for t in range(x.shape[0]):
-            lanes = np.einsum("rbjk,bjk->rbj", self.codes, q[t].reshape(nb, 8, 4))  # exact
-            acc = np.zeros((rows, 8), F32)
-            summs = np.zeros(rows, F32)
-            for ib in range(nb):
-                if self.m is not None:
-                    summs = fma32(self.m[:, ib], s[t, ib], summs)
-                acc = fma32((self.d[:, ib] * d[t, ib]).astype(F32)[:, None], lanes[:, ib], acc)
-            out[t] = hsum8(acc) + summs
-        return out
+        with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN propagate as in ggml
+            return self._dot(x)
+
+    def _dot(self, x: np.ndarray) -> np.ndarray:
+        rows, cols = self.shape
+        n, nb = x.shape[0], cols // QK
+        q, d, s = quantize_q8(x)  # (n, nb, 32), (n, nb), (n, nb)
+        qa = q.reshape(n, nb * 8, 4).transpose(1, 2, 0)  # (nb * 8, 4, n)
+        lanes = np.matmul(self.codes, qa).reshape(nb, 8, rows, n)  # exact
+        acc = np.zeros((8, rows, n), F32)
+        for ib in range(nb):
+            dd = (self.d[ib][:, None] * d[:, ib][None, :]).astype(F32)  # (rows, n)
+            acc = fma32(dd, lanes[ib], acc)
+        out = hsum8(np.moveaxis(acc, 0, -1)).astype(F32)  # (rows, n)
+        if self.m is not None:
+            summs = np.zeros((rows, n), F32)
+            for ib in range(nb):  # NOTE: GCC contracts ggml's summs += m * s into an fma
+                summs = fma32(self.m[ib][:, None], s[:, ib][None, :], summs)
+            out = (out + summs).astype(F32)
+        return np.ascontiguousarray(out.T)
 
 
 def llama_dot(weight, repackable: bool = True):
@@ -220,10 +235,9 @@ def llama_dot(weight, repackable: bool = True):
     if repackable and is_repacked(t, weight.shape):
         from .cpu_q8_repack import RepackDot
         return RepackDot(weight)
-    if t in VEC_DOT_TYPE:
+    if t in Q8Dot.TYPES:
         return Q8Dot(weight)
-    from .cpu_q8_legacy import LEGACY
-    if t in LEGACY:
+    if t in ACTIVATIONS:
         from .cpu_q8_legacy import LegacyDot
         return LegacyDot(weight)
     if t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):

@@ -46,6 +46,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..dequantize import quant_ints, unpack_q3k_scales, unpack_scale_min_k4
 from ..errors import UnsupportedModel
 from ..types import QK_K, qtype as _lookup
 from .cpu_q8 import activations, fma32, hsum8
@@ -67,6 +68,9 @@ def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Block (292 bytes): d f32 | qs[256] int8 | bsums[16] int16;  value = d * q.
     ``iscale = -127 / x[argmax |x|]`` (signed: the first largest magnitude),
     ``q = min(127, nearest_int(iscale * x))``, ``d = 1 / iscale``.
+
+    NOTE: not ``blockq.quantize(x, "Q8_K")``: that one refuses NaN / inf, while activations
+    must come out as ggml's C makes them of anything (a NaN block differs otherwise).
     """
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # as C: inf, NaN bits
         return _quantize_q8_k(np.ascontiguousarray(x, F32))
@@ -104,83 +108,37 @@ def _f16(a: np.ndarray) -> np.ndarray:
     return a.astype(F32)
 
 
-def _crumbs(qs: np.ndarray) -> np.ndarray:
-    """2-bit codes: qs (rows, nb, 64) -> (rows, nb, 256); value 128j + 32g + l is
-    bits 2g..2g+1 of qs[32j + l]."""
-    r, nb, _ = qs.shape
-    q = qs.reshape(r, nb, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]
-    return (q & 3).reshape(r, nb, QK_K)
+def _codes(blk, t: str) -> np.ndarray:
+    """``t`` records (rows, nb) -> the codes its formula multiplies, (rows, nb, 256) int16 in
+    value order (:func:`blockq.dequantize.quant_ints`)."""
+    r, nb = blk.shape
+    return quant_ints(blk, t).reshape(r, nb, QK_K)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """4-bit codes: qs (rows, nb, 128) -> (rows, nb, 256); value 64j + l is the low nibble of
-    qs[32j + l], value 64j + 32 + l its high nibble."""
-    r, nb, _ = qs.shape
-    q = qs.reshape(r, nb, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
-    return (q & 15).reshape(r, nb, QK_K)
-
-
-def _scale_min_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K / Q5_K 12 packed bytes -> 8 scales and 8 mins (6 bits each).
-    bytes 0..3: scale j low 6 bits | top 2 bits = bits 4..5 of scale j+4
-    bytes 4..7: min j low 6 bits   | top 2 bits = bits 4..5 of min j+4
-    bytes 8..11: low nibble = bits 0..3 of scale j+4, high nibble = bits 0..3 of min j+4."""
-    a, b, c = sc[..., 0:4], sc[..., 4:8], sc[..., 8:12]
-    s = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], -1)
-    m = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], -1)
-    return s.astype(np.int16), m.astype(np.int16)
-
-
-def _decode_q2_k(blk):
+def _decode_q2_k(blk, t):
     """| scales[16]: low nibble scale, high nibble min (sub-blocks of 16) | qs[64] | d | dmin |"""
     sc = blk["scales"]
-    w = _crumbs(blk["qs"]).astype(np.int16) * np.repeat(sc & 15, 16, -1)
+    w = _codes(blk, t) * np.repeat(sc & 15, 16, -1)
     return w, _f16(blk["d"]), _f16(blk["dmin"]), (sc >> 4).astype(np.int16)
 
 
-def _decode_q3_k(blk):
-    """| hmask[32] | qs[64] | scales[12]: 16 six-bit scales, minus 32 | d |
-    value 128j + 32g + l = crumb - 4 unless bit 4j + g of hmask[l] is set."""
-    r, nb = blk.shape
-    sc = blk["scales"]
-    lo = np.concatenate([sc[..., 0:8] & 15, sc[..., 0:8] >> 4], -1)  # scales 0..15, bits 0..3
-    hi = (sc[..., 8:12, None] >> (2 * np.arange(4, dtype=np.uint8))) & 3  # (r, nb, 4 byte, 4 sh)
-    hi = hi.transpose(0, 1, 3, 2).reshape(r, nb, 16)  # scale j: byte 8 + j % 4, shift 2 (j // 4)
-    scales = (lo | (hi << 4)).astype(np.int16) - 32
-    hbit = blk["hmask"].reshape(r, nb, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(2, 4, 1)
-    code = _crumbs(blk["qs"]).astype(np.int16) - 4 * (1 - (hbit & 1)).reshape(r, nb, QK_K)
-    return code * np.repeat(scales, 16, -1), _f16(blk["d"]), None, None
+def _decode_q3_k(blk, t):
+    """| hmask[32] | qs[64] | scales[12]: 16 six-bit scales, minus 32 | d |; codes -4..3"""
+    scales = unpack_q3k_scales(blk["scales"]).astype(np.int16)
+    return _codes(blk, t) * np.repeat(scales, 16, -1), _f16(blk["d"]), None, None
 
 
-def _decode_q4_k(blk):
-    """| d | dmin | scales[12] (see _scale_min_k4; sub-blocks of 32) | qs[128] nibbles |"""
-    s, m = _scale_min_k4(blk["scales"])
-    w = _nibbles(blk["qs"]).astype(np.int16) * np.repeat(s, 32, -1)
-    return w, _f16(blk["d"]), _f16(blk["dmin"]), m
+def _decode_q4_k(blk, t):
+    """| d | dmin | scales[12] (6-bit scales and mins of sub-blocks of 32) | qs[128] |;
+    Q5_K adds qh[32], the codes' fifth bits."""
+    s, m = (a.astype(np.int16) for a in unpack_scale_min_k4(blk["scales"]))
+    return _codes(blk, t) * np.repeat(s, 32, -1), _f16(blk["d"]), _f16(blk["dmin"]), m
 
 
-def _decode_q5_k(blk):
-    """| d | dmin | scales[12] | qh[32]: value 64j + l has bit 2j of qh[l] as 16, value
-    64j + 32 + l bit 2j + 1 | qs[128] nibbles |"""
-    r, nb = blk.shape
-    s, m = _scale_min_k4(blk["scales"])
-    hbit = (blk["qh"].reshape(r, nb, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1
-    code = _nibbles(blk["qs"]).astype(np.int16) + 16 * hbit.reshape(r, nb, QK_K)
-    return code * np.repeat(s, 32, -1), _f16(blk["d"]), _f16(blk["dmin"]), m
-
-
-def _decode_q6_k(blk):
-    """| ql[128] | qh[64] | scales[16] int8 (sub-blocks of 16) | d |; code 0..63 (the dot
-    subtracts 32 through the Q8_K sums), value 128j + 32g + l:
-    g=0: low nibble of ql[64j + l]      | bits 0..1 of qh[32j + l] << 4
-    g=1: low nibble of ql[64j + 32 + l] | bits 2..3
-    g=2: high nibble of ql[64j + l]     | bits 4..5
-    g=3: high nibble of ql[64j + 32 + l]| bits 6..7"""
-    r, nb = blk.shape
-    ql = blk["ql"].reshape(r, nb, 2, 1, 2, 32) >> np.array([0, 4], np.uint8)[:, None, None]
-    ql = (ql & 15).reshape(r, nb, 2, 4, 32)  # (j, g, l)
-    qh = blk["qh"].reshape(r, nb, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]
-    code = (ql | ((qh & 3) << 4)).reshape(r, nb, QK_K).astype(np.int16)
+def _decode_q6_k(blk, t):
+    """| ql[128] | qh[64] | scales[16] int8 (sub-blocks of 16) | d |; code 0..63: the dot
+    subtracts 32 through the Q8_K sums (the "int" mins)."""
+    code = _codes(blk, t) + 32
     sc = blk["scales"].astype(np.int16)
     return code * np.repeat(sc, 16, -1), _f16(blk["d"]), None, sc
 
@@ -202,7 +160,7 @@ _KINDS = {
     "Q2_K": _Kind(_decode_q2_k, 1, "acc8", 16),
     "Q3_K": _Kind(_decode_q3_k, 1, "", 16),
     "Q4_K": _Kind(_decode_q4_k, 1, "acc4", 8),
-    "Q5_K": _Kind(_decode_q5_k, 1, "scalar", 8),
+    "Q5_K": _Kind(_decode_q4_k, 1, "scalar", 8),
     "Q6_K": _Kind(_decode_q6_k, 2, "int", 16),
 }
 TYPES = tuple(_KINDS)
@@ -235,7 +193,7 @@ class KQuantDot:
         rows, cols = weight.shape
         kind = self.kind = _KINDS[t]
         blk = np.asarray(weight.data).view(_lookup(t).dtype).reshape(rows, cols // QK_K)
-        w, d, dmin, mc = kind.decode(blk)
+        w, d, dmin, mc = kind.decode(blk, t)
         self.w = np.ascontiguousarray(
             _to_lane_runs(w, kind.split).transpose(0, 2, 1)).astype(F32)  # (G, 32/split, rows)
         self.d = np.ascontiguousarray(d.T)  # (nb, rows)

@@ -24,85 +24,16 @@ contracted by GCC) after the 8-lane sum.  No ``maddubs`` pair sum can saturate h
 """
 from __future__ import annotations
 
-import numpy as np
+from .cpu_q8 import ACTIVATIONS, Q8Dot
 
-from ..errors import UnsupportedModel
-from ..types import qtype as _lookup
-from .cpu_q8 import F32, QK, activations, fma32, hsum8, quantize_q8
+LEGACY = ("Q4_0", "Q5_0", "Q5_1")  # the 32-value types this module takes (see ACTIVATIONS)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """qs[16] -> 32 values: low nibbles are values 0..15, high nibbles 16..31."""
-    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+class LegacyDot(Q8Dot):
+    """A Q4_0, Q5_0 or Q5_1 matrix (a ``QMatrix``) multiplied the way llama.cpp's CPU does:
+    the arithmetic of :class:`.cpu_q8.Q8Dot`, which the module docstring derives."""
+
+    TYPES = LEGACY
 
 
-def _fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """qh[4] as one little-endian u32 -> 32 bits: bit j is value j's bit 4 (0 or 16 added)."""
-    return np.unpackbits(qh, axis=-1, bitorder="little")
-
-
-def _codes_q4_0(b):  # | d f16 | qs[16] |                      w = d * (q - 8)
-    return _nibbles(b["qs"]).astype(np.int16) - 8
-
-
-def _codes_q5_0(b):  # | d f16 | qh[4] | qs[16] |              w = d * (q - 16)
-    return (_nibbles(b["qs"]) | (_fifth_bits(b["qh"]) << 4)).astype(np.int16) - 16
-
-
-def _codes_q5_1(b):  # | d f16 | m f16 | qh[4] | qs[16] |      w = d * q + m
-    return (_nibbles(b["qs"]) | (_fifth_bits(b["qh"]) << 4)).astype(np.int16)
-
-
-# weight type -> (code decoder (blocks) -> (..., 32) ints, the ggml vec_dot_type of its activations)
-LEGACY = {
-    "Q4_0": (_codes_q4_0, "Q8_0"),
-    "Q5_0": (_codes_q5_0, "Q8_0"),
-    "Q5_1": (_codes_q5_1, "Q8_1"),
-}
-
-
-class LegacyDot:
-    """A Q4_0, Q5_0 or Q5_1 matrix (a ``QMatrix``) multiplied the way llama.cpp's CPU does.
-
-    Codes are decoded once to float64 (16x the Q4_0 bytes): this is a comparison tool."""
-
-    def __init__(self, weight):
-        t = str(weight.qtype)
-        if t not in LEGACY:
-            raise UnsupportedModel(f"LegacyDot reproduces {sorted(LEGACY)} weight dots; "
-                                   f"got a {t} matrix {weight.shape}")
-        decode, self.vec_dot_type = LEGACY[t]
-        rows, cols = weight.shape
-        nb = cols // QK
-        blocks = np.asarray(weight.data).view(_lookup(t).dtype).reshape(rows, nb)
-        codes = decode(blocks).astype(np.float64)  # (rows, nb, 32)
-        # lanes of 4 adjacent values, batched by (block, lane): (nb * 8, rows, 4)
-        self.codes = np.ascontiguousarray(codes.reshape(rows, nb * 8, 4).transpose(1, 0, 2))
-        self.d = np.ascontiguousarray(blocks["d"].astype(F32).T)  # (nb, rows)
-        self.m = np.ascontiguousarray(blocks["m"].astype(F32).T) if t == "Q5_1" else None
-        self.qtype, self.shape = t, (rows, cols)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
-        x = activations(x, self.qtype, self.shape)
-        rows, cols = self.shape
-        with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN propagate as in ggml
-            return self._dot(x)
-
-    def _dot(self, x: np.ndarray) -> np.ndarray:
-        rows, cols = self.shape
-        n, nb = x.shape[0], cols // QK
-        q, d, s = quantize_q8(x)  # (n, nb, 32), (n, nb), (n, nb)
-        qa = q.astype(np.float64).reshape(n, nb * 8, 4).transpose(1, 2, 0)  # (nb * 8, 4, n)
-        # exact: integer sums of 4 products, |sum| < 2^16
-        lanes = np.matmul(self.codes, qa).reshape(nb, 8, rows, n)
-        acc = np.zeros((8, rows, n), F32)
-        for ib in range(nb):
-            dd = (self.d[ib][:, None] * d[:, ib][None, :]).astype(F32)  # (rows, n)
-            acc = fma32(dd, lanes[ib], acc)
-        out = hsum8(np.moveaxis(acc, 0, -1)).astype(F32)  # (rows, n)
-        if self.m is not None:
-            summs = np.zeros((rows, n), F32)
-            for ib in range(nb):  # NOTE: GCC contracts ggml's summs += m * s into an fma
-                summs = fma32(self.m[ib][:, None], s[:, ib][None, :], summs)
-            out = (out + summs).astype(F32)
-        return np.ascontiguousarray(out.T)
+assert set(LEGACY) | set(Q8Dot.TYPES) == set(ACTIVATIONS)

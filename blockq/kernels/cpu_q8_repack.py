@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dequantize import quant_ints, unpack_scale_min_k4
 from ..errors import UnsupportedModel
 from ..types import QK_K
 from ..types import qtype as _lookup
@@ -58,29 +59,6 @@ def is_repacked(qtype: str, shape: tuple[int, int]) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # weight decoding
-
-
-def _nibbles_q4_0(qs: np.ndarray) -> np.ndarray:
-    """Q4_0 qs[16] -> 32 values: low nibbles are values 0..15, high nibbles 16..31."""
-    return np.concatenate([qs & 15, qs >> 4], axis=-1)
-
-
-def _nibbles_q4_K(qs: np.ndarray) -> np.ndarray:
-    """Q4_K qs[128] -> 256 values in 4 chunks of 64: bytes 32j..32j+31 hold values 64j + l
-    (low nibble) and 64j + 32 + l (high nibble)."""
-    c = qs.reshape(qs.shape[:-1] + (4, 32))
-    return np.stack([c & 15, c >> 4], axis=-2).reshape(qs.shape[:-1] + (QK_K,))
-
-
-def _scales_mins_q4_K(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """scales[12] -> 8 six-bit scales, 8 six-bit mins (``get_scale_min_k4``):
-    bytes 0..3:  sc[0..3] in bits 0..5, sc[4..7] bits 4..5 in bits 6..7
-    bytes 4..7:  m[0..3]  in bits 0..5, m[4..7]  bits 4..5 in bits 6..7
-    bytes 8..11: sc[4..7] bits 0..3 in the low nibble, m[4..7] bits 0..3 in the high nibble"""
-    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=-1)
-    m = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
-    return sc, m
 
 
 def _matmul_codes(codes: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -113,15 +91,16 @@ class RepackDot:
         blocks = np.asarray(weight.data).view(_lookup(t).dtype).reshape(rows, -1)
         nb = blocks.shape[1]
         self.d = np.ascontiguousarray(blocks["d"].astype(F32).T)  # (nb, rows)
-        if t == "Q4_0":
-            codes = _nibbles_q4_0(blocks["qs"]).astype(F32) - F32(8)  # (rows, nb, 32)
+        codes = quant_ints(blocks, t).astype(F32)  # (rows * nb, block_size), value order
+        if t == "Q4_0":  # -8..7
+            codes = codes.reshape(rows, nb, QK)
             self.codes = np.ascontiguousarray(codes.transpose(1, 0, 2))  # (nb, rows, 32)
             return
         self.dmin = np.ascontiguousarray(blocks["dmin"].astype(F32).T)  # (nb, rows)
-        sc, m = _scales_mins_q4_K(blocks["scales"])  # (rows, nb, 8) each
+        sc, m = unpack_scale_min_k4(blocks["scales"])  # (rows, nb, 8) each
         self.sc = sc.astype(F64).transpose(1, 2, 0)[..., None].copy()  # (nb, 8, rows, 1)
         self.m = m.astype(F64).transpose(1, 2, 0)[..., None].copy()  # (nb, 8, rows, 1)
-        codes = _nibbles_q4_K(blocks["qs"]).astype(F32).reshape(rows, nb * 8, QK)
+        codes = codes.reshape(rows, nb * 8, QK)  # 0..15
         self.codes = np.ascontiguousarray(codes.transpose(1, 0, 2))  # (nb*8, rows, 32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
