@@ -108,50 +108,32 @@ def _as_i64(context, builder, ty, val):
 
 # ---- loads and stores -----------------------------------------------------------------------
 
-def _bytes_loader(extend):
+def _row_reader(ret, lty, convert=None):
+    """An intrinsic ``f(a, r, i)`` reading the ``lty`` value (an LLVM scalar or 8-lane vector
+    type) at element i of row a[r] (of a uint8 2-D array: byte offset i; or of a 1-D array),
+    unaligned, then ``convert(builder, value)`` to the Numba type ``ret``."""
     def typer(typingctx, a, r, i):
-        sig = I32x8(a, r, i)
-
         def codegen(context, builder, signature, args):
             aty, rty, ity = signature.args
             row = _as_i64(context, builder, rty, args[1])
             idx = _as_i64(context, builder, ity, args[2])
-            v = _load(builder, _row_ptr(context, builder, aty, args[0], row, idx), _VI8)
-            return builder.zext(v, _VI32) if extend == "zext" else builder.sext(v, _VI32)
-        return sig, codegen
-    return typer
+            v = _load(builder, _row_ptr(context, builder, aty, args[0], row, idx), lty)
+            return v if convert is None else convert(builder, v)
+        return ret(a, r, i), codegen
+    return intrinsic(typer)
 
 
-load_u8 = intrinsic(_bytes_loader("zext"))
-load_i8 = intrinsic(_bytes_loader("sext"))
+def _bf16_bits(builder, h, ity, fty):
+    """bfloat16 bits (i16 or <8 x i16>) -> float32: they are the upper half of a float32."""
+    sixteen = ir.Constant(_I32, 16) if ity is _I32 else _splat(builder, ir.Constant(_I32, 16), ity)
+    return builder.bitcast(builder.shl(builder.zext(h, ity), sixteen), fty)
 
 
-@intrinsic
-def load_f16(typingctx, a, r, i):
-    sig = F32x8(a, r, i)
-
-    def codegen(context, builder, signature, args):
-        aty, rty, ity = signature.args
-        row = _as_i64(context, builder, rty, args[1])
-        idx = _as_i64(context, builder, ity, args[2])
-        h = _load(builder, _row_ptr(context, builder, aty, args[0], row, idx), _VI16)
-        return _half_to_float(builder, h)
-    return sig, codegen
-
-
-@intrinsic
-def load_bf16(typingctx, a, r, i):
-    sig = F32x8(a, r, i)
-
-    def codegen(context, builder, signature, args):
-        aty, rty, ity = signature.args
-        row = _as_i64(context, builder, rty, args[1])
-        idx = _as_i64(context, builder, ity, args[2])
-        h = _load(builder, _row_ptr(context, builder, aty, args[0], row, idx), _VI16)
-        # bfloat16 is the upper half of a float32
-        bits = builder.shl(builder.zext(h, _VI32), _splat(builder, ir.Constant(_I32, 16), _VI32))
-        return builder.bitcast(bits, _VF32)
-    return sig, codegen
+# 8 lanes at once
+load_u8 = _row_reader(I32x8, _VI8, lambda b, v: b.zext(v, _VI32))
+load_i8 = _row_reader(I32x8, _VI8, lambda b, v: b.sext(v, _VI32))
+load_f16 = _row_reader(F32x8, _VI16, lambda b, v: _half_to_float(b, v))
+load_bf16 = _row_reader(F32x8, _VI16, lambda b, v: _bf16_bits(b, v, _VI32, _VF32))
 
 
 @intrinsic
@@ -217,65 +199,13 @@ def _half_to_float(builder, h):
     return builder.bitcast(builder.or_(mag, sign), _VF32)
 
 
-@intrinsic
-def f16_to_f32(typingctx, a, r, i):
-    """The IEEE half at byte offset i of uint8 row a[r], as float32."""
-    sig = types.float32(a, r, i)
-
-    def codegen(context, builder, signature, args):
-        aty, rty, ity = signature.args
-        row = _as_i64(context, builder, rty, args[1])
-        idx = _as_i64(context, builder, ity, args[2])
-        h = builder.load(builder.bitcast(_row_ptr(context, builder, aty, args[0], row, idx),
-                                         _I16.as_pointer()), align=1)
-        hv = _splat(builder, h, _VI16)
-        return builder.extract_element(_half_to_float(builder, hv), ir.Constant(_I32, 0))
-    return sig, codegen
-
-
-@intrinsic
-def f32_at(typingctx, a, r, i):
-    """The little-endian float32 at byte offset i of uint8 row a[r]."""
-    sig = types.float32(a, r, i)
-
-    def codegen(context, builder, signature, args):
-        aty, rty, ity = signature.args
-        row = _as_i64(context, builder, rty, args[1])
-        idx = _as_i64(context, builder, ity, args[2])
-        ptr = _row_ptr(context, builder, aty, args[0], row, idx)
-        return builder.load(builder.bitcast(ptr, _F32.as_pointer()), align=1)
-    return sig, codegen
-
-
-@intrinsic
-def u32_at(typingctx, a, r, i):
-    """The little-endian uint32 at byte offset i of uint8 row a[r], as int64."""
-    sig = types.int64(a, r, i)
-
-    def codegen(context, builder, signature, args):
-        aty, rty, ity = signature.args
-        row = _as_i64(context, builder, rty, args[1])
-        idx = _as_i64(context, builder, ity, args[2])
-        ptr = _row_ptr(context, builder, aty, args[0], row, idx)
-        return builder.zext(builder.load(builder.bitcast(ptr, _I32.as_pointer()), align=1),
-                            ir.IntType(64))
-    return sig, codegen
-
-
-@intrinsic
-def bf16_at(typingctx, a, r, i):
-    """The bfloat16 at byte offset i of uint8 row a[r], as float32 (exact)."""
-    sig = types.float32(a, r, i)
-
-    def codegen(context, builder, signature, args):
-        aty, rty, ity = signature.args
-        row = _as_i64(context, builder, rty, args[1])
-        idx = _as_i64(context, builder, ity, args[2])
-        ptr = _row_ptr(context, builder, aty, args[0], row, idx)
-        h = builder.load(builder.bitcast(ptr, _I16.as_pointer()), align=1)
-        bits = builder.shl(builder.zext(h, _I32), ir.Constant(_I32, 16))
-        return builder.bitcast(bits, _F32)
-    return sig, codegen
+# one value, as a scalar: the IEEE half, float32, uint32 (as int64) and bfloat16 at byte offset
+# i of uint8 row a[r]
+f16_to_f32 = _row_reader(types.float32, _I16, lambda b, h: b.extract_element(
+    _half_to_float(b, _splat(b, h, _VI16)), ir.Constant(_I32, 0)))
+f32_at = _row_reader(types.float32, _F32)
+u32_at = _row_reader(types.int64, _I32, lambda b, v: b.zext(v, ir.IntType(64)))
+bf16_at = _row_reader(types.float32, _I16, lambda b, h: _bf16_bits(b, h, _I32, _F32))
 
 
 # ---- arithmetic -----------------------------------------------------------------------------
