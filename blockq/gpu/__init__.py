@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from ..errors import BadArgument
 
-INSTALL_HINT = ("pip install 'blockq[gpu]' (CuPy for CUDA 12: cupy-cuda12x; "
-                "for a CUDA 13 driver use cupy-cuda13x)")
+# NOTE: worded as the README's GPU section: the [gpu] extra is CuPy for CUDA 12
+INSTALL_HINT = ("pip install -e '.[gpu]' in the blockq checkout, i.e. cupy-cuda12x "
+                "(with a CUDA 13 driver install cupy-cuda13x instead)")
 
 
 def gpu_status() -> tuple[bool, str]:
