@@ -5,6 +5,8 @@ Public API:
 - ``quantize(x, qtype, imatrix=None)`` -> uint8 (rows, bytes_per_row)
 - ``dequantize(data, qtype, shape)`` -> float32 array of ``shape``
 - ``read_gguf(path)`` / ``write_gguf(path, metadata, tensors)``
+- ``load(path=None, n_ctx=..., gpu_layers=..., threads=...)`` -> ``LLM`` (generate, chat,
+  OpenAI-shaped completions, tokenize); ``ChatSession(llm)`` (see :mod:`blockq.api`)
 - errors: ``BlockqError``, ``FormatError``, ``BadArgument``, ``UnsupportedModel``
 """
 from __future__ import annotations
@@ -26,6 +28,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "read_gguf": ("blockq.gguf.reader", "read_gguf"),
     "write_gguf": ("blockq.gguf.writer", "write_gguf"),
+    "load": ("blockq.api", "load"),
+    "LLM": ("blockq.api", "LLM"),
+    "ChatSession": ("blockq.api", "ChatSession"),
 }
 
 __all__ = ["BadArgument", "BlockqError", "FormatError", "QK_K", "QType", "UnsupportedModel",

@@ -85,6 +85,24 @@ def apply_repetition_penalty(logits, recent_ids: Sequence[int], penalty: float) 
     return x
 
 
+def apply_presence_frequency_penalty(logits, recent_ids: Sequence[int], presence: float,
+                                     frequency: float) -> np.ndarray:
+    """OpenAI's presence / frequency penalties (llama.cpp's ``penalty_present``/``penalty_freq``):
+    a token seen c > 0 times in ``recent_ids`` loses ``c * frequency + presence`` from its logit.
+    """
+    x = _logits(logits)
+    presence = _number("presence_penalty", presence, -2.0, 2.0)
+    frequency = _number("frequency_penalty", frequency, -2.0, 2.0)
+    ids, counts = np.unique(np.asarray(list(recent_ids), dtype=np.int64), return_counts=True)
+    if ids.size and (ids[0] < 0 or ids[-1] >= x.size):
+        bad = ids[(ids < 0) | (ids >= x.size)][0]
+        raise BadArgument(f"recent id {bad} is outside the vocabulary (0..{x.size - 1})")
+    if (presence == 0.0 and frequency == 0.0) or not ids.size:
+        return x
+    x[ids] -= (counts * np.float32(frequency) + np.float32(presence)).astype(np.float32)
+    return x
+
+
 def top_k(logits, k: int) -> np.ndarray:
     """Keep the ``k`` highest logits (ties at the edge: lower ids); ``k <= 0`` keeps all."""
     x = _logits(logits)
@@ -174,19 +192,22 @@ class Sampler:
         sample = Sampler(temp=0.8, seed=42)
         token = sample(logits, history)     # history: ids so far (prompt included)
 
-    ``repeat_last_n``: how many of the latest ids the repetition penalty looks at
-    (0: none, -1: all of ``history``).
+    ``repeat_last_n``: how many of the latest ids the penalties look at (0: none, -1: all of
+    ``history``); ``presence_penalty`` / ``frequency_penalty`` as OpenAI's (0 = off).
     """
 
     def __init__(self, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
-                 seed: int | None = None):
+                 seed: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0):
         self.temp = _number("temperature", temp, 0.0)
         self.top_k = _integer("top_k", top_k, -(2 ** 31))
         self.top_p = _number("top_p", top_p, 0.0, 1.0)
         self.min_p = _number("min_p", min_p, 0.0, 1.0)
         self.repeat_penalty = _number("repeat penalty", repeat_penalty, 0.0, lo_open=True)
         self.repeat_last_n = _integer("repeat_last_n", repeat_last_n, -1)
+        self.presence_penalty = _number("presence_penalty", presence_penalty, -2.0, 2.0)
+        self.frequency_penalty = _number("frequency_penalty", frequency_penalty, -2.0, 2.0)
         if seed is not None:
             seed = _integer("seed", seed, 0)
         self.seed = seed
@@ -194,11 +215,14 @@ class Sampler:
 
     def __call__(self, logits, history: Sequence[int] = ()) -> int:
         x = logits
-        if self.repeat_penalty != 1.0 and self.repeat_last_n != 0:
+        penalize = self.repeat_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+        if penalize and self.repeat_last_n != 0:
             recent = list(history)
             if self.repeat_last_n > 0:
                 recent = recent[-self.repeat_last_n:]
             x = apply_repetition_penalty(x, recent, self.repeat_penalty)
+            x = apply_presence_frequency_penalty(x, recent, self.presence_penalty,
+                                                 self.frequency_penalty)
         if self.temp == 0.0:
             return greedy(x)
         x = top_k(x, self.top_k)
@@ -210,4 +234,5 @@ class Sampler:
     def __repr__(self) -> str:
         return (f"Sampler(temp={self.temp}, top_k={self.top_k}, top_p={self.top_p}, "
                 f"min_p={self.min_p}, repeat_penalty={self.repeat_penalty}, "
-                f"repeat_last_n={self.repeat_last_n}, seed={self.seed})")
+                f"repeat_last_n={self.repeat_last_n}, presence_penalty={self.presence_penalty}, "
+                f"frequency_penalty={self.frequency_penalty}, seed={self.seed})")

@@ -49,13 +49,12 @@ def test_generate_seed_repeats(tiny):
 def test_chat_keeps_the_conversation(tiny):
     res = run("chat", tiny, "-n", 3, "--temp", 0, input="hello\nthe sun\n/exit\nignored\n")
     assert res.exit_code == 0
-    from blockq.cli.run import ChatSession
-    model = Model.load(tiny)
-    s = ChatSession(model, Tokenizer.from_metadata(model.metadata))
-    want = ["".join(s.reply(m, n_predict=3)) for m in ("hello", "the sun")]
+    import blockq
+    s = blockq.ChatSession(blockq.load(tiny), temperature=0)
+    want = ["".join(s.reply(m, max_tokens=3)) for m in ("hello", "the sun")]
     assert res.stdout == want[0] + "\n" + want[1] + "\n"  # one reply per message
     assert [m["role"] for m in s.messages] == ["user", "assistant"] * 2
-    history = s.tok.decode(s.prompt_ids(), special=True)  # both turns are in the next prompt
+    history = s.llm.detokenize(s.prompt_ids(), special=True)  # both turns are in the next prompt
     assert history.count("<|im_start|>user") == 2 and "hello" in history
 
 

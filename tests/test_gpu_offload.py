@@ -59,7 +59,8 @@ def test_parse_gpu_layers():
     assert parse_gpu_layers("auto", 30) == "auto"
     assert parse_gpu_layers("7", 30) == 7
     assert parse_gpu_layers(None, 30) == 0
-    for bad in ("31", "-1", "many"):
+    assert parse_gpu_layers("99", 30) == 30  # as llama.cpp's -ngl 99: every layer
+    for bad in ("-1", "many"):
         with pytest.raises(BadArgument, match="gpu-layers"):
             parse_gpu_layers(bad, 30)
 

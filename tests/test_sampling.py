@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from blockq.errors import BadArgument
-from blockq.sampling import (Sampler, apply_repetition_penalty, greedy, min_p, sample_dist, softmax,
+from blockq.sampling import (Sampler, apply_presence_frequency_penalty, apply_repetition_penalty,
+                             greedy, min_p, sample_dist, softmax,
                              temperature, top_k, top_p)
 
 NEG = -np.inf
@@ -23,6 +24,19 @@ def test_repetition_penalty_divides_positive_multiplies_negative():
     assert x.tolist() == [2.0, -2.0, 0.0, 1.0]  # input untouched
     assert apply_repetition_penalty(x, [], 2.0).tolist() == x.tolist()
     assert apply_repetition_penalty(x, [0, 1], 1.0).tolist() == x.tolist()
+
+
+def test_presence_frequency_penalty_subtracts_per_count():
+    x = np.array([2.0, -2.0, 0.0, 1.0], np.float32)
+    out = apply_presence_frequency_penalty(x, [0, 1, 0, 0], presence=0.5, frequency=0.25)
+    assert out.tolist() == [2.0 - 3 * 0.25 - 0.5, -2.0 - 0.25 - 0.5, 0.0, 1.0]
+    assert x.tolist() == [2.0, -2.0, 0.0, 1.0]  # input untouched
+    assert apply_presence_frequency_penalty(x, [0], 0.0, 0.0).tolist() == x.tolist()
+    with pytest.raises(BadArgument, match="presence_penalty"):
+        apply_presence_frequency_penalty(x, [0], 3.0, 0.0)
+    # in the chain: 1 and 2 lose 0.5 each, so 3 (1.9) wins
+    assert Sampler(temp=0, presence_penalty=0.5)(np.array([0.5, 2.0, 2.0, 1.9], np.float32),
+                                                 [1, 2]) == 3
 
 
 @pytest.mark.parametrize("k,expected", [

@@ -43,7 +43,7 @@ class _LazyGroup(click.Group):
             raise
 
 
-@click.group(cls=_LazyGroup)
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="blockq")
 def cli():
     """blockq: block-quantized (GGUF k-quant) language models in Python."""

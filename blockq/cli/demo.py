@@ -46,8 +46,7 @@ def quantization_errors(path: Path, name: str = DEMO_TENSOR, types=DEMO_TYPES) -
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads for the kernels.")
 def demo(model, n_predict, threads):
     """Quantize a real tensor (Q4_K, Q6_K) and chat with MODEL (default: SmolLM2-135M)."""
-    from .. import generate as gen
-    from .run import ChatSession, open_model
+    from .run import ChatSession, load_llm
 
     if model is None:
         from ..fetch import smollm2_path
@@ -62,13 +61,12 @@ def demo(model, n_predict, threads):
         click.echo(f"  (the stored {e['source_type']} values already sit on a coarse grid, "
                    "which neither type reproduces exactly)")
 
-    m, tok = open_model(model, threads)
-    session = ChatSession(m, tok, n_ctx=512)
+    llm = load_llm(model, threads, n_ctx=512)
+    session = ChatSession(llm)
     click.echo(f"user: {QUESTION}")
     click.echo("assistant: ", nl=False)
-    timings = gen.Timings()
     t0 = time.perf_counter()
-    for piece in session.reply(QUESTION, n_predict=n_predict, timings=timings):
+    for piece in session.reply(QUESTION, max_tokens=n_predict):
         click.echo(piece, nl=False)
     click.echo()
-    click.echo(f"({timings.summary()}; {time.perf_counter() - t0:.1f} s in all)", err=True)
+    click.echo(f"({session.last.summary()}; {time.perf_counter() - t0:.1f} s in all)", err=True)

@@ -4,23 +4,34 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from ..errors import BadArgument
+from ..api import DEFAULT_CTX, ChatSession, apply_gpu_layers, load, set_threads  # noqa: F401
+from ..errors import BadArgument, BlockqError
 from .progress import ChunkProgress
-
-DEFAULT_CTX = 4096  # llama.cpp's default -c, capped at the model's training context
 
 
 # -- shared options ---------------------------------------------------------------------------
 
+_MODEL_PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 def _model_arg(f):
-    return click.argument("model", required=False,
-                          type=click.Path(exists=True, dir_okay=False, path_type=Path))(f)
+    """MODEL as a positional argument or with -m/--model (llama.cpp's spelling)."""
+    @functools.wraps(f)
+    def merged(*args, model=None, model_opt=None, **kw):
+        if model is not None and model_opt is not None and model != model_opt:
+            raise BadArgument(f"two models given ({model} and -m {model_opt}): give one")
+        return f(*args, model=model if model is not None else model_opt, **kw)
+
+    merged = click.option("-m", "--model", "model_opt", type=_MODEL_PATH, default=None,
+                          help="The GGUF file (the same as MODEL).")(merged)
+    return click.argument("model", required=False, type=_MODEL_PATH)(merged)
 
 
 def _threads_opt(f):
@@ -30,8 +41,9 @@ def _threads_opt(f):
 
 def _gpu_opt(f):
     return click.option("-ngl", "--gpu-layers", default=None,
-                        help="Blocks to offload to the GPU, the last ones first: N, 'all' or "
-                             "'auto' (needs CuPy and a CUDA device; default: none).")(f)
+                        help="Blocks to offload to the GPU, the last ones first: N (more than "
+                             "the model has = all), 'all' or 'auto' (needs CuPy and a CUDA "
+                             "device; default: none).")(f)
 
 
 def _numerics_opt(f):
@@ -69,101 +81,39 @@ def _sampling_opts(f):
     return f
 
 
-def set_threads(threads: int | None) -> int:
-    """Set the kernels' thread count (``-t``; None: Numba's default, every core).
-
-    OpenBLAS (numpy's matmul in the prompt path's attention) always gets one thread: its idle
-    workers spin for a while after each call and took the cores from Numba's kernels, which
-    halved prompt speed at 2 threads (pp128 on SmolLM2 Q4_K_M: 108 tok/s with both pools at 2,
-    285 with OpenBLAS at 1).
-    """
-    import numba
-
-    if threads is not None:
-        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-            raise BadArgument(f"-t {threads}: this machine runs 1..{numba.config.NUMBA_NUM_THREADS}"
-                              " threads (set NUMBA_NUM_THREADS to allow more)")
-        numba.set_num_threads(threads)
-    _set_blas_threads(1)
-    return numba.get_num_threads()
+def _stop_opts(f):
+    f = click.option("--ignore-eos", is_flag=True,
+                     help="Keep generating past end-of-generation tokens.")(f)
+    return click.option("-r", "--stop", "--reverse-prompt", "stop", multiple=True,
+                        help="Stop when the text contains this string (repeatable; the string "
+                             "itself is not printed).")(f)
 
 
-def _set_blas_threads(n: int) -> None:
-    """Best effort: numpy's bundled OpenBLAS, found among the loaded libraries (as threadpoolctl
-    does); other BLAS builds keep their own setting (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS)."""
-    import ctypes
+def sampling_kwargs(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed) -> dict:
+    """The CLI's sampling options under the API's (OpenAI's) names."""
+    return dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                seed=None if seed < 0 else seed)
 
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-    except OSError:
-        return
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                     "openblas_set_num_threads"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                break
+
+def load_llm(path: Path | None, threads: int | None = None, gpu_layers=None,
+             n_ctx: int = DEFAULT_CTX, numerics: str = "default", cache_type: str = "f16",
+             announce: bool = False):
+    """:func:`blockq.load` with the CLI's notices on stderr: which model, and (``announce``) a
+    warm-up run that says so when the kernels are being compiled for the first time."""
+    llm = load(path, n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads, numerics=numerics,
+               cache_type=cache_type, notice=_err)
+    if announce:
+        _err(llm.describe())
+        llm.warmup(notice=_err)
+    return llm
 
 
 def open_model(path: Path | None, threads: int | None = None, gpu_layers=None,
                n_ctx: int = DEFAULT_CTX, numerics: str = "default"):
-    """(model, tokenizer) for a GGUF path, or for the default SmolLM2 file when None; the last
-    ``gpu_layers`` blocks are offloaded to the GPU (``--gpu-layers``)."""
-    from ..model import Model
-    from ..tokenizer import Tokenizer
-
-    set_threads(threads)
-    if path is None:
-        from ..fetch import smollm2_path
-        path = smollm2_path()
-    model = Model.load(path, numerics=numerics)
-    apply_gpu_layers(model, gpu_layers, _ctx(model, n_ctx))
-    return model, Tokenizer.from_metadata(model.metadata)
-
-
-def apply_gpu_layers(model, gpu_layers, n_ctx: int) -> int:
-    """Offload per ``--gpu-layers`` (N, 'all', 'auto'); returns the number of blocks offloaded."""
-    from ..gpu.offload import auto_layers, parse_gpu_layers
-
-    n = parse_gpu_layers(gpu_layers, model.args.n_layer)
-    if n == 0:
-        model.offload(0)
-        return 0
-    from ..gpu import require_gpu
-
-    device = require_gpu()
-    if n == "auto":
-        import cupy
-
-        free, _ = cupy.cuda.runtime.memGetInfo()
-        n = auto_layers(model, n_ctx, free)
-        _err(f"--gpu-layers auto: {n} of {model.args.n_layer} blocks on the GPU ({device})")
-    model.offload(n)
-    return n
-
-
-def make_sampler(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed):
-    from ..sampling import Sampler
-
-    return Sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                   seed=None if seed < 0 else seed)
-
-
-def _ctx(model, n_ctx: int) -> int:
-    if n_ctx <= 0:
-        return model.args.n_ctx_train
-    return min(n_ctx, model.args.n_ctx_train)
-
-
-def _eog(tok) -> frozenset[int]:
-    return frozenset(tok.eog_ids)
+    """(model, tokenizer) for a GGUF path, or for the default SmolLM2 file when None."""
+    llm = load_llm(path, threads, gpu_layers, n_ctx, numerics)
+    return llm.model, llm.tokenizer
 
 
 def _err(msg: str) -> None:
@@ -178,40 +128,54 @@ def _err(msg: str) -> None:
 @click.option("-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False,
                                                                path_type=Path),
               help="Read the prompt from a file.")
+@click.option("-sys", "--system-prompt", "system", default=None,
+              help="System message: the prompt becomes a chat turn through the model's chat "
+                   "template.")
 @click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
               help="Tokens to generate; -1 = until end of generation or a full context.")
+@_stop_opts
 @_sampling_opts
 @_threads_opt
 @_ctx_opts
 @_gpu_opt
 @_numerics_opt
-def generate(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, threads, n_ctx, cache_type, gpu_layers, numerics):
+def generate(model, prompt, prompt_file, system, n_predict, stop, ignore_eos, temp, top_k, top_p,
+             min_p, repeat_penalty, repeat_last_n, seed, threads, n_ctx, cache_type, gpu_layers,
+             numerics):
     """Continue PROMPT with MODEL (a GGUF file; default: SmolLM2-135M-Instruct).
 
-    Only the generated text goes to stdout; timings go to stderr.
+    Only the generated text goes to stdout; the model used and the timings go to stderr.
     """
-    from .. import generate as gen
-
     if prompt is not None and prompt_file is not None:
         raise BadArgument("give the prompt with -p or -f, not both")
     text = prompt_file.read_text(encoding="utf-8") if prompt_file else (prompt or "")
-    m, tok = open_model(model, threads, gpu_layers, n_ctx, numerics)
-    ids = tok.encode(text, add_special=True, parse_special=True)
-    if not ids:
-        ids = [tok.bos_id]
-    cache = m.new_cache(_ctx(m, n_ctx), cache_type)
-    sampler = make_sampler(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-    timings = gen.Timings()
-    stream = gen.generate(m, ids, n_predict=n_predict, sample=sampler, cache=cache,
-                          eog=_eog(tok), timings=timings)
+    llm = load_llm(model, threads, gpu_layers, n_ctx, numerics, cache_type, announce=True)
+    if system is not None:
+        ids = llm.chat_prompt_ids([{"role": "system", "content": system},
+                                   {"role": "user", "content": text}])
+    else:
+        ids = llm._prompt_ids(text) if text else [_start_token(llm)]
+    run = llm.run(ids, max_tokens=n_predict, stop=list(stop), ignore_eos=ignore_eos,
+                  **sampling_kwargs(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                                    seed))
     out = sys.stdout
-    for piece in gen.stream_text(tok, stream):
+    for piece, _ in run:
         out.write(piece)
         out.flush()
     out.write("\n")
     out.flush()
-    _err(timings.summary())
+    _err(run.summary() + f" | stopped: {_FINISH[run.finish_reason]}")
+
+
+_FINISH = {"stop": "end of generation or a stop string", "length": "token limit or full context",
+           "cancelled": "interrupted"}
+
+
+def _start_token(llm) -> int:
+    tok = llm.tokenizer
+    if tok.bos_id is None:
+        raise BadArgument(f"{llm.name} has no BOS token to start from: give a prompt (-p)")
+    return tok.bos_id
 
 
 # -- chat -------------------------------------------------------------------------------------
@@ -221,90 +185,103 @@ def generate(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, r
 @click.option("-sys", "--system-prompt", "system", default=None, help="System message.")
 @click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
               help="Most tokens per reply; -1 = until end of generation.")
+@_stop_opts
 @_sampling_opts
 @_threads_opt
 @_ctx_opts
 @_gpu_opt
-def chat(model, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-         seed, threads, n_ctx, cache_type, gpu_layers):
-    """Talk with MODEL through its chat template: one message per line on stdin.
+def chat(model, system, n_predict, stop, ignore_eos, temp, top_k, top_p, min_p, repeat_penalty,
+         repeat_last_n, seed, threads, n_ctx, cache_type, gpu_layers):
+    """Talk with MODEL through its chat template.
 
-    The conversation is kept (and its cached keys/values reused); /exit or end of input ends it.
+    One message per line (end a line with \\ to continue it on the next); /clear forgets the
+    conversation, /exit or Ctrl-D ends it.  Ctrl-C stops a reply and keeps the conversation; a
+    second Ctrl-C at an empty prompt exits.  When the context is full the oldest turns are
+    dropped.
     """
-    from .. import generate as gen
-
-    m, tok = open_model(model, threads, gpu_layers, n_ctx)
-    session = ChatSession(m, tok, system=system, n_ctx=_ctx(m, n_ctx), cache_type=cache_type,
-                          sampler=make_sampler(temp, top_k, top_p, min_p, repeat_penalty,
-                                               repeat_last_n, seed))
     interactive = sys.stdin.isatty()
+    llm = load_llm(model, threads, gpu_layers, n_ctx, cache_type=cache_type,
+                   announce=interactive)
+    session = ChatSession(llm, system=system,
+                          on_shift=lambda n: _err(f"[context full: the oldest {n} messages were "
+                                                  "dropped]"),
+                          **sampling_kwargs(temp, top_k, top_p, min_p, repeat_penalty,
+                                            repeat_last_n, seed))
+    read = _Reader(interactive)
     if interactive:
-        _err("chat: type a message and press enter; /exit or Ctrl-D ends.")
+        _err("chat: type a message and press enter (end a line with \\ to go on); "
+             "/clear, /exit or Ctrl-D; Ctrl-C stops a reply.")
     while True:
-        if interactive:
-            click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = read()
+        if line is None:
             break
-        line = line.strip()
         if line in ("/exit", "/quit"):
             break
+        if line == "/clear":
+            session.clear()
+            _err("[conversation cleared]")
+            continue
         if not line:
             continue
-        timings = gen.Timings()
-        for piece in session.reply(line, n_predict=n_predict, timings=timings):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        reply = session.reply(line, max_tokens=n_predict, stop=list(stop),
+                              ignore_eos=ignore_eos)
+        try:
+            for piece in reply:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except BlockqError as e:  # e.g. one message longer than the whole context
+            _err(f"error: {e}")
+            continue
+        except KeyboardInterrupt:
+            reply.close()
+            sys.stdout.write("\n")
+            _err("[reply stopped; the conversation goes on]")
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if interactive and session.last is not None:
+            _err(session.last.summary())
+
+
+class _Reader:
+    """Messages from stdin: readline editing and history on a terminal, a trailing backslash
+    continues a message on the next line, Ctrl-C at an empty prompt twice in a row exits."""
+
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
         if interactive:
-            _err(timings.summary())
+            try:
+                import readline  # noqa: F401  (input() then edits lines and keeps history)
+            except ImportError:
+                pass
 
+    def _line(self, prompt: str) -> str | None:
+        if not self.interactive:
+            line = sys.stdin.readline()
+            return line.rstrip("\n") if line else None
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
 
-class ChatSession:
-    """A conversation: messages, their rendering through the model's template, and the cache."""
-
-    def __init__(self, model, tokenizer, *, system=None, n_ctx=4096, cache_type="f16",
-                 sampler=None, template=None):
-        from ..generate import greedy
-
-        self.model = model
-        self.tok = tokenizer
-        self.template = template or model.metadata.get("tokenizer.chat_template")
-        if not self.template:
-            raise BadArgument(f"{getattr(model, 'path', 'the model')} has no "
-                              "tokenizer.chat_template; chat needs one")
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.cache = model.new_cache(n_ctx, cache_type)
-        self.sample = sampler or greedy
-
-    def prompt_ids(self) -> list[int]:
-        from ..chat import render_chat
-
-        bos = self.tok.token_text(self.tok.bos_id)
-        text = render_chat(self.template, self.messages, add_generation_prompt=True,
-                           bos_token=bos, eos_token=self.tok.token_text(self.tok.eos_id))
-        # a template that writes {{ bos_token }} itself must not get a second one
-        add_special = not (bos and text.startswith(bos))
-        return self.tok.encode(text, add_special=add_special, parse_special=True)
-
-    def reply(self, message: str, n_predict: int = -1, timings=None):
-        """Add a user message; yield the reply's text pieces; keep the reply in the history."""
-        from .. import generate as gen
-
-        self.messages.append({"role": "user", "content": message})
-        ids = self.prompt_ids()
-        if len(ids) >= self.cache.n_ctx:
-            self.messages.pop()
-            raise BadArgument(f"the conversation needs {len(ids)} tokens, the context holds "
-                              f"{self.cache.n_ctx} (raise -c)")
-        stream = gen.generate(self.model, ids, n_predict=n_predict, sample=self.sample,
-                              cache=self.cache, eog=frozenset(self.tok.eog_ids), timings=timings)
-        parts = []
-        for piece in gen.stream_text(self.tok, stream):
-            parts.append(piece)
-            yield piece
-        self.messages.append({"role": "assistant", "content": "".join(parts)})
+    def __call__(self) -> str | None:
+        interrupted = False
+        while True:
+            try:
+                parts = []
+                line = self._line("> ")
+                while line is not None and line.endswith("\\"):
+                    parts.append(line[:-1])
+                    line = self._line("... ")
+                if line is None and not parts:
+                    return None
+                parts.append(line or "")
+                return "\n".join(parts).strip()
+            except KeyboardInterrupt:
+                if interrupted:
+                    click.echo("", err=True)
+                    return None
+                interrupted = True
+                _err("\n[Ctrl-C again to exit, or type a message]")
 
 
 # -- perplexity -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ KV_MARGIN = 1.10  # auto: keep 10% of free memory spare beyond weights + KV cach
 
 
 def parse_gpu_layers(value: "str | int | None", n_layer: int) -> "int | str":
-    """``--gpu-layers`` value: an int 0..n_layer, "all" (= n_layer) or "auto"."""
+    """``--gpu-layers`` value: an int >= 0 (above n_layer: all), "all" (= n_layer) or "auto"."""
     if value is None:
         return 0
     s = str(value).strip().lower()
@@ -29,10 +29,9 @@ def parse_gpu_layers(value: "str | int | None", n_layer: int) -> "int | str":
         n = int(s)
     except ValueError:
         raise BadArgument(f"--gpu-layers {value!r}: use a number 0..{n_layer}, 'all' or 'auto'")
-    if not 0 <= n <= n_layer:
-        raise BadArgument(f"--gpu-layers {n}: this model has {n_layer} layers (use 0..{n_layer}, "
-                          "'all' or 'auto')")
-    return n
+    if n < 0:
+        raise BadArgument(f"--gpu-layers {n}: use a number 0..{n_layer}, 'all' or 'auto'")
+    return min(n, n_layer)  # as llama.cpp: -ngl 99 offloads every layer
 
 
 def layer_bytes(model, il: int) -> int:
