@@ -442,21 +442,14 @@ class LLM:
     def create_completion(self, prompt, *, max_tokens: int | None = 16, stream: bool = False,
                           logprobs: int | None = None, echo: bool = False, cache=None,
                           model: str | None = None, **kw):
-        """An OpenAI ``text_completion`` dict, or with ``stream=True`` an iterator of chunks."""
+        """An OpenAI ``text_completion`` dict, or with ``stream=True`` an iterator of chunks
+        (the last one carries ``finish_reason`` and ``usage``)."""
         ids = self._prompt_ids(prompt)
         run = self.run(ids, cache, max_tokens=max_tokens, logprobs=logprobs, **kw)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model or self.name}
-        prefix = self.detokenize(ids) if echo else ""
-        if stream:
-            return self._completion_chunks(run, head, prefix)
-        offset, lp = len(prefix), _CompletionLogprobs() if logprobs is not None else None
-        for text, infos in run:
-            if lp is not None:
-                offset = lp.add(infos, offset)
-        choice = {"index": 0, "text": prefix + run.text,
-                  "logprobs": lp.as_dict() if lp else None, "finish_reason": run.finish_reason}
-        return {**head, "choices": [choice], "usage": _usage(run)}
+        chunks = self._completion_chunks(run, head, self.detokenize(ids) if echo else "")
+        return chunks if stream else collect_completion(chunks)
 
     def _completion_chunks(self, run: Run, head: dict, prefix: str):
         offset = len(prefix)
@@ -480,24 +473,16 @@ class LLM:
                                logprobs: bool = False, top_logprobs: int | None = None,
                                cache=None, model: str | None = None, **kw):
         """An OpenAI ``chat.completion`` dict, or with ``stream=True`` an iterator of
-        ``chat.completion.chunk`` dicts (the last one carries ``usage``)."""
+        ``chat.completion.chunk`` dicts (the last one carries ``finish_reason`` and ``usage``)."""
         if top_logprobs is not None and not logprobs:
             raise BadArgument("top_logprobs needs logprobs: true")
         ids = self.chat_prompt_ids(messages)
         k = (top_logprobs or 0) if logprobs else None
         run = self.run(ids, cache, max_tokens=max_tokens, logprobs=k, **kw)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model or self.name}
-        if stream:
-            return self._chat_chunks(run, {**head, "object": "chat.completion.chunk"})
-        content = []
-        for text, infos in run:
-            if logprobs:
-                content.extend(_chat_logprob(i) for i in infos)
-        choice = {"index": 0, "message": {"role": "assistant", "content": run.text},
-                  "logprobs": {"content": content} if logprobs else None,
-                  "finish_reason": run.finish_reason}
-        return {**head, "choices": [choice], "usage": _usage(run)}
+        chunks = self._chat_chunks(run, head)
+        return chunks if stream else collect_chat(chunks)
 
     def _chat_chunks(self, run: Run, head: dict):
         yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -521,6 +506,37 @@ class LLM:
 
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, n_ctx={self.n_ctx})"
+
+
+def collect_completion(chunks) -> dict:
+    """The ``text_completion`` dict that a stream of completion chunks adds up to."""
+    text, lp, last = [], None, None
+    for last in chunks:
+        c = last["choices"][0]
+        text.append(c["text"])
+        if c["logprobs"] is not None:
+            lp = lp or {k: [] for k in c["logprobs"]}
+            for k, v in c["logprobs"].items():
+                lp[k].extend(v)
+    choice = {"index": 0, "text": "".join(text), "logprobs": lp,
+              "finish_reason": last["choices"][0]["finish_reason"]}
+    return {**{k: last[k] for k in ("id", "object", "created", "model")}, "choices": [choice],
+            "usage": last["usage"]}
+
+
+def collect_chat(chunks) -> dict:
+    """The ``chat.completion`` dict that a stream of ``chat.completion.chunk`` adds up to."""
+    text, lp, last = [], None, None
+    for last in chunks:
+        c = last["choices"][0]
+        text.append(c["delta"].get("content", ""))
+        if c["logprobs"] is not None:
+            lp = lp or {"content": []}
+            lp["content"].extend(c["logprobs"]["content"])
+    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+              "logprobs": lp, "finish_reason": last["choices"][0]["finish_reason"]}
+    return {"id": last["id"], "object": "chat.completion", "created": last["created"],
+            "model": last["model"], "choices": [choice], "usage": last["usage"]}
 
 
 def _usage(run: Run) -> dict:

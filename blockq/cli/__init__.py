@@ -21,6 +21,7 @@ COMMANDS = {
     "chat": ("blockq.cli.run", "chat"),
     "perplexity": ("blockq.cli.run", "perplexity"),
     "bench": ("blockq.cli.run", "bench"),
+    "serve": ("blockq.cli.serve", "serve"),
     "convert": ("blockq.cli.convert", "convert"),
     "imatrix": ("blockq.cli.convert", "imatrix"),
     "kld": ("blockq.cli.convert", "kld"),
