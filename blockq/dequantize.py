@@ -19,8 +19,9 @@ from math import prod
 
 import numpy as np
 
+from . import codebooks
 from .errors import BadArgument
-from .types import QK_K, QType, qtype as _qtype
+from .types import QK_K, QType, qtype as _qtype, register
 
 F32 = np.float32
 
@@ -263,17 +264,280 @@ def _ref_q8_k(r):
     return _q_q8_k(r).astype(F32) * _f(r["d"])
 
 
+# --- the non-linear, ternary and i-quant types: w = scale[s] * value -------------------------
+# Per type: ``_v_<type>(r)``, the value each weight's scale multiplies, records (n,) -> float32
+# (n, block_size) (a codebook entry with its sign, an E2M1 value, a trit...), and
+# ``_s_<type>(r)``, the scales, float32 (n, n_sub), one per ``sub`` weights (``_SCALED``).
+# ``_ref_scaled`` multiplies them once per weight, which is llama.cpp's last (only inexact) step.
+
+def _v_iq4_nl(r):
+    # byte 0..1: d (f16) | 2..17: qs, nibbles as Q4_0 (weight j low nibble of qs[j], j+16 high);
+    # each nibble indexes the 16-value table codebooks.IQ4_NL
+    return codebooks.IQ4_NL[_nibbles(r["qs"])].astype(F32)  # (n, 32) in -127..113
+
+
+def _s_d(r):
+    return _f(r["d"])  # (n, 1): one f16 scale for the block
+
+
+def iq4_xs_scales(r) -> np.ndarray:
+    """IQ4_XS: the 8 six-bit sub-block scales, minus 32: int16 (n, 8) in -32..31."""
+    # scales_l (4 bytes): low 4 bits, sub-block s in nibble s%2 of byte s//2
+    # scales_h (u16): high 2 bits, sub-block s in bits 2s..2s+1
+    s = np.arange(8)
+    low = (r["scales_l"][:, s // 2] >> (4 * (s % 2)).astype(np.uint8)) & 0xF
+    high = (r["scales_h"][:, None] >> (2 * s).astype(np.uint16)) & 3
+    return (low | (high << 4)).astype(np.int16) - 32
+
+
+def _v_iq4_xs(r):
+    # byte 0..1: d | 2..3: scales_h | 4..7: scales_l | 8..135: qs; sub-block s (32 weights) has
+    # its 16 bytes at qs[16*s:16*s+16], nibbles in Q4_0 order, values from codebooks.IQ4_NL
+    n = len(r)
+    return codebooks.IQ4_NL[_nibbles(r["qs"].reshape(n, 8, 16))].reshape(n, QK_K).astype(F32)
+
+
+def _s_iq4_xs(r):
+    return _f(r["d"]) * iq4_xs_scales(r).astype(F32)  # (n, 8)
+
+
+def e8m0_half(e) -> np.ndarray:
+    """MXFP4's E8M0 scale byte e as float32 2**(e - 128) (half the OCP value: the stored E2M1
+    values are doubled), subnormal for e < 2, as ggml's ``ggml_e8m0_to_fp32_half``."""
+    e = np.asarray(e, dtype=np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23))
+    return bits.astype(np.uint32).view(F32)
+
+
+def _v_mxfp4(r):
+    # byte 0: e (E8M0 scale) | 1..16: qs, E2M1 codes as nibbles in Q4_0 order
+    return codebooks.MXFP4[_nibbles(r["qs"])].astype(F32)  # (n, 32), doubled E2M1: -12..12
+
+
+def _s_mxfp4(r):
+    return e8m0_half(r["e"])[:, None]
+
+
+_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+def _trits(b, k):
+    # A byte holds k trits as the fraction b / 256 ~ 0.t1t2t3t4t5 in base 3 (rounded up):
+    # trit i = the integer part of 3 * frac(b * 3**i / 256), i.e. ((b * 3**i mod 256) * 3) >> 8.
+    # Returns (..., k, bytes) in 0..2, trit i of every byte in row i.
+    q = (b[..., None, :] * _POW3[:k, None]).astype(np.uint8)  # wraps mod 256, as uint8 in C
+    return ((q.astype(np.uint16) * 3) >> 8).astype(np.int8)
+
+
+def _v_tq1_0(r):
+    # byte 0..47: qs | 48..51: qh | 52..53: d (f16).  Weights, in order:
+    #   0..159:   trit i (0..4) of qs[0..31]  -> weight 32*i + m
+    #   160..239: trit i of qs[32..47]        -> weight 160 + 16*i + m
+    #   240..255: trit i (0..3) of qh[0..3]   -> weight 240 + 4*i + m
+    # stored trit t in 0..2 means t - 1
+    n = len(r)
+    parts = [_trits(r["qs"][:, :32], 5), _trits(r["qs"][:, 32:], 5), _trits(r["qh"], 4)]
+    return (np.concatenate([p.reshape(n, -1) for p in parts], axis=-1) - 1).astype(F32)
+
+
+def _v_tq2_0(r):
+    # byte 0..63: qs, 2 bits per weight | 64..65: d (f16).  Weight 128*h + 32*j + m is bits
+    # 2j..2j+1 of qs[32*h + m] (as Q2_K); stored 0..2 means -1..1
+    n = len(r)
+    q = (r["qs"].reshape(n, 2, 1, 32) >> _SHIFT2) & 3
+    return (q.reshape(n, QK_K).astype(np.int8) - 1).astype(F32)
+
+
+def _signs(bits) -> np.ndarray:
+    """uint8 (...) sign bytes -> float32 (..., 8): bit j set means weight j is negative."""
+    b = np.unpackbits(np.asarray(bits, np.uint8)[..., None], axis=-1, bitorder="little")
+    return np.where(b == 1, F32(-1), F32(1))
+
+
+def _grid(name, idx) -> np.ndarray:
+    """Codewords idx (any int array) of a type's codebook as float32 (..., group)."""
+    return codebooks.grid(name)[idx].astype(F32)
+
+
+def _half_scales(d, s, factor):
+    # IQ2/IQ3 scale of a sub-block: d * (0.5 + s) * factor, in this order in float32
+    return (d * (F32(0.5) + s.astype(F32))) * F32(factor)
+
+
+def _iq2_xxs_words(r):
+    n = len(r)
+    return r["qs"].view("<u4").reshape(n, 8, 2)
+
+
+def _v_iq2_xxs(r):
+    # byte 0..1: d | 2..65: 8 sub-blocks of 32 weights, each two u32 (as 4 u16 in qs):
+    #   u32 0: 4 grid indices (one byte per group of 8)
+    #   u32 1: bits 0..27: 4 x 7-bit sign codes (codebooks.KSIGNS) | bits 28..31: scale s
+    #   w = d * (0.5 + s) * 0.25 * grid[idx] * sign
+    n = len(r)
+    u = _iq2_xxs_words(r)
+    idx = u[..., 0:1].view(np.uint8).reshape(n, 8, 4)
+    sign = codebooks.KSIGNS[(u[..., 1:2] >> (7 * np.arange(4, dtype=np.uint32))) & 127]
+    return (_grid("IQ2_XXS", idx) * _signs(sign)).reshape(n, QK_K)
+
+
+def _s_iq2_xxs(r):
+    return _half_scales(_f(r["d"]), _iq2_xxs_words(r)[..., 1] >> 28, 0.25)  # (n, 8)
+
+
+def _v_iq2_xs(r):
+    # byte 0..1: d | 2..65: qs, 32 u16: bits 0..8 grid index, bits 9..15 sign code | 66..73:
+    # scales, sub-block s: 4-bit scales of its two halves of 16 in the low and high nibble
+    n = len(r)
+    q = r["qs"].reshape(n, 8, 4)
+    return (_grid("IQ2_XS", q & 511) * _signs(codebooks.KSIGNS[q >> 9])).reshape(n, QK_K)
+
+
+def _s_iq2_xs(r):
+    # (n, 16): half h of sub-block s is nibble h of scales[s]
+    n = len(r)
+    return _half_scales(_f(r["d"]), _nibbles(r["scales"][:, :, None]).reshape(n, 16), 0.25)
+
+
+def _v_iq2_s(r):
+    # byte 0..1: d | 2..33: qs, low 8 bits of 32 grid indices | 34..65: signs, one byte per group
+    # of 8 | 66..73: qh, bits 2l..2l+1 of byte s = index bits 8..9 of group l of sub-block s |
+    # 74..81: scales as IQ2_XS
+    n = len(r)
+    hi = (r["qh"][..., None] >> (2 * np.arange(4, dtype=np.uint8))) & 3  # (n, 8, 4)
+    idx = r["qs"].reshape(n, 8, 4).astype(np.int32) | (hi.astype(np.int32) << 8)
+    return (_grid("IQ2_S", idx) * _signs(r["signs"].reshape(n, 8, 4))).reshape(n, QK_K)
+
+
+def _v_iq3_xxs(r):
+    # byte 0..1: d | 2..65: qs, 64 grid indices (groups of 4) | 66..97: 8 u32, sub-block s:
+    # bits 0..27 four 7-bit sign codes (each covers 8 weights = 2 groups), bits 28..31 scale
+    #   w = d * (0.5 + s) * 0.5 * grid[idx] * sign
+    n = len(r)
+    u = r["scales_signs"]  # (n, 8)
+    sign = codebooks.KSIGNS[(u[..., None] >> (7 * np.arange(4, dtype=np.uint32))) & 127]
+    g = _grid("IQ3_XXS", r["qs"].reshape(n, 8, 4, 2)).reshape(n, 8, 4, 8)
+    return (g * _signs(sign)).reshape(n, QK_K)
+
+
+def _s_iq3_xxs(r):
+    return _half_scales(_f(r["d"]), r["scales_signs"] >> 28, 0.5)  # (n, 8)
+
+
+def _v_iq3_s(r):
+    # byte 0..1: d | 2..65: qs, low 8 bits of 64 grid indices (groups of 4) | 66..73: qh, bit k
+    # of byte s = bit 8 of index 8*s + k | 74..105: signs, one byte per 8 weights |
+    # 106..109: scales, 4-bit, two per byte (sub-blocks of 32):  w = d * (1 + 2*s) * grid * sign
+    n = len(r)
+    hi = np.unpackbits(r["qh"][..., None], axis=-1, bitorder="little").astype(np.int32)
+    idx = r["qs"].reshape(n, 8, 8).astype(np.int32) | (hi << 8)  # (n, 8, 8)
+    g = _grid("IQ3_S", idx).reshape(n, 8, 4, 8)
+    return (g * _signs(r["signs"].reshape(n, 8, 4))).reshape(n, QK_K)
+
+
+def _s_iq3_s(r):
+    n = len(r)
+    sc = _nibbles(r["scales"][:, :, None]).reshape(n, 8)  # sub-block 2b: low nibble of byte b
+    return _f(r["d"]) * (1 + 2 * sc.astype(np.int32)).astype(F32)
+
+
+IQ1_DELTA = F32(0.125)
+
+
+def _v_iq1_s(r):
+    # byte 0..1: d | 2..33: qs, low 8 bits of 32 grid indices | 34..49: qh, 8 u16, sub-block s:
+    # bits 3l..3l+2 = index bits 8..10 of group l, bits 12..14 scale s, bit 15 sign of delta
+    #   w = d * (2*s + 1) * (grid[idx] + delta), delta = +-0.125
+    n = len(r)
+    qh = r["qh"]  # (n, 8)
+    hi = (qh[..., None] >> (3 * np.arange(4, dtype=np.uint16))) & 7
+    idx = r["qs"].reshape(n, 8, 4).astype(np.int32) | (hi.astype(np.int32) << 8)
+    delta = np.where(qh & 0x8000, -IQ1_DELTA, IQ1_DELTA)  # (n, 8)
+    return (_grid("IQ1_S", idx) + delta[..., None, None]).reshape(n, QK_K)
+
+
+def _s_iq1_s(r):
+    return _f(r["d"]) * (2 * ((r["qh"] >> 12) & 7).astype(np.int32) + 1).astype(F32)  # (n, 8)
+
+
+def iq1_m_scale(r) -> np.ndarray:
+    """IQ1_M's f16 super-block scale, spread over the top 4 bits of its four scale words."""
+    sc = r["scales"]  # (n, 4) u16
+    u = ((sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00)
+         | (sc[:, 3] & 0xF000))
+    return u.astype(np.uint16).view(np.float16).astype(F32)
+
+
+def _v_iq1_m(r):
+    # byte 0..31: qs, low 8 bits of 32 grid indices | 32..47: qh, one nibble per group of 8:
+    # bits 0..2 index bits 8..10, bit 3 sign of delta | 48..55: scales, 4 u16: bits 0..11 are
+    # 3-bit scales of 16 weights (u16 k holds those of weights 64k..64k+63), bits 12..15 a
+    # nibble of d (f16).   w = d * (2*s + 1) * (grid[idx] + delta)
+    n = len(r)
+    nib = _nibbles(r["qh"][:, :, None]).reshape(n, 32)  # group g: nibble g%2 of qh[g//2]
+    idx = r["qs"].astype(np.int32) | ((nib & 7).astype(np.int32) << 8)
+    delta = np.where(nib & 8, -IQ1_DELTA, IQ1_DELTA)  # (n, 32)
+    return (_grid("IQ1_M", idx) + delta[..., None]).reshape(n, QK_K)
+
+
+def _s_iq1_m(r):
+    n = len(r)
+    s = (r["scales"][..., None] >> (3 * np.arange(4, dtype=np.uint16))) & 7  # (n, 4, 4)
+    return iq1_m_scale(r)[:, None] * (2 * s.reshape(n, 16).astype(np.int32) + 1).astype(F32)
+
+
+# name -> (weights per scale, scales, values)
+_SCALED = {
+    "IQ4_NL": (32, _s_d, _v_iq4_nl), "IQ4_XS": (32, _s_iq4_xs, _v_iq4_xs),
+    "MXFP4": (32, _s_mxfp4, _v_mxfp4), "TQ1_0": (256, _s_d, _v_tq1_0),
+    "TQ2_0": (256, _s_d, _v_tq2_0), "IQ2_XXS": (32, _s_iq2_xxs, _v_iq2_xxs),
+    "IQ2_XS": (16, _s_iq2_xs, _v_iq2_xs), "IQ2_S": (16, _s_iq2_xs, _v_iq2_s),
+    "IQ3_XXS": (32, _s_iq3_xxs, _v_iq3_xxs), "IQ3_S": (32, _s_iq3_s, _v_iq3_s),
+    "IQ1_S": (32, _s_iq1_s, _v_iq1_s), "IQ1_M": (16, _s_iq1_m, _v_iq1_m),
+}
+
+
+def scaled_parts(blocks, qtype: "str | int | QType") -> tuple[int, np.ndarray, np.ndarray]:
+    """(weights per scale, scales (n, n_sub), values (n, block_size)) of a scale-times-value type:
+    its weight j is ``scales[:, j // sub] * values[:, j]`` in float32."""
+    t = _qtype(qtype)
+    sub, scales, values = _SCALED[t.name]
+    r = _records(blocks, t)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return sub, scales(r), values(r)
+
+
+def _scaled_ref(name):
+    sub, scales, values = _SCALED[name]
+
+    def ref(r):
+        v = values(r)  # (n, block_size)
+        return (np.repeat(scales(r), sub, axis=-1) * v)
+    return ref
+
+
+# --- plain integers and F64: w = the value, as float32 ---------------------------------------
+
+def _ref_int(r):
+    # one value per "block": byte 0..size-1: i (little-endian) or f (F64)
+    return r[r.dtype.names[0]].astype(F32)[:, None]
+
+
 _REF = {
     "F32": _ref_f32, "F16": _ref_f16, "BF16": _ref_bf16,
     "Q4_0": _ref_q4_0, "Q4_1": _ref_q4_1, "Q5_0": _ref_q5_0, "Q5_1": _ref_q5_1, "Q8_0": _ref_q8_0,
     "Q2_K": _ref_q2_k, "Q3_K": _ref_q3_k, "Q4_K": _ref_q4_k, "Q5_K": _ref_q5_k, "Q6_K": _ref_q6_k,
     "Q8_K": _ref_q8_k,
+    **{name: _scaled_ref(name) for name in _SCALED},
+    "I8": _ref_int, "I16": _ref_int, "I32": _ref_int, "I64": _ref_int, "F64": _ref_int,
 }
 _QINTS = {
     "Q4_0": _q_q4_0, "Q4_1": _q_q4_1, "Q5_0": _q_q5_0, "Q5_1": _q_q5_1, "Q8_0": _q_q8_0,
     "Q2_K": _q_q2_k, "Q3_K": _q_q3_k, "Q4_K": _q_q4_k, "Q5_K": _q_q5_k, "Q6_K": _q_q6_k,
     "Q8_K": _q_q8_k,
 }
+for _name, _fn in _REF.items():
+    register(_name, "reference", _fn)
 
 
 def quant_ints(blocks, qtype: "str | int | QType") -> np.ndarray:
@@ -294,7 +558,7 @@ def dequantize_blocks_ref(blocks, qtype: "str | int | QType") -> np.ndarray:
     t = _qtype(qtype)
     r = _records(blocks, t)
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN scales decode as they are
-        out = _REF[t.name](r)
+        out = t.impl("reference")(r)
     return np.ascontiguousarray(out, dtype=F32).reshape(len(r), t.block_size)
 
 
@@ -383,9 +647,12 @@ def block_fields(qtype: "str | int | QType", block) -> dict:
     out: dict = {"type": t.name}
     name = t.name
     if not t.is_quantized:
-        out["formula"] = "w = f" if name != "BF16" else "w = the f32 whose upper 16 bits are f"
+        out["formula"] = ("w = the f32 whose upper 16 bits are f" if name == "BF16" else
+                          f"w = {t.fields[0][0]}")
         out["value"] = float(dequantize_blocks_ref(b, t)[0, 0])
         return out
+    if name in _SCALED:
+        return _scaled_fields(out, t, b)
     d = F32(r["d"])
     out["d"] = float(d)
     if name in ("Q4_0", "Q5_0", "Q8_0"):
@@ -419,5 +686,34 @@ def block_fields(qtype: "str | int | QType", block) -> dict:
     return out
 
 
-__all__ = ["as_blocks", "block_fields", "dequantize", "dequantize_blocks_ref", "quant_ints",
+_SCALE_NAMES = {"MXFP4": "2**(e - 128) (E8M0, halved)", "IQ4_XS": "d * (scale - 32)",
+                "IQ2_XXS": "d * (0.5 + s) / 4", "IQ2_XS": "d * (0.5 + s) / 4",
+                "IQ2_S": "d * (0.5 + s) / 4", "IQ3_XXS": "d * (0.5 + s) / 2",
+                "IQ3_S": "d * (1 + 2 s)", "IQ1_S": "d * (2 s + 1)", "IQ1_M": "d * (2 s + 1)"}
+_VALUE_NAMES = {"IQ4_NL": "kvalues[q]", "IQ4_XS": "kvalues[q]", "MXFP4": "2 * e2m1(q)",
+                "TQ1_0": "trit - 1", "TQ2_0": "q - 1", "IQ1_S": "grid[idx] + delta",
+                "IQ1_M": "grid[idx] + delta"}
+
+
+def _scaled_fields(out: dict, t: QType, b: np.ndarray) -> dict:
+    sub, scales, values = scaled_parts(b, t)
+    r = _records(b, t)
+    if "d" in t.dtype.names:
+        out["d"] = float(F32(r["d"][0]))
+    elif t.name == "IQ1_M":
+        out["d"] = float(iq1_m_scale(r)[0])
+    else:  # MXFP4
+        out["e"] = int(r["e"][0])
+    out["sub_block_size"] = sub
+    out["scale_values"] = _floats(scales[0])
+    out["formula"] = (f"w = scale_values[s] * q, s = sub-block; scale = "
+                      f"{_SCALE_NAMES.get(t.name, 'd')}, q = "
+                      f"{_VALUE_NAMES.get(t.name, 'grid[idx] * sign')}")
+    q = values[0]
+    out["q"] = _ints(q) if np.array_equal(q, np.round(q)) else _floats(q)
+    out["values"] = _floats(dequantize_blocks_ref(b, t)[0])
+    return out
+
+
+__all__ = ["scaled_parts", "as_blocks", "block_fields", "dequantize", "dequantize_blocks_ref", "quant_ints",
            "raw_bytes", "unpack_q3k_scales", "unpack_scale_min_k4"]

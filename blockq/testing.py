@@ -14,6 +14,9 @@ def random_blocks(qtype: "str | int | QType", n: int, rng: np.random.Generator,
     - ``"finite"``: any finite value (f16: every exponent, subnormals included);
     - a number s: normal values of standard deviation s (modest scales for products);
     - ``"any"``: left as random bits, inf and NaN included (F32 values too; Q8_K's d is normal).
+
+    MXFP4's E8M0 scale byte and IQ1_M's f16 d (spread over the top nibbles of its scale words)
+    follow ``scales`` the same way.
     """
     t = _qtype(qtype)
     b = rng.integers(0, 256, (n, t.type_size), dtype=np.uint8)
@@ -26,6 +29,15 @@ def random_blocks(qtype: "str | int | QType", n: int, rng: np.random.Generator,
             elif t.name == "BF16":
                 f = (rng.standard_normal(n) * scales).astype(np.float32)
                 rec[field] = (f.view(np.uint32) >> 16).astype(np.uint16)
+            elif (t.name, field) == ("MXFP4", "e"):  # 2**(e - 128) ~ scales / 4 (doubled E2M1 values reach 12)
+                e = 126 + np.round(np.log2(scales)) + rng.integers(-2, 3, n)
+                rec[field] = np.clip(e, 0, 254).astype(np.uint8)
+            elif (t.name, field) == ("IQ1_M", "scales"):
+                rec[field] = _iq1_m_with_d(rec[field], rng.standard_normal(n) * scales)
+        elif (t.name, field, scales) == ("IQ1_M", "scales", "finite"):
+            h = rng.integers(0, 1 << 16, n, dtype=np.uint16)
+            h[(h & 0x7C00) == 0x7C00] &= 0xBFFF
+            rec[field] = _iq1_m_with_d(rec[field], h.view(np.float16))
         elif dt == "<f2" and scales == "finite":
             h = rng.integers(0, 1 << 16, (n, count), dtype=np.uint16)
             h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # exponent 31 (inf/NaN) -> 15 (finite)
@@ -35,3 +47,10 @@ def random_blocks(qtype: "str | int | QType", n: int, rng: np.random.Generator,
         elif t.name == "BF16" and scales == "finite":
             rec[field][(rec[field] & 0x7F80) == 0x7F80] &= 0xBFFF  # exponent 255 -> 127
     return b
+
+
+def _iq1_m_with_d(words: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """IQ1_M scale words (n, 4) with their top nibbles replaced by the f16 bits of d (n,)."""
+    h = d.astype(np.float16).view(np.uint16).astype(np.uint16)
+    top = np.stack([(h << 12), (h << 8), (h << 4), h], axis=1).astype(np.uint16) & 0xF000
+    return (words & 0x0FFF) | top

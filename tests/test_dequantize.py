@@ -12,7 +12,7 @@ from blockq.kernels import cpu_dequant
 from blockq.testing import random_blocks
 from blockq.types import ALL, qtype
 
-TYPES = [t.name for t in ALL]
+TYPES = [t.name for t in ALL if t.has("reference")]
 
 
 def _gguf_can_dequantize(name):
@@ -24,6 +24,7 @@ def _gguf_can_dequantize(name):
 
 
 GGUF_TYPES = [n for n in TYPES if _gguf_can_dequantize(n)]  # all but Q8_K in gguf-py 0.19
+INT_TYPES = ["I8", "I16", "I32", "I64", "F64"]  # gguf-py reads them as plain numpy arrays
 
 
 def as_f32_bits(a):
@@ -52,8 +53,19 @@ def kernel_dequantize(blocks, name):
 
 # --- (a) random blocks: reference and kernels against gguf-py -------------------------------
 
-def test_gguf_covers_every_type_but_q8_k():
-    assert set(TYPES) - set(GGUF_TYPES) <= {"Q8_K"}
+def test_gguf_covers_every_type_but_q8_k_and_the_plain_numbers():
+    assert set(TYPES) - set(GGUF_TYPES) <= {"Q8_K", *INT_TYPES}
+    assert set(TYPES) == {t.name for t in ALL}  # every type of the table dequantizes
+
+
+@pytest.mark.parametrize("name", INT_TYPES)
+def test_plain_numbers_convert_as_numpy(name, rng):
+    t = qtype(name)
+    raw = random_blocks(name, 300, rng)
+    want = raw.view(t.dtype[0]).astype(np.float32)  # (300, 1), F64 rounded to nearest
+    with np.errstate(over="ignore"):
+        assert_same_bits(dequantize_blocks_ref(raw, name), want)
+        assert_same_bits(kernel_dequantize(raw, name), want)
 
 
 @pytest.mark.parametrize("name", GGUF_TYPES)

@@ -18,7 +18,7 @@ def _quantized(name, rows, cols, rng):
     return blockq.quantize(rng.standard_normal((rows, cols)).astype(np.float32), name)
 
 
-@pytest.mark.parametrize("name", [t.name for t in ALL])
+@pytest.mark.parametrize("name", [t.name for t in ALL if t.has("gpu") and t.has("quantize")])
 def test_matvec_and_matmul_match_cpu(name, rng):
     import cupy
     import blockq

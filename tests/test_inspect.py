@@ -117,3 +117,45 @@ def test_unknown_tensor_and_block_out_of_range(tmp_path):
     assert r.returncode == 1 and "block index 2 is out of range 0..1" in r.stderr
     out = json.loads(_run(p, "--tensor", "blk.0.w", "--block", 1, "--json"))
     assert out["q"] == [0] * 32 and out["d"] == 0.0
+
+
+def _mixed_file(tmp_path):
+    """A hand-built file: an F32 tensor, a removed type (Q4_0_4_4, id 31), an id nobody knows
+    (99), and a Q8_0 tensor after them."""
+    from test_gguf_reader import gguf_bytes, ti
+    tis = [ti("a", [8], 0, 0), ti("packed", [64], 31, 32), ti("future", [16], 99, 96),
+           ti("b", [32], 8, 128)]
+    data = np.arange(8, dtype=np.float32).tobytes() + bytes(24)  # a, padded to 32
+    data += bytes(range(64)) + bytes(range(32)) + bytes(2) + bytes(range(32))
+    p = tmp_path / "mixed.gguf"
+    p.write_bytes(gguf_bytes(tis=tis, data=data))
+    return p
+
+
+def test_inspect_lists_tensors_of_types_it_cannot_decode(tmp_path):
+    p = _mixed_file(tmp_path)
+    info = json.loads(_run(p, "--json", "--stats"))
+    got = {d["name"]: (d["type"], d["offset"] - info["data_offset"], d["bytes"])
+           for d in info["tensors"]}
+    assert got == {"a": ("F32", 0, 32), "packed": ("Q4_0_4_4 (id 31, cannot be decoded)", 32, 64),
+                   "future": ("id 99 (cannot be decoded)", 96, 32), "b": ("Q8_0", 128, 34)}
+    stats = {d["name"]: d["stats"] for d in info["tensors"]}
+    assert stats["future"] is None and stats["a"]["max"] == 7.0
+    text = _run(p, "--stats")
+    assert "Q4_0_4_4 (id 31, cannot be decoded)" in text and "id 99 (cannot be decoded)" in text
+    r = _main(p)
+    assert r.returncode == 0 and "id 99 (cannot be decoded)" in r.stdout
+
+
+def test_reading_an_undecodable_tensor_is_one_error(tmp_path):
+    p = _mixed_file(tmp_path)
+    with read_gguf(p) as f:
+        assert not f.tensors["future"].decodable and f.tensors["b"].decodable
+        assert f.tensors["a"].data.view(np.float32).tolist() == list(range(8))
+        with pytest.raises(Exception, match="tensor future of .* has GGML type id 99 "
+                                            r"\(cannot be decoded\), which blockq cannot decode"):
+            f.tensors["future"].data
+    r = _main(p, "--tensor", "packed", "--block", "0")
+    assert r.returncode == 1 and r.stdout == ""
+    assert "tensor packed" in r.stderr and "cannot decode" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

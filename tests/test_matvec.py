@@ -17,12 +17,13 @@ from gguf import quants
 
 from blockq.errors import BadArgument
 from blockq.kernels import cpu_matvec
-from blockq.kernels.cpu_matvec import KERNELS, QMatrix
+from blockq.kernels.cpu_matvec import QMatrix
 from blockq.testing import random_blocks
-from blockq.types import qtype
+from blockq.types import ALL, qtype
 
 RTOL = 1e-5
-TYPES = tuple(KERNELS)  # every type with CPU kernels: F32 F16 BF16, legacy, k-quants, Q8_K
+# every type with CPU kernels: floats, legacy, k-quants, Q8_K, IQ4_NL/XS, MXFP4, TQ, i-quants
+TYPES = tuple(t.name for t in ALL if t.has("matvec"))
 
 
 def dequantize_ref(name, data, rows, cols):
@@ -68,7 +69,7 @@ def test_matvec_matmul_take_rows(name, rng):
     assert np.array_equal(m.take_rows(ids), w[ids])
 
 
-@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "Q6_K", "BF16", "IQ4_XS", "IQ2_S"])
 def test_parallel_and_tiled_paths_match_serial(name, rng, monkeypatch):
     """Big enough for the thread drivers; matmul through several tiles, the last one odd."""
     rows, cols = 150, 1024
@@ -139,6 +140,7 @@ def test_half_to_float_is_exact_for_every_bit_pattern(hardware, monkeypatch):
     (lambda: QMatrix("Q4_K", np.zeros((2, 144), np.uint8), (2, 200)), "multiple of 256"),
     (lambda: QMatrix("Q4_0", np.zeros(35, np.uint8), (2, 32)), "needs 36 bytes"),
     (lambda: QMatrix("IQ9_Z", np.zeros(36, np.uint8), (2, 32)), "unknown block type"),
+    (lambda: QMatrix("I8", np.zeros(64, np.uint8), (2, 32)), "block type I8 has no matvec"),
     (lambda: QMatrix("Q4_0", np.zeros(36, np.uint8), (2, 32)).matvec(np.zeros(31)),
      r"x of shape \(32,\)"),
     (lambda: QMatrix("Q4_0", np.zeros(36, np.uint8), (2, 32)).matmul(np.zeros((3, 16))),

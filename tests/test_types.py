@@ -4,7 +4,7 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from blockq import BadArgument
-from blockq.types import ALL, QK_K, qtype
+from blockq.types import ALL, CAPABILITIES, QK_K, qtype, register, undecodable
 
 HALF, F32, I16 = 2, 4, 2  # sizeof(ggml_half), sizeof(float), sizeof(int16_t)
 
@@ -24,6 +24,19 @@ GGML_COMMON = {
     "Q5_K": (256, 2 * HALF + 12 + QK_K // 2 + QK_K // 8),
     "Q6_K": (256, HALF + QK_K // 16 + 3 * QK_K // 4),
     "Q8_K": (256, F32 + QK_K + QK_K // 16 * I16),
+    "IQ2_XXS": (256, HALF + QK_K // 8 * 2),
+    "IQ2_XS": (256, HALF + QK_K // 8 * 2 + QK_K // 32),
+    "IQ2_S": (256, HALF + QK_K // 4 + QK_K // 16),
+    "IQ3_XXS": (256, HALF + 3 * QK_K // 8),
+    "IQ3_S": (256, HALF + QK_K // 4 + QK_K // 8 + QK_K // 32 + QK_K // 64),
+    "IQ1_S": (256, HALF + QK_K // 8 + QK_K // 16),
+    "IQ1_M": (256, QK_K // 8 + QK_K // 16 + QK_K // 32),
+    "IQ4_NL": (32, HALF + 32 // 2),
+    "IQ4_XS": (256, HALF + 2 + QK_K // 2 + QK_K // 64),
+    "TQ1_0": (256, HALF + QK_K // 64 + (QK_K - 4 * QK_K // 64) // 5),
+    "TQ2_0": (256, HALF + QK_K // 4),
+    "MXFP4": (32, 1 + 32 // 2),
+    "I8": (1, 1), "I16": (1, 2), "I32": (1, 4), "I64": (1, 8), "F64": (1, 8),
 }
 
 # Bits that hold each weight's quantized value, per type: the fields that are not scales.
@@ -52,7 +65,7 @@ def test_sizes_match_llama_cpp_structs(t):
     assert (t.block_size, t.type_size) == GGML_COMMON[t.name]
 
 
-@pytest.mark.parametrize("t", [t for t in ALL if t.is_quantized], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [t for t in ALL if t.name in VALUE_BITS], ids=lambda t: t.name)
 def test_value_fields_hold_exactly_bits_per_weight(t):
     value_bits = sum(8 * np.dtype(dt).itemsize * c for n, dt, c in t.fields if n in VALUE_FIELDS)
     assert value_bits == VALUE_BITS[t.name] * t.block_size
@@ -80,3 +93,58 @@ def test_row_bytes_refuses_partial_blocks():
     assert qtype("Q4_K").row_bytes(512) == 2 * 144
     with pytest.raises(BadArgument, match="multiple of 256"):
         qtype("Q4_K").row_bytes(100)
+
+
+# --- one record per type: every capability, or its explicit absence ---------------------------
+# One line per type: the capabilities it has (R reference dequantizer, D CPU dequantize kernel,
+# Q quantizer, M CPU matvec/matmul, G CUDA decoder) and llama.cpp's activation (vec_dot) type.
+# A capability that is not listed must be declared in the type's ``lacks`` and be unregistered.
+CAPS = {"R": "reference", "D": "dequantize", "Q": "quantize", "M": "matvec", "G": "gpu"}
+EXPECTED = {
+    "F32": ("RDQMG", "F32"), "F16": ("RDQMG", "F16"), "BF16": ("RDQMG", "BF16"),
+    "Q4_0": ("RDQMG", "Q8_0"), "Q4_1": ("RDQMG", "Q8_1"), "Q5_0": ("RDQMG", "Q8_0"),
+    "Q5_1": ("RDQMG", "Q8_1"), "Q8_0": ("RDQMG", "Q8_0"),
+    "Q2_K": ("RDQMG", "Q8_K"), "Q3_K": ("RDQMG", "Q8_K"), "Q4_K": ("RDQMG", "Q8_K"),
+    "Q5_K": ("RDQMG", "Q8_K"), "Q6_K": ("RDQMG", "Q8_K"), "Q8_K": ("RDQMG", None),
+    "IQ2_XXS": ("RDM", "Q8_K"), "IQ2_XS": ("RDM", "Q8_K"), "IQ2_S": ("RDM", "Q8_K"),
+    "IQ3_XXS": ("RDM", "Q8_K"), "IQ3_S": ("RDM", "Q8_K"), "IQ1_S": ("RDM", "Q8_K"),
+    "IQ1_M": ("RDM", "Q8_K"), "IQ4_NL": ("RDM", "Q8_0"), "IQ4_XS": ("RDM", "Q8_K"),
+    "TQ1_0": ("RDM", "Q8_K"), "TQ2_0": ("RDM", "Q8_K"), "MXFP4": ("RDM", "Q8_0"),
+    "I8": ("RD", None), "I16": ("RD", None), "I32": ("RD", None), "I64": ("RD", None),
+    "F64": ("RD", None),
+}
+
+
+def test_capability_table_covers_every_type():
+    assert sorted(EXPECTED) == sorted(t.name for t in ALL)
+    assert sorted(CAPS.values()) == sorted(CAPABILITIES)
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_every_capability_is_registered_or_declared_absent(t):
+    letters, dot = EXPECTED[t.name]
+    assert t.dot == dot
+    for letter, cap in CAPS.items():
+        if letter in letters:
+            assert t.has(cap) and cap not in t.lacks
+            assert t.impl(cap) is not None  # imports the backend, which registered it
+        else:
+            assert cap in t.lacks and not t.has(cap)
+            with pytest.raises(BadArgument, match=f"block type {t.name} has no {cap}"):
+                t.impl(cap)
+
+
+def test_register_refuses_unknown_or_declared_absent_capabilities():
+    with pytest.raises(ValueError, match="unknown capability 'fly'"):
+        register("Q4_0", "fly", object())
+    lacking = next(t for t in ALL if t.lacks)
+    with pytest.raises(ValueError, match="declares it lacks"):
+        register(lacking, lacking.lacks[0], object())
+
+
+def test_undecodable_placeholder_has_nothing():
+    u = undecodable(31, "Q4_0_4_4")
+    assert u.name == "Q4_0_4_4 (id 31, cannot be decoded)" and not u.decodable
+    assert not any(u.has(c) for c in CAPABILITIES)
+    with pytest.raises(BadArgument, match="cannot be decoded"):
+        u.impl("reference")

@@ -97,7 +97,7 @@ def bench_quantize(rows: int, cols: int, repeat: int, rng) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--types", default=",".join(t.name for t in ALL))
+    ap.add_argument("--types", default=",".join(t.name for t in ALL if t.has("dequantize")))
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=5)

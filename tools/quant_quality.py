@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     if a.write_test_data:
         write_test_data(llama)
         return 0
-    types = [t for t in ALL if t.is_quantized]
+    types = [t for t in ALL if t.is_quantized and t.has("quantize")]
     if a.types:
         types = [qtype(n) for n in a.types.split(",")]
     if llama is None:

@@ -116,7 +116,8 @@ def _print_tensors(c, tensors: list[dict], stats: bool) -> None:
                f"{d['offset']:,}", f"{d['bytes']:,}", f"{d['bits_per_weight']:.4f}"]
         if stats:
             s = d["stats"]
-            row += [f"{s['min']:.5g}", f"{s['max']:.5g}", f"{s['mean']:.5g}", f"{s['std']:.5g}"]
+            row += (["-"] * 4 if s is None else
+                    [f"{s['min']:.5g}", f"{s['max']:.5g}", f"{s['mean']:.5g}", f"{s['std']:.5g}"])
         t.add_row(*row)
     c.print(t)
 

@@ -78,15 +78,11 @@ def type_label(vtype: ValueType, elem: ValueType | None = None) -> str:
     return f"ARRAY[{elem.name}]" if vtype is ValueType.ARRAY and elem is not None else vtype.name
 
 
-# GGML type ids that exist in llama.cpp but not in blockq's block table (blockq.types), named
-# only so an error can say what the file holds.
+# GGML type ids that exist (or existed) in llama.cpp but not in blockq's block table
+# (blockq.types), named only so that inspect and errors can say what the file holds.
 OTHER_GGML_TYPES = {
-    4: "Q4_2 (removed from ggml)", 5: "Q4_3 (removed from ggml)", 9: "Q8_1", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
-    31: "Q4_0_4_4 (removed from GGUF)", 32: "Q4_0_4_8 (removed from GGUF)",
-    33: "Q4_0_8_8 (removed from GGUF)", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4", 40: "NVFP4",
-    41: "Q1_0", 42: "Q2_0",
+    4: "Q4_2", 5: "Q4_3", 9: "Q8_1", 31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8",
+    36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8", 40: "NVFP4", 41: "Q1_0", 42: "Q2_0",
 }
 
 

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ..errors import BadArgument, FormatError
-from ..types import BY_ID, BY_NAME, QType
+from ..types import BY_ID, QType, undecodable
 from .constants import (DEFAULT_ALIGNMENT, GGUF_MAGIC, HEADER_BYTES, INT64_MAX, MAX_DIMS,
                         MIN_KV_BYTES, MIN_TENSOR_INFO_BYTES, OTHER_GGML_TYPES, READ_VERSIONS,
                         SCALAR_DTYPES, Keys, ValueType, type_label)
@@ -187,8 +187,17 @@ class TensorInfo:
         return 8.0 * self.nbytes / self.n_elements
 
     @property
+    def decodable(self) -> bool:
+        """False for a type id blockq does not know: such a tensor is listed, never read."""
+        return self.type.decodable
+
+    @property
     def data(self) -> np.ndarray:
         """Zero-copy read-only uint8 view of the tensor's encoded bytes."""
+        if not self.type.decodable:
+            raise BadArgument(f"tensor {self.name} of {self._file.name} has GGML type "
+                              f"{self.type.name}, which blockq cannot decode; its data cannot "
+                              f"be read (the tensor can only be listed)")
         return np.frombuffer(self._file._buffer(), dtype=np.uint8, count=self.nbytes,
                              offset=self.offset)
 
@@ -490,12 +499,8 @@ class _Parser:
             pos += 8 * n_dims
             tid = self.u32(pos, f"type of tensor {name}")
             qt = BY_ID.get(tid)
-            if qt is None:
-                what = OTHER_GGML_TYPES.get(tid)
-                what = f"GGML type {what}, which blockq does not support" if what else \
-                    "not a GGML tensor type"
-                raise self.error(pos, f"tensor {name} has type id {tid} at offset {pos}: {what} "
-                                      f"(blockq reads {', '.join(BY_NAME)})")
+            if qt is None:  # listed by number; only reading its data is refused (TensorInfo.data)
+                qt = undecodable(tid, OTHER_GGML_TYPES.get(tid))
             if dims[0] % qt.block_size:
                 raise self.error(start, f"tensor {name} at offset {start} has rows of "
                                         f"{dims[0]} weights; {qt.name} needs a multiple of "
@@ -507,13 +512,18 @@ class _Parser:
                                       f"is not a multiple of the alignment {alignment}")
             pos += 8
             infos.append((name, qt, tuple(reversed(dims)), rel, n // qt.block_size
-                          * qt.type_size, start))
+                          * qt.type_size if qt.decodable else None, start))
         return infos, pos
 
     def place_tensors(self, file, infos, data_offset: int) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}
+        # A tensor of an undecodable type has no known size: it gets the bytes up to the next
+        # tensor's data (or the end of the file), padding included.
+        starts = sorted({data_offset + i[3] for i in infos} | {self.size})
         for name, qt, shape, rel, nbytes, start in infos:
             off = data_offset + rel
+            if nbytes is None:
+                nbytes = next((s for s in starts if s > off), off) - off
             if nbytes > self.size - off:
                 raise self.error(off, f"tensor {name} needs {nbytes} bytes at offset {off} but "
                                       f"the file ends at {self.size}: {_TRUNCATED}")

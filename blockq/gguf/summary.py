@@ -95,10 +95,13 @@ def find_tensor(f: GGUFFile, name: str) -> TensorInfo:
     return t
 
 
-def tensor_stats(t: TensorInfo, chunk_weights: int = 1 << 22) -> dict:
-    """min / max / mean / std of the dequantized values, computed a chunk of rows at a time."""
+def tensor_stats(t: TensorInfo, chunk_weights: int = 1 << 22) -> dict | None:
+    """min / max / mean / std of the dequantized values, computed a chunk of rows at a time;
+    None for a tensor whose type blockq cannot decode."""
     from ..dequantize import dequantize
 
+    if not t.decodable:
+        return None
     cols = t.shape[-1]
     rows = t.n_elements // cols
     row_bytes = t.nbytes // rows
@@ -120,6 +123,8 @@ def block(t: TensorInfo, index: int) -> dict:
     """The fields of block ``index`` (counted over the whole tensor) of ``t``."""
     from ..dequantize import block_fields
 
+    if not t.decodable:
+        t.data  # raises: the type cannot be decoded
     n_blocks = t.nbytes // t.type.type_size
     if not 0 <= index < n_blocks:
         raise BadArgument(f"tensor {t.name} has {n_blocks} blocks of {t.qtype}; block index "

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..types import ALL, QType
+from ..types import ALL, QType, register
 
 _HERE = Path(__file__).parent
-GPU_TYPES: tuple[QType, ...] = ALL  # every type in the table has a decoder in blocks.cuh
+# the types with a decoder in blocks.cuh: every type of the table that does not lack "gpu"
+GPU_TYPES: tuple[QType, ...] = tuple(t for t in ALL if t.has("gpu"))
 
 
 def kernel_suffix(t: QType) -> str:
     """Name suffix of a type's kernels: ``matvec_q4_k``, ``dequant_bf16``..."""
     return t.name.lower()
+
+
+for _t in GPU_TYPES:
+    register(_t, "gpu", kernel_suffix(_t))
 
 
 def block_geometry(t: QType) -> tuple[int, int]:

@@ -21,6 +21,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ..types import qtype, register
+
 F32 = np.float32
 
 
@@ -295,8 +297,21 @@ def q8_k(x, y):
             y[b, j] = F32(np.int8(x[b, 4 + j])) * d
 
 
-KERNELS = {"Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1, "Q8_0": q8_0,
+def _f32(x, y):
+    np.copyto(y, x.view(F32))
+
+
+def _flat16(kernel):
+    def run(x, y):  # float types: the kernels take flat (n,) uint16 bits and (n,) float32
+        kernel(x.view(np.uint16).reshape(-1), y.reshape(-1))
+    return run
+
+
+KERNELS = {"F32": _f32, "F16": _flat16(f16), "BF16": _flat16(bf16),
+           "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1, "Q8_0": q8_0,
            "Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k, "Q8_K": q8_k}
+for _name, _kernel in KERNELS.items():
+    register(_name, "dequantize", _kernel)
 
 
 # Below this many weights per thread, waking more threads costs more than it saves (and far more
@@ -309,9 +324,7 @@ def dequantize_into(blocks: np.ndarray, name: str, out: np.ndarray) -> None:
 
     Both arrays must be C-contiguous (callers validate; :func:`blockq.dequantize` does).
     """
-    if name == "F32":
-        np.copyto(out, blocks.view(F32))
-        return
+    kernel = qtype(name).impl("dequantize")
     # Kernels always see a read-only input, so writable arrays and read-only memory maps share
     # one compiled specialization instead of two.
     x = blocks.view()
@@ -320,9 +333,6 @@ def dequantize_into(blocks: np.ndarray, name: str, out: np.ndarray) -> None:
     saved = numba.get_num_threads()
     numba.set_num_threads(n_threads)
     try:
-        if name in ("F16", "BF16"):
-            (f16 if name == "F16" else bf16)(x.view(np.uint16).reshape(-1), out.reshape(-1))
-        else:
-            KERNELS[name](x, out)
+        kernel(x, out)
     finally:
         numba.set_num_threads(saved)

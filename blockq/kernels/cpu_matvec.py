@@ -39,7 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import BadArgument
-from ..types import QType, qtype as _lookup
+from ..types import QType, qtype as _lookup, register
 from .cpu_simd import (bf16_at, f16_to_f32, f32_at, fma, halves, hsum, lane, lane_bits, load_bf16,
                        load_f16, load_f32, load_i8, load_u8, store_f32, to_f32, u32_at, zeros)
 
@@ -729,6 +729,8 @@ KERNELS = {
     "Q6_K": (_mv_q6_k, _dq_q6_k),
     "Q8_K": (_mv_q8_k, _dq_q8_k),
 }
+for _name, _pair in KERNELS.items():
+    register(_name, "matvec", _pair)
 
 
 def _decode_floats(name, w, ids, out):
@@ -881,7 +883,7 @@ def _driver(job: str):
 def _kernel(name: str, job: str):
     """The type's kernel for a job ("matvec" or "decode"), compiled or loaded from Numba's cache
     on first use: (dispatcher, for calls from Python; native entry address, for the drivers)."""
-    fn = KERNELS[name][0 if job == "matvec" else 1]
+    fn = _lookup(name).impl("matvec")[0 if job == "matvec" else 1]
     sig = MATVEC_SIG if job == "matvec" else DECODE_SIG
     fn.compile(sig)
     cres = fn.overloads[sig.args]
@@ -893,7 +895,13 @@ def _threads(work: int) -> int:
 
 
 def matvec_into(name: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """``out = W @ x`` for a quantized (or F16/BF16) matrix; arrays as ``MATVEC_SIG`` says."""
+    """``out = W @ x`` for a quantized (or F16/BF16) matrix; arrays as ``MATVEC_SIG`` says.
+
+    A type registered with a decode kernel only (no fused matvec) runs as a one-token matmul:
+    rows decoded into tiles, then dotted with x."""
+    if _lookup(name).impl("matvec")[0] is None:
+        matmul_into(name, w, x[None, :], out[None, :])
+        return
     fn, ptr = _kernel(name, "matvec")
     n = _threads(w.shape[0] * x.size)
     if n == 1:
@@ -904,7 +912,7 @@ def matvec_into(name: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> Non
 
 def decode_into(name: str, w: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
     """``out = dequantize(W)[ids]``, bit-exact with :mod:`gguf.quants`."""
-    if KERNELS[name][1] is None:
+    if _lookup(name).impl("matvec")[1] is None:
         _decode_floats(name, w, ids, out)
         return
     fn, ptr = _kernel(name, "decode")
@@ -944,9 +952,7 @@ class QMatrix:
 
     def __init__(self, qtype: "str | int | QType", data: np.ndarray, shape: tuple[int, int]):
         t = _lookup(qtype)
-        if t.name not in KERNELS:
-            raise BadArgument(f"no CPU kernels for block type {t.name}; supported: "
-                              + ", ".join(KERNELS))
+        t.impl("matvec")  # refuses a type without CPU kernels, naming those with them
         if len(shape) != 2 or min(shape) < 1:
             raise BadArgument(f"QMatrix shape must be (rows, cols) >= 1, got {tuple(shape)}")
         rows, cols = int(shape[0]), int(shape[1])
@@ -1006,7 +1012,7 @@ class QMatrix:
             return X @ self._f32.T
         if X.shape[0] < MATMUL_MIN_TOKENS:
             return np.stack([self.matvec(x) for x in X])
-        if KERNELS[self.qtype][1] is None:  # F16 / BF16 rows: numpy decodes tiles for BLAS
+        if _lookup(self.qtype).impl("matvec")[1] is None:  # F16 / BF16 rows: numpy decodes tiles for BLAS
             out_t = np.empty((rows, X.shape[0]), F32)  # (rows, n)
             step = max(1, TILE_BYTES // (4 * cols))
             for r0 in range(0, rows, step):

@@ -9,6 +9,9 @@ family modules and have the signature ``fn(x, imatrix, out)`` where ``x`` is flo
 - ``floats``: F32, F16, BF16
 - ``symmetric``: scale-only types (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, Q8_K)
 - ``asymmetric``: scale-and-min types (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
+
+Each family module registers its quantizers in the block-type record (``QUANTIZERS`` dict,
+registered by :func:`load_quantizers`); a new family is one more name in ``_FAMILIES``.
 """
 from __future__ import annotations
 
@@ -19,22 +22,22 @@ import numba
 import numpy as np
 
 from ..errors import BadArgument
-from ..types import QType, qtype as _qtype
+from ..types import QType, qtype as _qtype, register
 
 _FAMILIES = ("floats", "symmetric", "asymmetric")
-_ROW_QUANTIZERS: dict[str, object] = {}
+
+
+def load_quantizers() -> None:
+    """Import every family module and register its row quantizers (the record's loader)."""
+    for fam in _FAMILIES:
+        mod = importlib.import_module(f"{__name__}.{fam}")
+        for name, fn in mod.QUANTIZERS.items():
+            register(name, "quantize", fn)
 
 
 def row_quantizer(name: str):
     """The registered row quantizer for a type name (imports the family modules on first use)."""
-    if not _ROW_QUANTIZERS:
-        for fam in _FAMILIES:
-            mod = importlib.import_module(f"{__name__}.{fam}")
-            _ROW_QUANTIZERS.update(mod.QUANTIZERS)
-    fn = _ROW_QUANTIZERS.get(name)
-    if fn is None:
-        raise BadArgument(f"no quantizer for block type {name}")
-    return fn
+    return _qtype(name).impl("quantize")
 
 
 def split_rows(call, x: np.ndarray, out: np.ndarray, min_weights_per_thread: int) -> None:
@@ -84,6 +87,7 @@ def quantize(x, qtype: "str | int | QType", imatrix=None) -> np.ndarray:
     Returns uint8 of shape ``(rows, bytes_per_row)``.
     """
     t = _qtype(qtype)
+    fn = t.impl("quantize")  # refuses a type without a quantizer before looking at x
     a = np.asarray(x)
     if a.ndim != 2:
         raise BadArgument(f"quantize takes a 2-D (rows, cols) array, got shape {a.shape}")
@@ -102,5 +106,5 @@ def quantize(x, qtype: "str | int | QType", imatrix=None) -> np.ndarray:
     w = check_imatrix(imatrix, cols)
     out = np.empty((rows, row_bytes), dtype=np.uint8)
     if rows:
-        row_quantizer(t.name)(a, w, out)
+        fn(a, w, out)
     return out
