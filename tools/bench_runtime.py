@@ -98,8 +98,8 @@ def startup_times(path: Path, threads: int) -> dict:
     return out
 
 
-def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict:
-    import llama_cpp
+def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int,
+               blockq_only: bool = False) -> dict:
     from blockq.cli.run import set_threads
     from blockq.model import Model
 
@@ -108,9 +108,12 @@ def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -
     model = Model.load(path)
     n_vocab = model.args.n_vocab
     n_ctx = max(n_prompt, n_gen) + 8
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=max(n_prompt, 1),
-                          n_ubatch=max(n_prompt, 1), n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = None
+    if not blockq_only:
+        import llama_cpp
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=max(n_prompt, 1),
+                              n_ubatch=max(n_prompt, 1), n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
     cache = model.new_cache(n_ctx)
 
     def bq_pp():
@@ -145,6 +148,8 @@ def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -
         return n_gen / (time.perf_counter() - t0)
 
     runs = {"blockq_pp": bq_pp, "llama_cpp_pp": lc_pp, "blockq_tg": bq_tg, "llama_cpp_tg": lc_tg}
+    if blockq_only:
+        runs = {"blockq_pp": bq_pp, "blockq_tg": bq_tg}
     for f in runs.values():  # warm-up (compiles, faults the weights in)
         f()
     got = {k: [] for k in runs}
@@ -157,12 +162,13 @@ def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -
     kv_nominal = 2 * a.n_layer * a.n_head_kv * a.head_dim * n_ctx * 2  # f16, as llama.cpp's
     kv_ours = cache.k.nbytes + cache.v.nbytes  # float32 storage of f16-rounded values
     del llm
+    ratio = (lambda k: None) if blockq_only else \
+        (lambda k: round(med[f"blockq_{k}"] / med[f"llama_cpp_{k}"], 3))
     return {
         "file": path.name, "size_mib": round(path.stat().st_size / 2**20, 1),
         "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
         **{k: round(v, 2) for k, v in med.items()},
-        "pp_ratio": round(med["blockq_pp"] / med["llama_cpp_pp"], 3),
-        "tg_ratio": round(med["blockq_tg"] / med["llama_cpp_tg"], 3),
+        "pp_ratio": ratio("pp"), "tg_ratio": ratio("tg"),
         "all_runs": {k: [round(x, 2) for x in v] for k, v in got.items()},
         "gbps_blockq_tg": round(model.nbytes * med["blockq_tg"] / 1e9, 2),
         "kv_cache_mib_f16": round(kv_nominal / 2**20, 2),
@@ -282,6 +288,8 @@ def main(argv=None):
     ap.add_argument("--files", nargs="*", type=Path)
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--blockq-only", action="store_true",
+                    help="prompt and decode speed of blockq alone (no llama-cpp-python needed)")
     a = ap.parse_args(argv)
     files = a.files or [smollm2_q4km(), synthetic_q4km()]
     threads = [int(t) for t in a.threads.split(",")]
@@ -290,8 +298,13 @@ def main(argv=None):
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
     for f in files:
         for t in threads:
-            r = bench_file(f, t, a.n_prompt, a.n_gen, a.reps)
+            r = bench_file(f, t, a.n_prompt, a.n_gen, a.reps, a.blockq_only)
             report["results"].append(r)
+            if a.blockq_only:
+                print(f"{r['file']} -t {t}: pp{a.n_prompt} blockq {r['blockq_pp']:.1f} tok/s "
+                      f"{r['all_runs']['blockq_pp']} | tg{a.n_gen} blockq {r['blockq_tg']:.1f} "
+                      f"tok/s {r['all_runs']['blockq_tg']}", flush=True)
+                continue
             print(f"{r['file']} ({r['size_mib']} MiB) -t {t}: "
                   f"pp{a.n_prompt} blockq {r['blockq_pp']:.1f} vs llama.cpp "
                   f"{r['llama_cpp_pp']:.1f} tok/s = {r['pp_ratio']:.2f}x "
@@ -300,6 +313,8 @@ def main(argv=None):
                   f"{r['llama_cpp_tg']:.1f} tok/s = {r['tg_ratio']:.2f}x "
                   f"[{'ok' if r['tg_ratio'] >= 0.5 else 'FAIL'} >= 0.5] | "
                   f"blockq decode reads {r['gbps_blockq_tg']} GB/s of weights", flush=True)
+        if a.blockq_only:
+            continue
         n_ctx = a.n_gen + 8
         mem = {e: engine_memory(e, f, threads[0], n_ctx, a.n_gen) for e in MEMORY}
         size = round(f.stat().st_size / 2**20, 1)
