@@ -337,47 +337,17 @@ class Collector:
 
 
 # --- running a model over calibration text --------------------------------------------------
-LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-class _Observed:
-    """A stand-in for one of the model's Linear layers that reports its input first."""
-
-    def __init__(self, inner, name: str, observe: Callable[[str, np.ndarray], None]):
-        self.inner, self.name, self.observe = inner, name, observe
-
-    def __call__(self, x):
-        self.observe(self.name, x)
-        return self.inner(x)
-
-    def __getattr__(self, attr):
-        return getattr(self.inner, attr)
-
-
 @contextlib.contextmanager
 def observe_matmuls(model, observe: Callable[[str, np.ndarray], None]) -> Iterator[None]:
     """While active, ``observe(weight_name, x)`` sees the input ``x`` (n_tokens, n_cols) of
-    every matrix product of ``model`` (a :class:`blockq.model.Model`), the output head included.
-
-    NOTE: wraps the model's Linear layers in place and restores them on exit; a
-    ``matmul_observer`` hook inside blockq.model would make this unnecessary.
-    """
-    saved = []
+    every matrix product of ``model`` (a :class:`blockq.model.Model`), the output head included,
+    on the CPU or on a GPU (the model's forward pass wraps its operations with the hook)."""
+    saved = model.observe
+    model.observe = observe
     try:
-        for i, b in enumerate(model.blk):
-            for base in LINEAR_NAMES:
-                inner = getattr(b, base)
-                saved.append((b, base, inner))
-                setattr(b, base, _Observed(inner, f"blk.{i}.{base}.weight", observe))
-        saved.append((model, "output", model.output))
-        model.output = _Observed(model.output, "output.weight", observe)
-        if getattr(model, "device", None) is not None:  # blocks offloaded to a GPU
-            saved.append((model.device, "observe", None))
-            model.device.observe = observe
         yield
     finally:
-        for obj, attr, inner in reversed(saved):
-            setattr(obj, attr, inner)
+        model.observe = saved
 
 
 def chunks(tokens: list[int], n_ctx: int, n_chunks: int | None, bos: int | None) -> list[list[int]]:

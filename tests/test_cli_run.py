@@ -87,10 +87,16 @@ def test_generate_on_smollm2(smollm2_file):
 
 
 @pytest.mark.realfile
-def test_generate_refuses_gemma3(gemma3_file):
-    res = CliRunner().invoke(cli, ["generate", str(gemma3_file), "-p", "hi", "-n", 1])
+def test_generate_on_gemma3(gemma3_file):
+    res = run("generate", gemma3_file, "-p", "The capital of France is", "-n", 8, "--temp", 0)
+    assert res.exit_code == 0 and "France" in res.stdout
+
+
+def test_generate_refuses_an_unknown_architecture(tmp_path):
+    path = write_tiny(tmp_path / "rwkv.gguf", arch="rwkv6")
+    res = CliRunner().invoke(cli, ["generate", str(path), "-p", "hi", "-n", 1])
     assert isinstance(res.exception, UnsupportedModel)
-    assert "'gemma3' is not supported yet" in str(res.exception)
+    assert "architecture 'rwkv6' is not supported yet (supported: " in str(res.exception)
 
 
 @pytest.mark.realfile

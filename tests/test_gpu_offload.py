@@ -22,22 +22,31 @@ def tiny_path(tmp_path_factory):
     return write_tiny(d / "m.gguf", qtype="Q4_K", tied=False, out_qtype="Q6_K", n_layer=N_LAYER)
 
 
+@pytest.fixture(scope="module")
+def gemma_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("offload-gemma")
+    return write_tiny(d / "g.gguf", arch="gemma3", qtype="Q8_0", n_layer=N_LAYER,
+                      sliding_window=5)
+
+
 def _host_offload(model, n):
     model.offload(n, xp=np, to_device=lambda q: q)  # the "device" is the host
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("n_gpu", list(range(N_LAYER + 1)))
-def test_split_at_every_n_gives_cpu_logits(tiny_path, n_gpu):
-    model = Model.load(tiny_path)
+def test_split_at_every_n_gives_cpu_logits(tiny_path, gemma_path, n_gpu, arch):
+    model = Model.load(tiny_path if arch == "llama" else gemma_path)
     want = model.forward(TOKENS, model.new_cache(64), "all")
     _host_offload(model, n_gpu)
     got = model.forward(TOKENS, model.new_cache(64), "all")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("n_gpu", list(range(N_LAYER + 1)))
-def test_split_decode_token_by_token_and_greedy(tiny_path, n_gpu):
-    model = Model.load(tiny_path)
+def test_split_decode_token_by_token_and_greedy(tiny_path, gemma_path, n_gpu, arch):
+    model = Model.load(tiny_path if arch == "llama" else gemma_path)
 
     def greedy(m):
         cache = m.new_cache(64)
@@ -52,6 +61,22 @@ def test_split_decode_token_by_token_and_greedy(tiny_path, n_gpu):
     want = greedy(model)
     _host_offload(model, n_gpu)
     assert greedy(model) == want
+
+
+@pytest.mark.parametrize("n_gpu", [0, 2, N_LAYER])
+def test_observer_sees_every_product_on_either_side(tiny_path, n_gpu):
+    from blockq.imatrix import observe_matmuls
+
+    model = Model.load(tiny_path)
+    _host_offload(model, n_gpu)
+    seen = []
+    with observe_matmuls(model, lambda name, x: seen.append((name, x.shape))):
+        model.forward(TOKENS, model.new_cache(64), "all")
+    names = [n for n, _ in seen]
+    assert names == [lin.name for _, lin in model.linears()]
+    assert all(shape[0] == len(TOKENS) for _, shape in seen)
+    model.forward(TOKENS, model.new_cache(64), "all")
+    assert len(seen) == len(names)  # the hook is gone after the block
 
 
 def test_parse_gpu_layers():

@@ -1,5 +1,6 @@
-"""The llama-family model: config from metadata, forward pass against a float64 reference,
-KV cache consistency, qwen2 biases, tied/untied output, and refusals."""
+"""The model runtime: config from metadata, forward pass of every architecture against a
+float64 reference, KV cache consistency, qwen2 biases, tied/untied output, Gemma 3's sliding
+window, and refusals."""
 from __future__ import annotations
 
 import json
@@ -78,6 +79,58 @@ def test_args_refusals(extra, error, words):
         assert w in str(e.value)
 
 
+GEMMA3_MD = {"general.architecture": "gemma3", "gemma3.embedding_length": 640,
+             "gemma3.block_count": 18, "gemma3.feed_forward_length": 2048,
+             "gemma3.attention.head_count": 4, "gemma3.attention.head_count_kv": 1,
+             "gemma3.attention.key_length": 256, "gemma3.attention.value_length": 256,
+             "gemma3.rope.freq_base": 1e6, "gemma3.attention.sliding_window": 512,
+             "gemma3.vocab_size": 262144}
+
+
+@pytest.mark.parametrize("extra, field, expected", [
+    ({}, "n_embd_q", 1024),
+    ({}, "attn_scale", 1 / 16),  # 1 / sqrt(head_dim)
+    ({}, "embd_scale", 640 ** 0.5),
+    ({}, "activation", "gelu"),
+    ({}, "rope_neox", True),
+    ({}, "rope_base_swa", 10000.0),
+    ({}, "swa_layers", tuple(i % 6 != 5 for i in range(18))),
+    ({"gemma3.attention.sliding_window": 0}, "swa_layers", (False,) * 18),
+    ({"gemma3.rope.freq_base_swa": 5e4}, "rope_base_swa", 5e4),
+    ({"gemma3.block_count": 62}, "attn_scale", 1 / 160 ** 0.5),  # 27B: 1/sqrt(n_embd/n_head)
+])
+def test_gemma3_args_from_metadata(extra, field, expected):
+    assert getattr(ModelArgs.from_metadata({**GEMMA3_MD, **extra}), field) == expected
+
+
+@pytest.mark.parametrize("extra, drop, words", [
+    ({"gemma3.attention.sliding_window": -4}, None, ["sliding_window", "-4"]),
+    ({}, "gemma3.attention.head_count", ["gemma3.attention.head_count", "missing"]),
+    ({"gemma3.attention.value_length": 128}, None, ["key_length 256", "value_length 128"]),
+])
+def test_gemma3_args_refusals(extra, drop, words):
+    md = {**GEMMA3_MD, **extra}
+    md.pop(drop, None)
+    with pytest.raises((FormatError, UnsupportedModel)) as e:
+        ModelArgs.from_metadata(md)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_sliding_window_limits_what_a_local_layer_sees(tiny_dir):
+    """Past the window, tokens that fell out of it no longer change the last logits."""
+    model = Model.load(_tiny(tiny_dir, "gemma3-swa-2", arch="gemma3", n_layer=2,
+                             sliding_window=4))
+    a = model.forward(TOKENS, model.new_cache(64), "last")
+    # changing the first tokens reaches the last position only through earlier positions,
+    # which a 2-layer model with a window of 4 cannot chain back 8 positions
+    b = model.forward([1, 2, 3, 4] + TOKENS[4:], model.new_cache(64), "last")
+    np.testing.assert_array_equal(a, b)
+    full = Model.load(_tiny(tiny_dir, "gemma3-full-2", arch="gemma3", n_layer=2))
+    assert not np.array_equal(full.forward(TOKENS, full.new_cache(64), "last"),
+                              full.forward([1, 2, 3, 4] + TOKENS[4:], full.new_cache(64), "last"))
+
+
 def test_missing_required_key():
     md = dict(BASE_MD)
     del md["llama.block_count"]
@@ -95,6 +148,10 @@ CASES = {  # name -> (write_tiny kwargs, tolerance on logits relative to their s
     "llama-rope-freqs-linear": (dict(rope_freqs=True, rope_scale=2.0), 1e-4),
     "llama-q4k-q6k-out": (dict(qtype="Q4_K", tied=False, out_qtype="Q6_K"), 1e-4),
     "llama-q8_0-mha": (dict(qtype="Q8_0", n_head_kv=4), 1e-4),
+    "gemma3-f32": (dict(arch="gemma3", n_head=2, n_head_kv=1, head_dim=128), 1e-4),
+    # every layer local but the sixth, with a window shorter than the 12 tokens
+    "gemma3-q8_0-swa": (dict(arch="gemma3", qtype="Q8_0", n_layer=7, n_head_kv=1,
+                             sliding_window=5), 1e-4),
 }
 
 
@@ -110,7 +167,8 @@ def test_forward_matches_reference(tiny_dir, case):
     assert err < tol, f"{case}: max error {err:.2e} of the logits' spread"
 
 
-@pytest.mark.parametrize("case", ["llama-f32-tied", "qwen2-f32-biases", "llama-q4k-q6k-out"])
+@pytest.mark.parametrize("case", ["llama-f32-tied", "qwen2-f32-biases", "llama-q4k-q6k-out",
+                                  "gemma3-q8_0-swa"])
 @pytest.mark.parametrize("cache_type, tol", [("f32", 1e-5), ("f16", 1e-5)])
 def test_prefill_equals_token_by_token(tiny_dir, case, cache_type, tol):
     """A batch through the cache gives the logits of feeding the same tokens one at a time."""
@@ -193,12 +251,21 @@ def test_unknown_tensor_is_refused(tiny_dir):
 # real files
 
 
-@pytest.mark.realfile
-def test_gemma3_is_unsupported(gemma3_file):
+def test_unknown_architecture_is_one_line(tiny_dir):
+    path = write_tiny(tiny_dir / "mamba.gguf", arch="mamba")
     with pytest.raises(UnsupportedModel) as e:
-        Model.load(gemma3_file)
-    msg = str(e.value)
-    assert "architecture 'gemma3' is not supported yet (supported: llama, qwen2)" in msg
+        Model.load(path)
+    assert str(e.value) == ("mamba.gguf: architecture 'mamba' is not supported yet "
+                            "(supported: llama, qwen2, gemma3)")
+
+
+@pytest.mark.realfile
+def test_gemma3_file_loads_with_its_layout(gemma3_file):
+    model = Model.load(gemma3_file)
+    a = model.args
+    assert (a.arch, a.n_layer, a.n_embd, a.head_dim, a.n_head_kv) == ("gemma3", 18, 640, 256, 1)
+    assert model.windows == [0 if i % 6 == 5 else 512 for i in range(18)]
+    assert model.tied and model.blk[0].attn_q_norm.weight.shape == (256,)
 
 
 @pytest.mark.realfile
@@ -231,3 +298,9 @@ def test_smollm2_perplexity_near_llama_cpp(smollm2_file):
     got = perplexity(model, rec["tokens"], n_ctx=rec["n_ctx"], bos_id=rec["bos"])
     assert got.chunks == rec["chunks"]
     assert got.ppl == pytest.approx(rec["ppl"], rel=0.03)
+
+
+def test_llama_numerics_refuses_what_it_does_not_reproduce(tiny_dir):
+    path = _tiny(tiny_dir, "gemma3-f32", arch="gemma3", n_head=2, n_head_kv=1, head_dim=128)
+    with pytest.raises(UnsupportedModel, match="numerics='llama' covers SwiGLU models"):
+        Model.load(path, numerics="llama")

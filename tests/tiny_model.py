@@ -60,10 +60,15 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
                biases: bool = False, n_layer: int = 2, n_embd: int = 256, n_head: int = 4,
                n_head_kv: int = 2, n_ff: int = 512, rope_freqs: bool = False,
                rope_scale: float = 0.0, seed: int = 0, drop: str | None = None,
-               out_qtype: str | None = None, extra_md: dict | None = None) -> Path:
-    """Write a random ``arch`` model; 2-D weights in ``qtype`` (norms and biases stay F32)."""
+               out_qtype: str | None = None, extra_md: dict | None = None,
+               head_dim: int = 0, sliding_window: int = 0) -> Path:
+    """Write a random ``arch`` model; 2-D weights in ``qtype`` (norms and biases stay F32).
+
+    ``arch="gemma3"`` adds its q/k and sandwich norms; ``sliding_window`` its local layers.
+    """
     rng = np.random.default_rng(seed)
-    hd = n_embd // n_head
+    hd = head_dim or n_embd // n_head
+    gemma = arch == "gemma3"
     md = {
         "general.architecture": arch,
         "general.name": f"tiny-{arch}",
@@ -78,6 +83,13 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
         f"{arch}.rope.dimension_count": hd,
         **tokenizer_metadata(),
     }
+    if head_dim:
+        md[f"{arch}.attention.key_length"] = md[f"{arch}.attention.value_length"] = head_dim
+    if gemma:
+        md[f"{arch}.attention.layer_norm_rms_epsilon"] = np.float32(1e-6)
+        md[f"{arch}.rope.freq_base"] = np.float32(1e6)
+    if sliding_window:
+        md[f"{arch}.attention.sliding_window"] = sliding_window
     md.update(extra_md or {})
     if rope_scale:
         md[f"{arch}.rope.scaling.type"] = "linear"
@@ -117,6 +129,11 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
         mat(p + "ffn_gate.weight", n_ff, n_embd)
         mat(p + "ffn_up.weight", n_ff, n_embd)
         mat(p + "ffn_down.weight", n_embd, n_ff)
+        if gemma:
+            for name in ("attn_q_norm", "attn_k_norm"):
+                vec(p + name + ".weight", hd)
+            for name in ("post_attention_norm", "post_ffw_norm"):
+                vec(p + name + ".weight", n_embd)
     if drop is not None:
         tensors = [t for t in tensors if t[0] != drop]
     blockq.write_gguf(path, md, tensors)
@@ -155,30 +172,43 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
     n_head = md[f"{arch}.attention.head_count"]
     n_kv = md[f"{arch}.attention.head_count_kv"]
     eps = float(md[f"{arch}.attention.layer_norm_rms_epsilon"])
-    base = float(md[f"{arch}.rope.freq_base"])
     scale = 1.0 / float(md.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
-    hd = n_embd // n_head
+    hd = int(md.get(f"{arch}.attention.key_length", n_embd // n_head))
+    gemma = arch == "gemma3"
+    window = int(md.get(f"{arch}.attention.sliding_window", 0))
     n = len(tokens)
 
     def norm(x, g):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
 
-    inv = base ** (-np.arange(0, hd, 2) / hd)  # (hd/2,)
-    if "rope_freqs.weight" in w:
-        inv = inv / w["rope_freqs.weight"]
-    ang = np.arange(n)[:, None] * inv[None, :] * scale  # (n, hd/2)
-    cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]  # (n, 1, hd)
-    sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
+    def rotary(base, scale):
+        inv = base ** (-np.arange(0, hd, 2) / hd)  # (hd/2,)
+        if "rope_freqs.weight" in w:
+            inv = inv / w["rope_freqs.weight"]
+        ang = np.arange(n)[:, None] * inv[None, :] * scale  # (n, hd/2)
+        cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]  # (n, 1, hd)
+        sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
 
-    def rope(x):  # Hugging Face rotate_half convention
-        half = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
-        return x * cos + half * sin
+        def rope(x):  # Hugging Face rotate_half convention
+            half = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+            return x * cos + half * sin
+        return rope
 
+    rope_global = rotary(float(md[f"{arch}.rope.freq_base"]), scale)
+    rope_local = rotary(10000.0, 1.0)  # Gemma 3's local layers (rope_local_base_freq)
     x = w["token_embd.weight"][tokens]  # (n, n_embd)
-    mask = np.triu(np.full((n, n), -np.inf), 1)
+    if gemma:
+        x = x * np.sqrt(n_embd)
+    causal = np.triu(np.full((n, n), -np.inf), 1)
+    pos = np.arange(n)
+    local_mask = np.where(pos[:, None] - pos[None, :] >= window, -np.inf, causal) if window \
+        else causal
     for i in range(md[f"{arch}.block_count"]):
         p = f"blk.{i}."
         b = lambda name: w.get(p + name + ".bias", 0.0)  # noqa: E731
+        local = gemma and window > 0 and i % 6 != 5  # Gemma 3: 5 local layers, then 1 global
+        rope = rope_local if local else rope_global
+        mask = local_mask if local else causal
         h = norm(x, w[p + "attn_norm.weight"])
         wq, wk = w[p + "attn_q.weight"], w[p + "attn_k.weight"]
         if arch == "llama":  # GGUF llama q/k rows are permuted for adjacent-pair rope
@@ -189,8 +219,11 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
                 if p + "attn_k.bias" in w else 0.0
         else:
             bq, bk = b("attn_q"), b("attn_k")
-        q = rope((h @ wq.T + bq).reshape(n, n_head, hd))
-        k = rope((h @ wk.T + bk).reshape(n, n_kv, hd))
+        q = (h @ wq.T + bq).reshape(n, n_head, hd)
+        k = (h @ wk.T + bk).reshape(n, n_kv, hd)
+        if gemma:
+            q, k = norm(q, w[p + "attn_q_norm.weight"]), norm(k, w[p + "attn_k_norm.weight"])
+        q, k = rope(q), rope(k)
         v = (h @ w[p + "attn_v.weight"].T + b("attn_v")).reshape(n, n_kv, hd)
         out = np.empty((n, n_head, hd))
         for hh in range(n_head):
@@ -199,11 +232,16 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
             pr = np.exp(s - s.max(-1, keepdims=True))
             pr /= pr.sum(-1, keepdims=True)
             out[:, hh] = pr @ v[:, kv]
-        x = x + out.reshape(n, -1) @ w[p + "attn_output.weight"].T
+        o = out.reshape(n, -1) @ w[p + "attn_output.weight"].T
+        x = x + (norm(o, w[p + "post_attention_norm.weight"]) if gemma else o)
         h = norm(x, w[p + "ffn_norm.weight"])
         g = h @ w[p + "ffn_gate.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * (h @ w[p + "ffn_up.weight"].T)) @ \
-            w[p + "ffn_down.weight"].T
+        if gemma:  # gelu, tanh approximation
+            act = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+        else:
+            act = g / (1 + np.exp(-g))
+        f = (act * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
+        x = x + (norm(f, w[p + "post_ffw_norm.weight"]) if gemma else f)
     out_w = w.get("output.weight", w["token_embd.weight"])
     return norm(x, w["output_norm.weight"]) @ out_w.T + w.get("output.bias", 0.0)
 

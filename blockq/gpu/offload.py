@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BadArgument
+from ..ops import ArrayOps
 from . import require_gpu
 
 KV_MARGIN = 1.10  # auto: keep 10% of free memory spare beyond weights + KV cache
@@ -35,9 +36,7 @@ def parse_gpu_layers(value: "str | int | None", n_layer: int) -> "int | str":
 
 
 def layer_bytes(model, il: int) -> int:
-    b = model.blk[il]
-    return sum(getattr(b, n).weight.nbytes for n in
-               ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+    return sum(lin.weight.nbytes for lin in model.blk[il].linears())
 
 
 def auto_layers(model, n_ctx: int, free_bytes: int) -> int:
@@ -58,30 +57,10 @@ def auto_layers(model, n_ctx: int, free_bytes: int) -> int:
     return n
 
 
-class _DeviceLinear:
-    def __init__(self, name, weight, bias, owner):
-        self.name = name  # the GGUF weight's name, for observers (imatrix)
-        self.weight = weight  # device matrix (n_out, n_in)
-        self.bias = None if bias is None else owner.xp.asarray(bias)
-        self.owner = owner
-
-    def __call__(self, x):  # (n, n_in) -> (n, n_out)
-        if self.owner.observe is not None:
-            self.owner.observe(self.name, self.owner.to_host(x))
-        y = self.weight.matvec(x[0])[None, :] if x.shape[0] == 1 else self.weight.matmul(x)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
-
-
-def _rms_norm(xp, x, w, eps):  # x (n, d), w (d,)
-    ms = (x.astype(xp.float64) ** 2).sum(axis=1) / x.shape[1]
-    scale = (1.0 / xp.sqrt((ms + eps).astype(xp.float32)))[:, None]
-    return (x * scale) * w
-
-
-class DeviceLayers:
-    """Blocks ``first..n_layer-1`` of ``model`` on a device, plus the head when all are there."""
+class DeviceOps(ArrayOps):
+    """The operations of blocks ``first..n_layer-1`` of ``model`` on a device (plus the head when
+    all blocks are there): device copies of their matrices and norm weights, and the device's
+    own slice of the KV cache."""
 
     def __init__(self, model, n_layers: int, xp=None, to_device=None):
         a = model.args
@@ -95,76 +74,47 @@ class DeviceLayers:
 
             def to_device(q):
                 return GPUQMatrix(q.qtype, q.data, q.shape)
-        self.xp = xp
-        self.observe = None  # observe(weight_name, x_host) sees every product's input (imatrix)
+        super().__init__(xp)
         self.args = a
         self.n_layers = n_layers
         self.first = a.n_layer - n_layers
-        self.blocks = {}
-        for il in range(self.first, a.n_layer):
-            b = model.blk[il]
-            lin = {n: _DeviceLinear(f"blk.{il}.{n}.weight", to_device(getattr(b, n).weight),
-                                    getattr(b, n).bias, self)
-                   for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                             "ffn_down")}
-            norms = {n: xp.asarray(getattr(b, n).weight) for n in ("attn_norm", "ffn_norm")}
-            self.blocks[il] = (lin, norms)
+        self.mats: dict = {}  # weight name -> (device matrix, device bias or None)
+        self.norms: dict = {}  # norm weight name -> device vector
+        for b in model.blk[self.first:]:
+            self._put(b.linears(), b.norms(), to_device)
         self.head = None
         if n_layers == a.n_layer and n_layers > 0:
-            self.head = (xp.asarray(model.output_norm.weight),
-                         _DeviceLinear("output.weight", to_device(model.output.weight),
-                                       model.output.bias, self))
+            self._put([model.output], [model.output_norm], to_device)
+            self.head = model.output
         self._k = self._v = None  # (n_layers, n_head_kv, n_ctx, head_dim) on the device
 
-    def to_host(self, a) -> np.ndarray:
-        return a if self.xp is np else self.xp.asnumpy(a)
+    def _put(self, linears, norms, to_device) -> None:
+        xp = self.xp
+        for lin in linears:
+            self.mats[lin.name] = (to_device(lin.weight),
+                                   None if lin.bias is None else xp.asarray(lin.bias))
+        for nm in norms:
+            self.norms[nm.name] = xp.asarray(nm.weight)
 
-    def _cache(self, n_ctx: int):
+    def linear(self, lin, x):  # (n, n_in) -> (n, n_out)
+        w, bias = self.mats[lin.name]
+        y = w.matvec(x[0])[None, :] if x.shape[0] == 1 else w.matmul(x)
+        return y if bias is None else y + bias
+
+    def weight(self, norm):
+        return self.norms[norm.name]
+
+    def store(self, il, step, k, v):
         a, xp = self.args, self.xp
+        n_ctx = step.cache.n_ctx
         if self._k is None or self._k.shape[2] != n_ctx:
             shape = (self.n_layers, a.n_head_kv, n_ctx, a.head_dim)
             self._k = xp.zeros(shape, xp.float32)
             self._v = xp.zeros(shape, xp.float32)
-        return self._k, self._v
-
-    def run(self, model, x: np.ndarray, p0: int, cos: np.ndarray, sin: np.ndarray, cache,
-            rows) -> np.ndarray:
-        """Blocks first.. on the device for activations ``x`` (n, n_embd) at positions p0...
-
-        Returns the logits (host, float32) when the head is on the device, else the hidden
-        state (host) for the CPU head.
-        """
-        from ..model import attention
-
-        a, xp = self.args, self.xp
-        n = x.shape[0]
-        T = p0 + n
-        kc, vc = self._cache(cache.n_ctx)
-        x = xp.asarray(x)  # the one crossing host -> device
-        cos, sin = xp.asarray(cos), xp.asarray(sin)
-        eps = np.float32(a.rms_eps)
-        f16 = cache.cache_type == "f16"
-        for il in range(self.first, a.n_layer):
-            lin, norms = self.blocks[il]
-            j = il - self.first
-            h = _rms_norm(xp, x, norms["attn_norm"], eps)
-            q = lin["attn_q"](h).reshape(n, a.n_head, a.head_dim)
-            k = lin["attn_k"](h).reshape(n, a.n_head_kv, a.head_dim)
-            v = lin["attn_v"](h).reshape(n, a.n_head_kv, a.head_dim)
-            model.rope(q, cos, sin)
-            model.rope(k, cos, sin)
-            if f16:  # same precision as the CPU cache (values rounded to half)
-                k, v = k.astype(xp.float16), v.astype(xp.float16)
-            kc[j, :, p0:T] = k.transpose(1, 0, 2)
-            vc[j, :, p0:T] = v.transpose(1, 0, 2)
-            att = attention(q, kc[j, :, :T], vc[j, :, :T], p0, a.attn_scale, xp=xp)
-            if il == a.n_layer - 1 and rows is not None:
-                att, x = att[xp.asarray(rows)], x[xp.asarray(rows)]
-            x = x + lin["attn_output"](att)
-            h = _rms_norm(xp, x, norms["ffn_norm"], eps)
-            g = lin["ffn_gate"](h)
-            x = x + lin["ffn_down"](g / (1.0 + xp.exp(-g)) * lin["ffn_up"](h))
-        if self.head is not None:
-            w, out = self.head
-            x = out(_rms_norm(xp, x, w, eps))
-        return self.to_host(x)  # the one crossing device -> host
+        if step.cache.cache_type == "f16":  # same precision as the CPU cache (values in half)
+            k, v = k.astype(xp.float16), v.astype(xp.float16)
+        j = il - self.first
+        p0, T = step.p0, step.p0 + step.n
+        self._k[j, :, p0:T] = k.transpose(1, 0, 2)
+        self._v[j, :, p0:T] = v.transpose(1, 0, 2)
+        return self._k[j], self._v[j]

@@ -1,0 +1,66 @@
+"""``gemma3`` (text part: Gemma-3 270M .. 27B): embeddings scaled by sqrt(n_embd), per-head RMS
+norms of q and k, "sandwich" norms after attention and after the feed-forward, GELU (tanh)
+gating, and local layers with a sliding window and their own rope base (5 local layers, then 1
+global one).  The file's norm weights already hold Gemma's ``1 + w`` (llama.cpp's converter adds
+the one).
+
+    h = attn_norm(x);  q, k = attn_q_norm(attn_q h), attn_k_norm(attn_k h)   (per head)
+    x += post_attention_norm(attn_output(attend(q, k, attn_v h)))
+    h = ffn_norm(x);   x += post_ffw_norm(ffn_down(gelu(ffn_gate h) * ffn_up h))
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import FormatError
+from ..gguf.constants import Keys
+from .base import Architecture, Block, norm
+from .llama import ATTENTION, FFN
+
+SWA_PATTERN = 6  # NOTE: llama.cpp: layer il is local unless il % 6 == 5
+ROPE_BASE_SWA = 10000.0  # NOTE: llama.cpp's fixed base for gemma3's local layers
+SLIDING_WINDOW = "{arch}.attention.sliding_window"
+LOGIT_SOFTCAP = "{arch}.final_logit_softcapping"
+
+
+class Gemma3Block(Block):
+    TENSORS = ATTENTION + (
+        norm("attn_q_norm", lambda a: (a.head_dim,)),
+        norm("attn_k_norm", lambda a: (a.head_dim,)),
+        norm("post_attention_norm", lambda a: (a.n_embd,)),
+    ) + FFN + (norm("post_ffw_norm", lambda a: (a.n_embd,)),)
+
+    def __call__(self, ops, x, il, step):  # x (n, n_embd)
+        a, n = step.args, x.shape[0]
+        h = ops.rms_norm(x, self.attn_norm)
+        q = ops.rms_norm(ops.linear(self.attn_q, h).reshape(n * a.n_head, a.head_dim),
+                         self.attn_q_norm)
+        k = ops.rms_norm(ops.linear(self.attn_k, h).reshape(n * a.n_head_kv, a.head_dim),
+                         self.attn_k_norm)
+        att = ops.attend(il, q, k, ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
+        o = ops.linear(self.attn_output, att)  # (n, n_embd)
+        if step.rows is not None and il == a.n_layer - 1:  # as llama.cpp, see llama.py
+            o, x = ops.rows(o, step.rows), ops.rows(x, step.rows)
+        x = ops.add(x, ops.rms_norm(o, self.post_attention_norm))
+        h = ops.rms_norm(x, self.ffn_norm)
+        g = ops.geglu(ops.linear(self.ffn_gate, h), ops.linear(self.ffn_up, h))  # (n, n_ff)
+        return ops.add(x, ops.rms_norm(ops.linear(self.ffn_down, g), self.post_ffw_norm))
+
+
+def _args(get, f: dict) -> dict:
+    window = int(get(SLIDING_WINDOW, 0))
+    if window < 0:
+        raise FormatError(f"gemma3: {SLIDING_WINDOW.format(arch='gemma3')} is {window}; "
+                          "use a window size > 0 (or leave the key out)")
+    swa = tuple(window > 0 and il % SWA_PATTERN < SWA_PATTERN - 1 for il in range(f["n_layer"]))
+    head_dim = f["head_dim"] or f["n_embd"] // f["n_head"]
+    # NOTE: llama.cpp scales queries by 1/sqrt(n_embd / n_head) for the 27B model (62 layers)
+    # and by 1/sqrt(head_dim) otherwise
+    q_dim = f["n_embd"] / f["n_head"] if f["n_layer"] == 62 else head_dim
+    return dict(activation="gelu", embd_scale=math.sqrt(f["n_embd"]), sliding_window=window,
+                swa_layers=swa, rope_base_swa=float(get(Keys.Rope.FREQ_BASE_SWA, ROPE_BASE_SWA)),
+                attn_scale=f["attn_scale"] or 1.0 / math.sqrt(q_dim),
+                final_softcap=float(get(LOGIT_SOFTCAP, 0.0)))
+
+
+GEMMA3 = Architecture("gemma3", Gemma3Block, rope_neox=True, extra_args=_args)

@@ -1,0 +1,49 @@
+"""``llama`` (SmolLM2, TinyLlama, Llama 2/3, Mistral) and ``qwen2``: pre-norm blocks with
+grouped-query attention and a SwiGLU feed-forward; any ``.bias`` in the file is added (qwen2's
+q/k/v biases).
+
+    h = attn_norm(x);  x += attn_output(attend(attn_q h, attn_k h, attn_v h))
+    h = ffn_norm(x);   x += ffn_down(silu(ffn_gate h) * ffn_up h)
+"""
+from __future__ import annotations
+
+from .base import Architecture, Block, linear, norm
+
+ATTENTION = (
+    norm("attn_norm", lambda a: (a.n_embd,)),
+    linear("attn_q", lambda a: (a.n_embd_q, a.n_embd)),
+    linear("attn_k", lambda a: (a.n_embd_kv, a.n_embd)),
+    linear("attn_v", lambda a: (a.n_embd_kv, a.n_embd)),
+    linear("attn_output", lambda a: (a.n_embd, a.n_embd_q)),
+)
+FFN = (
+    norm("ffn_norm", lambda a: (a.n_embd,)),
+    linear("ffn_gate", lambda a: (a.n_ff, a.n_embd)),
+    linear("ffn_up", lambda a: (a.n_ff, a.n_embd)),
+    linear("ffn_down", lambda a: (a.n_embd, a.n_ff)),
+)
+
+
+class LlamaBlock(Block):
+    TENSORS = ATTENTION + FFN
+
+    def __call__(self, ops, x, il, step):  # x (n, n_embd)
+        h = ops.rms_norm(x, self.attn_norm)
+        att = ops.attend(il, ops.linear(self.attn_q, h), ops.linear(self.attn_k, h),
+                         ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
+        o = ops.linear(self.attn_output, att)  # (n, n_embd)
+        if step.rows is not None and il == step.args.n_layer - 1:
+            # NOTE: llama.cpp drops the rows without outputs after the attention output
+            # projection; the kernels after it see fewer rows (and some pick their path by the
+            # row count)
+            o, x = ops.rows(o, step.rows), ops.rows(x, step.rows)
+        x = ops.add(x, o)
+        h = ops.rms_norm(x, self.ffn_norm)
+        g = ops.swiglu(ops.linear(self.ffn_gate, h), ops.linear(self.ffn_up, h))  # (n, n_ff)
+        return ops.add(x, ops.linear(self.ffn_down, g))
+
+
+# NOTE: llama.cpp's llama_model_rope_type(): `llama` uses NORM rope (adjacent pairs, because the
+# converter permutes the q/k rows of HF llama checkpoints), `qwen2` uses NEOX rope (halves).
+LLAMA = Architecture("llama", LlamaBlock, rope_neox=False)
+QWEN2 = Architecture("qwen2", LlamaBlock, rope_neox=True)

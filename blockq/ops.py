@@ -1,0 +1,338 @@
+"""The operations a forward pass is written over, and the sets of them blockq runs with.
+
+Every architecture's block (:mod:`blockq.models`) is written once against these calls::
+
+    ops.linear(lin, x)            # (n, n_in) -> (n, n_out), bias included
+    ops.rms_norm(x, norm)         # rows of x (n, d) normalized, times norm.weight (d,)
+    ops.add(x, y)                 # residual sum
+    ops.swiglu(gate, up)          # silu(gate) * up
+    ops.geglu(gate, up)           # gelu_tanh(gate) * up
+    ops.attend(il, q, k, v, step) # rope q, k; store k, v in the layer's cache; causal attention
+    ops.rows(x, rows)             # the rows that get outputs (the last layer drops the others)
+
+The sets:
+
+- :class:`ArrayOps`: the reference arithmetic on an array module ``xp`` (numpy, or CuPy for the
+  blocks :mod:`blockq.gpu.offload` puts on a GPU, where it is subclassed with device matrices).
+- :class:`CPUOps`: the default CPU set: ``QMatrix`` products, and for one token (decoding) the
+  fused Numba kernels below in place of the numpy steps.
+- :class:`LlamaOps`: ``numerics="llama"``, llama.cpp's CPU roundings step by step
+  (:mod:`blockq.kernels.cpu_q8`).
+- :class:`Observed`: any set with a hook around ``linear`` (calibration: imatrix collection).
+
+This module imports no model code and no GPU code, so the model, the offload and the kernels
+depend on it and not on each other.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from numba import njit, prange
+
+from .errors import BadArgument, UnsupportedModel
+
+F32 = np.float32
+GELU_C = F32(0.7978845608028654)  # sqrt(2 / pi)
+
+
+def attention(q, k, v, p0: int, scale: float, window: int = 0, xp=np):
+    """Causal grouped-query attention of n new queries at positions p0.. over T = p0 + n keys.
+
+    q (n, n_head, hd); k, v (n_head_kv, T, hd) -> (n, n_head * hd).  Query head h reads key/value
+    head h // (n_head / n_head_kv), as in ggml's broadcasting.  ``window`` > 0: query position p
+    sees only keys p - window < t <= p (llama.cpp's standard sliding window).  ``xp``: the array
+    module (numpy, or CuPy for the layers offloaded to a GPU).
+    """
+    n, n_head, hd = q.shape
+    n_kv, T, _ = k.shape
+    g = n_head // n_kv
+    qh = q.reshape(n, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * n, hd)
+    s = xp.matmul(qh, k.transpose(0, 2, 1))  # (n_kv, g*n, T)
+    s *= np.float32(scale)
+    pos = p0 + xp.arange(n)  # (n,) query positions
+    masked = None
+    if n > 1:  # query i (position p0 + i) sees keys 0..p0+i
+        masked = xp.arange(T)[None, :] > pos[:, None]  # (n, T)
+    if window and T > window:
+        far = xp.arange(T)[None, :] <= pos[:, None] - window
+        masked = far if masked is None else masked | far
+    if masked is not None:
+        s.reshape(n_kv, g, n, T)[:, :, masked] = -np.inf
+    s -= s.max(axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    o = xp.matmul(s, v)  # (n_kv, g*n, hd)
+    return o.reshape(n_kv, g, n, hd).transpose(2, 0, 1, 3).reshape(n, n_head * hd)
+
+
+class ArrayOps:
+    """The reference set on an array module; subclasses say where matrices and the KV cache
+    live (``linear``, ``store``)."""
+
+    xp = np
+
+    def __init__(self, xp=np):
+        self.xp = xp
+
+    # -- crossings between sets (host arrays are numpy) --------------------------------------
+    def enter(self, x):
+        return self.xp.asarray(x)
+
+    def to_host(self, x) -> np.ndarray:
+        return x if self.xp is np else self.xp.asnumpy(x)
+
+    # -- the operations ---------------------------------------------------------------------
+    def linear(self, lin, x):  # (n, n_in) -> (n, n_out)
+        return lin(x)
+
+    def rms_norm(self, x, norm):
+        xp = self.xp
+        # NOTE: like ggml_rms_norm, the sum of squares is taken in double, the scale in float.
+        ms = (x.astype(xp.float64) ** 2).sum(axis=1) / x.shape[1]
+        scale = (1.0 / xp.sqrt((ms + norm.eps).astype(xp.float32)))[:, None]
+        return (x * scale) * self.weight(norm)
+
+    def weight(self, norm):
+        return norm.weight
+
+    def add(self, x, y):
+        return x + y
+
+    def scale(self, x, s: float):
+        return x * F32(s)
+
+    def rows(self, x, rows):
+        return x[self.xp.asarray(rows)]
+
+    def swiglu(self, g, u):
+        return g / (1.0 + self.xp.exp(-g)) * u
+
+    def geglu(self, g, u):
+        xp = self.xp
+        return F32(0.5) * g * (F32(1) + xp.tanh(GELU_C * (g + F32(0.044715) * g * g * g))) * u
+
+    def softcap(self, x, cap: float):
+        return self.xp.tanh(x * F32(1.0 / cap)) * F32(cap)
+
+    def rope_tables(self, step, rope):
+        cos, sin = step.tables(rope)
+        return self.xp.asarray(cos), self.xp.asarray(sin)
+
+    def store(self, il: int, step, k, v):
+        """Write k, v (n, n_head_kv, hd) at positions step.p0..; -> the layer's (n_kv, n_ctx,
+        hd) key and value arrays."""
+        raise NotImplementedError
+
+    def attend(self, il: int, q, k, v, step):
+        """q (n, n_head*hd), k, v (n, n_head_kv*hd) -> (n, n_head*hd)."""
+        a, n = step.args, step.n
+        q = q.reshape(n, a.n_head, a.head_dim)
+        k = k.reshape(n, a.n_head_kv, a.head_dim)
+        v = v.reshape(n, a.n_head_kv, a.head_dim)
+        rope = step.ropes[il]
+        cos, sin = self.rope_tables(step, rope)
+        rope(q, cos, sin)
+        rope(k, cos, sin)
+        kc, vc = self.store(il, step, k, v)
+        T = step.p0 + n
+        return attention(q, kc[:, :T], vc[:, :T], step.p0, a.attn_scale, step.windows[il],
+                         xp=self.xp)
+
+
+class CPUOps(ArrayOps):
+    """blockq's default CPU kernels; one token (decoding) takes the fused Numba steps."""
+
+    def linear(self, lin, x):
+        return lin(x)
+
+    def rms_norm(self, x, norm):
+        if x.shape[0] != 1:
+            return norm(x)
+        out = np.empty_like(x)  # (1, d)
+        _rms_norm_into(x[0], norm.weight, F32(norm.eps), out[0])
+        return out
+
+    def swiglu(self, g, u):
+        g = np.ascontiguousarray(g)  # (n, n_ff)
+        _swiglu_into(g.reshape(-1), np.ascontiguousarray(u).reshape(-1))
+        return g
+
+    def store(self, il, step, k, v):
+        step.cache.store(il, step.p0, k, v)
+        return step.cache.k[il], step.cache.v[il]
+
+    def attend(self, il, q, k, v, step):
+        if step.n != 1:
+            return super().attend(il, q, k, v, step)
+        a, cache = step.args, step.cache
+        rope = step.ropes[il]
+        cos, sin = step.tables(rope)
+        att = np.empty((a.n_head, a.head_dim), np.float32)
+        _rope_store_attend(q.reshape(a.n_head, a.head_dim), k.reshape(a.n_head_kv, a.head_dim),
+                           v.reshape(a.n_head_kv, a.head_dim), cos[0], sin[0], rope.neox,
+                           cache.k[il], cache.v[il], step.p0, F32(a.attn_scale),
+                           cache.cache_type == "f16", step.windows[il], att)
+        return att.reshape(1, -1)
+
+
+class LlamaOps(CPUOps):
+    """llama.cpp's CPU roundings (``numerics="llama"``; :mod:`blockq.kernels.cpu_q8`): 8-bit
+    activations through the kernel llama.cpp picks per matrix, f16 attention, ggml's expf."""
+
+    def __init__(self, model):
+        from .kernels import cpu_q8
+
+        super().__init__()
+        self.L = cpu_q8
+        a = model.args
+        if a.activation != "silu" or any(r.freq_factors is not None or r.freq_scale != 1
+                                         for r in model.ropes) or any(model.windows) \
+                or any(lin.bias is not None for _, lin in model.linears()):
+            raise UnsupportedModel("numerics='llama' covers SwiGLU models without biases, rope "
+                                   "frequency factors, rope scaling or sliding windows")
+        # NOTE: a tied output is llama.cpp's token embedding table, never repacked
+        self.dot = {name: cpu_q8.llama_dot(lin.weight,
+                                           repackable=not (model.tied and name == "output.weight"))
+                    for name, lin in model.linears()}
+        self._tables: dict = {}
+
+    def linear(self, lin, x):
+        return self.dot[lin.name](x)
+
+    def rms_norm(self, x, norm):
+        return self.L.rms_norm(x, norm.weight, norm.eps)
+
+    def add(self, x, y):
+        return (x + y).astype(F32)
+
+    def swiglu(self, g, u):
+        return self.L.swiglu(g, u)
+
+    def attend(self, il, q, k, v, step):
+        a, n, p0, cache = step.args, step.n, step.p0, step.cache
+        if cache.cache_type != "f16":
+            raise BadArgument("numerics='llama' needs an f16 KV cache, as llama.cpp's default; "
+                              f"got {cache.cache_type!r}")
+        rope = step.ropes[il]
+        T = p0 + n
+        cos, sin = self._tables.get(id(rope), ((), ()))
+        if len(cos) < T:
+            cos, sin = self.L.rope_tables(float(rope.base), 2 * rope.half,
+                                          -(-max(T, 1) // 1024) * 1024)
+            self._tables[id(rope)] = cos, sin
+        q = q.reshape(n, a.n_head, a.head_dim)
+        k = k.reshape(n, a.n_head_kv, a.head_dim)
+        v = v.reshape(n, a.n_head_kv, a.head_dim)
+        self.L.rope(q, cos[p0:T], sin[p0:T], rope.neox)
+        self.L.rope(k, cos[p0:T], sin[p0:T], rope.neox)
+        cache.store(il, p0, k, v)
+        return self.L.attention(q, cache.k[il, :, :T], cache.v[il, :, :T], p0, a.attn_scale)
+
+
+class Observed:
+    """``inner`` with ``observe(weight_name, x_host)`` called on every linear input first."""
+
+    def __init__(self, inner, observe: Callable[[str, np.ndarray], None]):
+        self.inner, self.observe = inner, observe
+
+    def linear(self, lin, x):
+        self.observe(lin.name, self.inner.to_host(x))
+        return self.inner.linear(lin, x)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode-step kernels: one token, one call per piece of a layer, no temporaries.  ArrayOps says
+# what they compute; tests check both paths give the same logits.
+
+_JIT = dict(cache=True, fastmath=True)
+
+
+@njit(**_JIT)
+def _rms_norm_into(x, w, eps, out):  # x, w, out (d,)
+    ss = 0.0  # float64, like ggml_rms_norm
+    for i in range(x.size):
+        ss += x[i] * x[i]
+    scale = np.float32(1.0) / np.sqrt(np.float32(ss / x.size + eps))
+    for i in range(x.size):
+        out[i] = (x[i] * scale) * w[i]
+
+
+@njit(**_JIT)
+def _swiglu_into(g, u):  # g = silu(g) * u
+    for i in range(g.size):
+        g[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+
+
+@njit(cache=True)
+def _round_f16(a):
+    """Round float32 values in place to the nearest IEEE half (ties to even), as f32."""
+    bits = a.view(np.uint32)
+    for i in range(a.size):
+        b = bits[i]
+        ax = b & np.uint32(0x7FFFFFFF)
+        if ax >= np.uint32(0x477FF000):  # rounds past 65504: inf (nan stays nan)
+            if ax <= np.uint32(0x7F800000):
+                bits[i] = (b & np.uint32(0x80000000)) | np.uint32(0x7F800000)
+        elif ax < np.uint32(0x38800000):  # half subnormal range: steps of 2^-24
+            a[i] = np.float32(np.rint(a[i] * np.float32(16777216.0)) * np.float32(5.9604645e-08))
+        else:  # drop 13 mantissa bits, rounding to nearest even
+            bits[i] = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) \
+                & np.uint32(0xFFFFE000)
+
+
+@njit(**_JIT)
+def _rope_one(x, cos, sin, neox):  # x (heads, head_dim) rotated in place; cos, sin (half,)
+    h = cos.size
+    for r in range(x.shape[0]):
+        for i in range(h):
+            a, b = (i, i + h) if neox else (2 * i, 2 * i + 1)
+            x0, x1 = x[r, a], x[r, b]
+            x[r, a] = x0 * cos[i] - x1 * sin[i]
+            x[r, b] = x0 * sin[i] + x1 * cos[i]
+
+
+@njit(parallel=True, **_JIT)
+def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, out):
+    """Rotate q, k of one token at ``pos``; store k, v in the layer's cache; attend over the
+    keys it sees (0..pos, or the last ``window`` of them when window > 0).
+
+    q, out (n_head, hd); k, v (n_head_kv, hd); kc, vc (n_head_kv, n_ctx, hd).
+    """
+    _rope_one(q, cos, sin, neox)
+    _rope_one(k, cos, sin, neox)
+    if f16:
+        _round_f16(k.reshape(-1))
+        _round_f16(v.reshape(-1))
+    kc[:, pos, :] = k
+    vc[:, pos, :] = v
+    n_head, hd = q.shape
+    g = n_head // kc.shape[0]
+    t0 = max(0, pos - window + 1) if window > 0 else 0
+    T = pos + 1
+    for hh in prange(n_head):
+        kv = hh // g
+        s = np.empty(T - t0, np.float32)
+        m = -np.inf
+        for t in range(t0, T):
+            acc = np.float32(0.0)
+            for d in range(hd):
+                acc += q[hh, d] * kc[kv, t, d]
+            acc *= scale
+            s[t - t0] = acc
+            m = max(m, acc)
+        total = 0.0
+        for j in range(T - t0):
+            e = np.exp(s[j] - m)
+            s[j] = e
+            total += e
+        inv = np.float32(1.0 / total)
+        for d in range(hd):
+            out[hh, d] = 0.0
+        for t in range(t0, T):
+            w = s[t - t0] * inv
+            for d in range(hd):
+                out[hh, d] += w * vc[kv, t, d]
