@@ -103,7 +103,8 @@ class QType:
         return n_cols // self.block_size * self.type_size
 
 
-_NEW = ("quantize", "gpu")  # decodable and multipliable on the CPU; no quantizer, no CUDA yet
+_NEW = ("quantize",)  # decoded on CPU and GPU, multiplied on the CPU; no quantizer yet
+_NEW_Q = ("quantize",)  # ... quantizer written, awaiting llama.cpp's blocks
 _INT = ("matvec", "quantize", "gpu")  # integer / F64 tensors: decoded, never multiplied
 
 _TYPES = (
@@ -158,7 +159,7 @@ _TYPES = (
           "1.56 bpw i-quant: ternary 8-weight groups (2048-point grid) plus a shift",
           dot="Q8_K", lacks=_NEW),
     QType(20, "IQ4_NL", QK, 2 + QK // 2, (("d", "<f2", 1), ("qs", "u1", QK // 2)),
-          "4-bit non-linear: w = d * kvalues[q], a fixed 16-value grid", dot="Q8_0", lacks=_NEW),
+          "4-bit non-linear: w = d * kvalues[q], a fixed 16-value grid", dot="Q8_0", lacks=_NEW_Q),
     QType(21, "IQ3_S", QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 8 + QK_K // 64,
           (("d", "<f2", 1), ("qs", "u1", QK_K // 4), ("qh", "u1", QK_K // 32),
            ("signs", "u1", QK_K // 8), ("scales", "u1", QK_K // 64)),
@@ -171,7 +172,7 @@ _TYPES = (
     QType(23, "IQ4_XS", QK_K, 2 + 2 + QK_K // 64 + QK_K // 2,
           (("d", "<f2", 1), ("scales_h", "<u2", 1), ("scales_l", "u1", QK_K // 64),
            ("qs", "u1", QK_K // 2)),
-          "4.25 bpw non-linear: IQ4_NL's grid with 6-bit scales per 32", dot="Q8_K", lacks=_NEW),
+          "4.25 bpw non-linear: IQ4_NL's grid with 6-bit scales per 32", dot="Q8_K", lacks=_NEW_Q),
     QType(24, "I8", 1, 1, (("i", "i1", 1),), "8-bit signed integer", lacks=_INT),
     QType(25, "I16", 1, 2, (("i", "<i2", 1),), "16-bit signed integer", lacks=_INT),
     QType(26, "I32", 1, 4, (("i", "<i4", 1),), "32-bit signed integer", lacks=_INT),
@@ -186,12 +187,12 @@ _TYPES = (
           (("qs", "u1", (QK_K - 4 * QK_K // 64) // 5), ("qh", "u1", QK_K // 64),
            ("d", "<f2", 1)),
           "1.69 bpw ternary (BitNet b1.58): 5 trits per byte, w = d * t, t in -1..1",
-          dot="Q8_K", lacks=_NEW),
+          dot="Q8_K", lacks=_NEW_Q),
     QType(35, "TQ2_0", QK_K, QK_K // 4 + 2, (("qs", "u1", QK_K // 4), ("d", "<f2", 1)),
-          "2.06 bpw ternary: 2 bits per trit, w = d * t, t in -1..1", dot="Q8_K", lacks=_NEW),
+          "2.06 bpw ternary: 2 bits per trit, w = d * t, t in -1..1", dot="Q8_K", lacks=_NEW_Q),
     QType(39, "MXFP4", QK, 1 + QK // 2, (("e", "u1", 1), ("qs", "u1", QK // 2)),
           "OCP microscaling FP4: E2M1 values times a power-of-two (E8M0) scale", dot="Q8_0",
-          lacks=_NEW),
+          lacks=_NEW_Q),
 )
 
 BY_NAME: dict[str, QType] = {t.name: t for t in _TYPES}

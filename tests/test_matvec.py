@@ -186,3 +186,29 @@ def test_real_tensors(model, type_name, smollm2_file, gemma3_file, rng):
     assert_close(m.matmul(X), w, X)
     ids = rng.integers(0, rows, 16)
     assert np.array_equal(m.take_rows(ids), w[ids])
+
+
+@pytest.mark.parametrize("hardware", [True, False])
+def test_table_lookup_both_paths(hardware, monkeypatch):
+    """lut16 (IQ4_NL / MXFP4 values of 4-bit codes): the AVX2 permute where the CPU has it and
+    the portable compare-and-select chain, for every code."""
+    from numba import njit
+
+    from blockq import codebooks
+    from blockq.kernels import cpu_iquant, cpu_simd as simd
+    if hardware and not cpu_iquant._HW_PERMUTE:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setattr(cpu_iquant, "_HW_PERMUTE", hardware)  # read when convert compiles
+
+    @njit
+    def convert(codes, out):
+        for i in range(0, codes.shape[1], 8):
+            c = simd.load_u8(codes, 0, i)
+            simd.store_f32(out, 0, i, cpu_iquant.lut_iq4(c))
+            simd.store_f32(out, 1, i, cpu_iquant.lut_fp4(c))
+
+    codes = np.tile(np.arange(16, dtype=np.uint8), 2)[None, :]  # (1, 32)
+    out = np.zeros((2, 32), np.float32)
+    convert(codes, out)
+    assert out[0].tolist() == codebooks.IQ4_NL[codes[0]].tolist()
+    assert out[1].tolist() == codebooks.MXFP4[codes[0]].tolist()

@@ -168,3 +168,122 @@ BQ_HD void dq8_q8_k(const uint8_t* b, int off, float* v) {
     float d = bq_f32(b);
     for (int i = 0; i < 8; i++) v[i] = d * (float)(int8_t)b[4 + off + i];
 }
+
+// ---- non-linear, ternary and i-quant types ----
+// Their value tables (bq_kv_iq4nl, bq_kv_mxfp4, bq_ksigns, bq_grid_<type>) are generated from
+// blockq/codebooks.py by blockq/gpu/source.py (tables_source); on the GPU they are __device__
+// arrays, so these decoders are __device__ only there (BQ_DT).  Layouts: formats/<TYPE>.md.
+#ifdef __CUDACC__
+#define BQ_DT __device__ __forceinline__
+#else
+#define BQ_DT inline
+#endif
+BQ_DT float bq_sign(float v, int bits, int j) { return (bits >> j) & 1 ? -v : v; }
+BQ_DT float bq_half_scale(float d, int s, float f) { return (d * (0.5f + (float)s)) * f; }
+
+// IQ4_NL (18 B): 0..1 d | 2..17 qs, nibbles as Q4_0; w = d * kvalues[q]
+BQ_DT void dq8_iq4_nl(const uint8_t* b, int off, float* v) {
+    float d = bq_f16(b);
+    int shift = off < 16 ? 0 : 4, j0 = off & 15;
+    for (int i = 0; i < 8; i++) v[i] = d * (float)bq_kv_iq4nl[(b[2 + j0 + i] >> shift) & 0xF];
+}
+// IQ4_XS (136 B): 0..1 d | 2..3 scales_h | 4..7 scales_l | 8..135 qs, 16 bytes per 32 weights
+BQ_DT void dq8_iq4_xs(const uint8_t* b, int off, float* v) {
+    int s = off >> 5, k = off & 31, shift = k < 16 ? 0 : 4, j0 = k & 15;
+    int ls = ((b[4 + s / 2] >> (4 * (s % 2))) & 0xF) | (((bq_u16(b + 2) >> (2 * s)) & 3) << 4);
+    float dl = bq_f16(b) * (float)(ls - 32);
+    for (int i = 0; i < 8; i++) v[i] = dl * (float)bq_kv_iq4nl[(b[8 + 16 * s + j0 + i] >> shift) & 0xF];
+}
+// MXFP4 (17 B): 0 e (E8M0: d = 2^(e-128)) | 1..16 E2M1 codes, nibbles as Q4_0; w = e2m1x2[q] * d
+BQ_DT void dq8_mxfp4(const uint8_t* b, int off, float* v) {
+    uint32_t e = b[0];
+    float d = bq_bits_to_f32(e < 2 ? 0x00200000u << e : (e - 1) << 23);
+    int shift = off < 16 ? 0 : 4, j0 = off & 15;
+    for (int i = 0; i < 8; i++) v[i] = (float)bq_kv_mxfp4[(b[1 + j0 + i] >> shift) & 0xF] * d;
+}
+// TQ1_0 (54 B): 0..47 qs (5 trits per byte) | 48..51 qh (4 per byte) | 52..53 d
+//   trit k of byte c = (((c * 3^k) & 255) * 3) >> 8;  w = (t - 1) * d
+BQ_DT void dq8_tq1_0(const uint8_t* b, int off, float* v) {
+    float d = bq_f16(b + 52);
+    for (int i = 0; i < 8; i++) {
+        int e = off + i, n, c;
+        if (e < 160) { n = e >> 5; c = b[e & 31]; }
+        else if (e < 240) { n = (e - 160) >> 4; c = b[32 + ((e - 160) & 15)]; }
+        else { n = (e - 240) >> 2; c = b[48 + ((e - 240) & 3)]; }
+        int p = 1;
+        for (int k = 0; k < n; k++) p *= 3;
+        v[i] = (float)(((((c * p) & 255) * 3) >> 8) - 1) * d;
+    }
+}
+// TQ2_0 (66 B): 0..63 qs, weight 128h + 32l + m at bits 2l..2l+1 of qs[32h + m] | 64..65 d
+BQ_DT void dq8_tq2_0(const uint8_t* b, int off, float* v) {
+    float d = bq_f16(b + 64);
+    int h = off >> 7, l = (off >> 5) & 3, m = off & 31;
+    for (int i = 0; i < 8; i++) v[i] = (float)(((b[32 * h + m + i] >> (2 * l)) & 3) - 1) * d;
+}
+// IQ2_XXS (66 B): 0..1 d | per 32 weights s, 8 bytes at 2 + 8s: 4 grid indices, then a u32 of
+//   4 x 7-bit sign codes and a 4-bit scale (bits 28..31); off / 8 = group l of sub-block s
+BQ_DT void dq8_iq2_xxs(const uint8_t* b, int off, float* v) {
+    int s = off >> 5, l = (off >> 3) & 3;
+    uint32_t aux = bq_u32(b + 2 + 8 * s + 4);
+    float db = bq_half_scale(bq_f16(b), (int)(aux >> 28), 0.25f);
+    int g = b[2 + 8 * s + l], sg = bq_ksigns[(aux >> (7 * l)) & 127];
+    for (int j = 0; j < 8; j++) v[j] = bq_sign(db * (float)bq_grid_iq2_xxs[g][j], sg, j);
+}
+// IQ2_XS (74 B): 0..1 d | 2..65 32 u16 (9-bit grid index, 7-bit sign code) | 66..73 scales
+BQ_DT void dq8_iq2_xs(const uint8_t* b, int off, float* v) {
+    int k = off >> 3, s = k >> 2, l = k & 3;
+    int q = bq_u16(b + 2 + 2 * k), sg = bq_ksigns[q >> 9];
+    float db = bq_half_scale(bq_f16(b), (b[66 + s] >> (4 * (l >> 1))) & 0xF, 0.25f);
+    for (int j = 0; j < 8; j++) v[j] = bq_sign(db * (float)bq_grid_iq2_xs[q & 511][j], sg, j);
+}
+// IQ2_S (82 B): 0..1 d | 2..33 qs | 34..65 signs | 66..73 qh (2 bits per group) | 74..81 scales
+BQ_DT void dq8_iq2_s(const uint8_t* b, int off, float* v) {
+    int k = off >> 3, s = k >> 2, l = k & 3;
+    int g = b[2 + k] | (((b[66 + s] >> (2 * l)) & 3) << 8), sg = b[34 + k];
+    float db = bq_half_scale(bq_f16(b), (b[74 + s] >> (4 * (l >> 1))) & 0xF, 0.25f);
+    for (int j = 0; j < 8; j++) v[j] = bq_sign(db * (float)bq_grid_iq2_s[g][j], sg, j);
+}
+// IQ3_XXS (98 B): 0..1 d | 2..65 grid indices (4 weights each) | 66..97 u32 per 32 weights:
+//   4 x 7-bit sign codes (8 weights each), 4-bit scale at bits 28..31
+BQ_DT void dq8_iq3_xxs(const uint8_t* b, int off, float* v) {
+    int s = off >> 5, l = (off >> 3) & 3;
+    uint32_t aux = bq_u32(b + 66 + 4 * s);
+    float db = bq_half_scale(bq_f16(b), (int)(aux >> 28), 0.5f);
+    int sg = bq_ksigns[(aux >> (7 * l)) & 127], g1 = b[2 + 8 * s + 2 * l], g2 = b[3 + 8 * s + 2 * l];
+    for (int j = 0; j < 4; j++) {
+        v[j] = bq_sign(db * (float)bq_grid_iq3_xxs[g1][j], sg, j);
+        v[4 + j] = bq_sign(db * (float)bq_grid_iq3_xxs[g2][j], sg, 4 + j);
+    }
+}
+// IQ3_S (110 B): 0..1 d | 2..65 qs | 66..73 qh (bit m of byte s: index bit 8 of group 8s+m)
+//   | 74..105 signs | 106..109 scales (a nibble per 32 weights); w = d*(1+2s)*grid*sign
+BQ_DT void dq8_iq3_s(const uint8_t* b, int off, float* v) {
+    int s = off >> 5, q8 = (off >> 3) & 3, sg = b[74 + 4 * s + q8];
+    float db = bq_f16(b) * (float)(1 + 2 * ((b[106 + s / 2] >> (4 * (s % 2))) & 0xF));
+    for (int h = 0; h < 2; h++) {
+        int m = 2 * q8 + h, g = b[2 + 8 * s + m] | (((b[66 + s] >> m) & 1) << 8);
+        for (int j = 0; j < 4; j++) v[4 * h + j] = bq_sign(db * (float)bq_grid_iq3_s[g][j], sg, 4 * h + j);
+    }
+}
+// IQ1_S (50 B): 0..1 d | 2..33 qs | 34..49 u16 per 32 weights: index bits 8..10 per group,
+//   3-bit scale at 12..14, sign of delta at 15;  w = d*(2s+1)*(grid + delta)
+BQ_DT void dq8_iq1_s(const uint8_t* b, int off, float* v) {
+    int s = off >> 5, l = (off >> 3) & 3, qh = bq_u16(b + 34 + 2 * s);
+    float dl = bq_f16(b) * (float)(2 * ((qh >> 12) & 7) + 1), delta = qh & 0x8000 ? -0.125f : 0.125f;
+    int g = b[2 + 4 * s + l] | (((qh >> (3 * l)) & 7) << 8);
+    for (int j = 0; j < 8; j++) v[j] = dl * ((float)bq_grid_iq1_s[g][j] + delta);
+}
+// IQ1_M (56 B): 0..31 qs | 32..47 qh (a nibble per group) | 48..55 4 u16: 3-bit scales per 16
+//   weights, top nibbles = the f16 d
+BQ_DT void dq8_iq1_m(const uint8_t* b, int off, float* v) {
+    int k = off >> 3, s = k >> 2, l = k & 3;
+    uint16_t dh = (uint16_t)((bq_u16(b + 48) >> 12) | ((bq_u16(b + 50) >> 8) & 0xF0)
+                             | ((bq_u16(b + 52) >> 4) & 0xF00) | (bq_u16(b + 54) & 0xF000));
+    uint8_t dbytes[2] = {(uint8_t)(dh & 0xFF), (uint8_t)(dh >> 8)};
+    int ls = (bq_u16(b + 48 + 2 * (s / 2)) >> (6 * (s % 2) + 3 * (l / 2))) & 7;
+    float dl = bq_f16(dbytes) * (float)(2 * ls + 1);
+    int nib = (b[32 + 2 * s + l / 2] >> (4 * (l % 2))) & 0xF, g = b[4 * s + l] | ((nib & 7) << 8);
+    float delta = nib & 8 ? -0.125f : 0.125f;
+    for (int j = 0; j < 8; j++) v[j] = dl * ((float)bq_grid_iq1_s[g][j] + delta);
+}

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from .. import codebooks
 from ..types import ALL, QType, register
 
 _HERE = Path(__file__).parent
+_TABLES_AT = "// ---- non-linear, ternary and i-quant types ----"  # tables go right before this
 # the types with a decoder in blocks.cuh: every type of the table that does not lack "gpu"
 GPU_TYPES: tuple[QType, ...] = tuple(t for t in ALL if t.has("gpu"))
 
@@ -37,9 +41,33 @@ def types_macro() -> str:
     return f"#define BQ_TYPES(X) {items}\n"
 
 
+def _table(ctype: str, name: str, a) -> str:
+    a = np.asarray(a)
+    dims = "".join(f"[{n}]" for n in a.shape)
+    rows = a.reshape(-1, a.shape[-1])
+    body = ",\n".join("{" + ",".join(str(int(v)) for v in r) + "}" if a.ndim > 1 else
+                      ",".join(str(int(v)) for v in r) for r in rows)
+    return f"BQ_TABLE {ctype} {name}{dims} = {{\n{body}}};\n"
+
+
+def tables_source() -> str:
+    """The value tables of the non-linear types, from blockq.codebooks (placed before the
+    decoders that read them): __device__ arrays under nvcc, plain arrays on the host."""
+    out = ["#ifdef __CUDACC__\n#define BQ_TABLE __device__ static const\n#else\n"
+           "#define BQ_TABLE static const\n#endif\n",
+           _table("int8_t", "bq_kv_iq4nl", codebooks.IQ4_NL),
+           _table("int8_t", "bq_kv_mxfp4", codebooks.MXFP4),
+           _table("uint8_t", "bq_ksigns", codebooks.KSIGNS)]
+    for name in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S"):
+        out.append(_table("int8_t", f"bq_grid_{name.lower()}", codebooks.grid(name)))
+    return "".join(out)
+
+
 def decoders_source() -> str:
-    """blocks.cuh plus the type list: enough for a host C++ compiler (tests) or nvcc."""
-    return (_HERE / "blocks.cuh").read_text() + "\n" + types_macro()
+    """blocks.cuh plus its tables and the type list: enough for a host C++ compiler (tests) or
+    nvcc."""
+    head, _, tail = (_HERE / "blocks.cuh").read_text().partition(_TABLES_AT)
+    return head + tables_source() + _TABLES_AT + tail + "\n" + types_macro()
 
 
 def kernels_source() -> str:

@@ -9,9 +9,13 @@ each has one serial kernel that decodes whole rows, with the signature of
       ids  int64   (m,)                rows to decode
       out  float32 (m, cols)           filled in place
 
-It serves both backends: ``QMatrix`` (registered as (no fused matvec, decode kernel): products
-run as decoded tiles times x) and ``dequantize`` (the blocks seen as rows of one block each, run
-on all threads by cpu_matvec's parallel decode driver).  Block sizes come from
+It serves both backends: ``QMatrix`` (registered as (matvec kernel, decode kernel); types
+without a fused matvec run products as decoded tiles times x) and ``dequantize`` (the blocks
+seen as rows of one block each, run on all threads by cpu_matvec's parallel decode driver).
+
+IQ4_NL, IQ4_XS and MXFP4 also have fused 8-lane matvec kernels and vector decoders: a 4-bit code
+becomes its table value with :func:`lut16` (two ``vpermps`` and a blend with AVX2, a chain of
+15 compare-and-selects elsewhere), then the block is dotted as cpu_matvec's legacy types are.  Block sizes come from
 :mod:`blockq.types`; :mod:`blockq.dequantize` draws each layout.  Arithmetic is llama.cpp's
 ``dequantize_row_*`` order in float32 (no fastmath): ``scale * value``, one rounding per weight.
 
@@ -22,15 +26,18 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .. import codebooks
 from ..types import BY_NAME, register
 from .cpu_dequant import _f16, _half, _u32_as_f32
+from .cpu_matvec import JIT, _dot32
+from .cpu_simd import F32x8, f16_to_f32, fma, hsum, lane, load_u8, store_f32, zeros
 
 F32 = np.float32
-KV4 = codebooks.IQ4_NL.astype(np.float32)  # 16 IQ4_NL values
-KVFP4 = codebooks.MXFP4.astype(np.float32)  # 16 doubled E2M1 values
 KSIGNS = codebooks.KSIGNS
 G_IQ2_XXS = codebooks.grid("IQ2_XXS").astype(np.float32)  # (256, 8)
 G_IQ2_XS = codebooks.grid("IQ2_XS").astype(np.float32)  # (512, 8)
@@ -71,59 +78,6 @@ def _signed(v, sign_bits, j):
 def _half_scale(d, s, factor):
     # d * (0.5 + s) * factor, in llama.cpp's order
     return (d * (F32(0.5) + F32(s))) * factor
-
-
-# --- non-linear 4-bit -------------------------------------------------------------------------
-
-@njit(cache=True)
-def _dq_iq4_nl(w, ids, out):
-    # block, 18 bytes: 0..1 d | 2..17 qs: weight j low nibble of qs[j], weight j+16 high nibble
-    for i in range(ids.size):
-        r = ids[i]
-        for b in range(w.shape[1] // TS_IQ4_NL):
-            o, y = b * TS_IQ4_NL, b * 32
-            d = _half(w, r, o)
-            for j in range(16):
-                q = w[r, o + 2 + j]
-                out[i, y + j] = d * KV4[q & 15]
-                out[i, y + 16 + j] = d * KV4[q >> 4]
-
-
-@njit(cache=True)
-def _dq_iq4_xs(w, ids, out):
-    # block, 136 bytes: 0..1 d | 2..3 scales_h (2 bits per sub-block) | 4..7 scales_l (a nibble
-    # per sub-block) | 8..135 qs, 16 bytes per sub-block of 32, nibbles as IQ4_NL
-    for i in range(ids.size):
-        r = ids[i]
-        for b in range(w.shape[1] // TS_IQ4_XS):
-            o, y = b * TS_IQ4_XS, b * 256
-            d = _half(w, r, o)
-            sh = _u16(w, r, o + 2)
-            for s in range(8):
-                ls = ((np.int64(w[r, o + 4 + s // 2]) >> (4 * (s % 2))) & 15) | (
-                    ((sh >> (2 * s)) & 3) << 4)
-                dl = d * F32(ls - 32)
-                for j in range(16):
-                    q = w[r, o + 8 + 16 * s + j]
-                    out[i, y + 32 * s + j] = dl * KV4[q & 15]
-                    out[i, y + 32 * s + 16 + j] = dl * KV4[q >> 4]
-
-
-@njit(cache=True)
-def _dq_mxfp4(w, ids, out):
-    # block, 17 bytes: 0 e (E8M0 scale: 2**(e - 128), as ggml's ``_half``) | 1..16 qs, E2M1
-    # nibbles as IQ4_NL
-    for i in range(ids.size):
-        r = ids[i]
-        for b in range(w.shape[1] // TS_MXFP4):
-            o, y = b * TS_MXFP4, b * 32
-            e = np.uint32(w[r, o])
-            d = _u32_as_f32(np.uint32(0x00200000) << e if e < 2 else (e - np.uint32(1))
-                            << np.uint32(23))
-            for j in range(16):
-                q = w[r, o + 1 + j]
-                out[i, y + j] = KVFP4[q & 15] * d
-                out[i, y + 16 + j] = KVFP4[q >> 4] * d
 
 
 # --- ternary ----------------------------------------------------------------------------------
@@ -319,8 +273,162 @@ def _dq_iq1_m(w, ids, out):
                         out[i, y + 32 * s + 8 * l + j] = dl * (G_IQ1_S[g, j] + delta)
 
 
+# --- fused 4-bit non-linear products -----------------------------------------------------------
+
+def _has_avx2() -> bool:
+    import platform
+
+    from llvmlite import binding as llvm
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx2", False))
+    except RuntimeError:
+        return False
+
+
+_HW_PERMUTE = _has_avx2()  # read when a kernel using lut16 compiles
+_VI32 = ir.VectorType(ir.IntType(32), 8)
+_VF32 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _lut16(values):
+    """An intrinsic ``f(q)``: I32x8 codes 0..15 -> F32x8 of ``values[q]`` (a constant table)."""
+    vals = [float(v) for v in values]
+
+    @intrinsic
+    def lut16(typingctx, q):
+        def codegen(context, builder, signature, args):
+            codes = args[0]
+            if _HW_PERMUTE:
+                perm = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(_VF32, [_VF32, _VI32]),
+                    "llvm.x86.avx2.permps")
+                lo = builder.call(perm, [ir.Constant(_VF32, vals[:8]), codes])
+                hi = builder.call(perm, [ir.Constant(_VF32, vals[8:]), codes])
+                upper = builder.icmp_unsigned(">", codes, ir.Constant(_VI32, [7] * 8))
+                return builder.select(upper, hi, lo)
+            out = ir.Constant(_VF32, [vals[0]] * 8)
+            for k in range(1, 16):
+                hit = builder.icmp_unsigned("==", codes, ir.Constant(_VI32, [k] * 8))
+                out = builder.select(hit, ir.Constant(_VF32, [vals[k]] * 8), out)
+            return out
+        return F32x8(q), codegen
+    return lut16
+
+
+lut_iq4 = _lut16(codebooks.IQ4_NL)
+lut_fp4 = _lut16(codebooks.MXFP4)
+
+
+@njit(inline="always")
+def _iq4_values(w, r, o):
+    """The 32 table values of 16 code bytes at o (nibbles as Q4_0), as four F32x8 in order."""
+    a, b = load_u8(w, r, o), load_u8(w, r, o + 8)
+    return lut_iq4(a & 15), lut_iq4(b & 15), lut_iq4(a >> 4), lut_iq4(b >> 4)
+
+
+@njit(inline="always")
+def _fp4_values(w, r, o):
+    a, b = load_u8(w, r, o), load_u8(w, r, o + 8)
+    return lut_fp4(a & 15), lut_fp4(b & 15), lut_fp4(a >> 4), lut_fp4(b >> 4)
+
+
+@njit(inline="always")
+def _iq4_xs_scale(w, r, o, s):
+    # six-bit scale of sub-block s, minus 32: low nibble from scales_l, 2 bits from scales_h
+    ls = ((np.int64(w[r, o + 4 + s // 2]) >> (4 * (s % 2))) & 15) | (
+        ((_u16(w, r, o + 2) >> (2 * s)) & 3) << 4)
+    return F32(ls - 32)
+
+
+@njit(inline="always")
+def _e8m0_half(w, r, o):
+    e = np.uint32(w[r, o])
+    return _u32_as_f32(np.uint32(0x00200000) << e if e < 2 else (e - np.uint32(1))
+                       << np.uint32(23))
+
+
+@njit(**JIT)
+def _mv_iq4_nl(w, x, out, r0, r1):
+    for r in range(r0, r1):
+        acc = zeros()
+        for b in range(x.size // 32):
+            o = TS_IQ4_NL * b
+            v0, v1, v2, v3 = _iq4_values(w, r, o + 2)
+            acc = fma(_dot32(v0, v1, v2, v3, x, 32 * b), f16_to_f32(w, r, o), acc)
+        out[r] = hsum(acc)
+
+
+@njit(**JIT)
+def _mv_iq4_xs(w, x, out, r0, r1):
+    for r in range(r0, r1):
+        acc = zeros()
+        for sb in range(x.size // 256):
+            o = TS_IQ4_XS * sb
+            d = f16_to_f32(w, r, o)
+            for s in range(8):
+                v0, v1, v2, v3 = _iq4_values(w, r, o + 8 + 16 * s)
+                acc = fma(_dot32(v0, v1, v2, v3, x, 256 * sb + 32 * s),
+                          d * _iq4_xs_scale(w, r, o, s), acc)
+        out[r] = hsum(acc)
+
+
+@njit(**JIT)
+def _mv_mxfp4(w, x, out, r0, r1):
+    for r in range(r0, r1):
+        acc = zeros()
+        for b in range(x.size // 32):
+            o = TS_MXFP4 * b
+            v0, v1, v2, v3 = _fp4_values(w, r, o + 1)
+            acc = fma(_dot32(v0, v1, v2, v3, x, 32 * b), _e8m0_half(w, r, o), acc)
+        out[r] = hsum(acc)
+
+
+# vector decoders (bit-exact: one float32 product per weight, no fastmath)
+
+@njit(cache=True)
+def _dq_iq4_nl_v(w, ids, out):
+    for i in range(ids.size):
+        r = ids[i]
+        for b in range(out.shape[1] // 32):
+            o = TS_IQ4_NL * b
+            d = f16_to_f32(w, r, o)
+            v = _iq4_values(w, r, o + 2)
+            for k in range(4):
+                store_f32(out, i, 32 * b + 8 * k, v[k] * d)
+
+
+@njit(cache=True)
+def _dq_iq4_xs_v(w, ids, out):
+    for i in range(ids.size):
+        r = ids[i]
+        for sb in range(out.shape[1] // 256):
+            o = TS_IQ4_XS * sb
+            d = f16_to_f32(w, r, o)
+            for s in range(8):
+                dl = d * _iq4_xs_scale(w, r, o, s)
+                v = _iq4_values(w, r, o + 8 + 16 * s)
+                for k in range(4):
+                    store_f32(out, i, 256 * sb + 32 * s + 8 * k, v[k] * dl)
+
+
+@njit(cache=True)
+def _dq_mxfp4_v(w, ids, out):
+    for i in range(ids.size):
+        r = ids[i]
+        for b in range(out.shape[1] // 32):
+            o = TS_MXFP4 * b
+            d = _e8m0_half(w, r, o)
+            v = _fp4_values(w, r, o + 1)
+            for k in range(4):
+                store_f32(out, i, 32 * b + 8 * k, v[k] * d)
+
+
+FUSED = {"IQ4_NL": _mv_iq4_nl, "IQ4_XS": _mv_iq4_xs, "MXFP4": _mv_mxfp4}
+
 DECODERS = {
-    "IQ4_NL": _dq_iq4_nl, "IQ4_XS": _dq_iq4_xs, "MXFP4": _dq_mxfp4,
+    "IQ4_NL": _dq_iq4_nl_v, "IQ4_XS": _dq_iq4_xs_v, "MXFP4": _dq_mxfp4_v,
     "TQ1_0": _dq_tq1_0, "TQ2_0": _dq_tq2_0,
     "IQ2_XXS": _dq_iq2_xxs, "IQ2_XS": _dq_iq2_xs, "IQ2_S": _dq_iq2_s,
     "IQ3_XXS": _dq_iq3_xxs, "IQ3_S": _dq_iq3_s, "IQ1_S": _dq_iq1_s, "IQ1_M": _dq_iq1_m,
@@ -342,6 +450,6 @@ def _integers(x: np.ndarray, y: np.ndarray, dtype: np.dtype) -> None:
 
 for _name, _kernel in DECODERS.items():
     register(_name, "dequantize", functools.partial(_dequantize_all, _name))
-    register(_name, "matvec", (None, _kernel))
+    register(_name, "matvec", (FUSED.get(_name), _kernel))
 for _name in ("I8", "I16", "I32", "I64", "F64"):
     register(_name, "dequantize", functools.partial(_integers, dtype=BY_NAME[_name].dtype[0]))
