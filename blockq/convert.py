@@ -20,7 +20,6 @@ raises before or during the write and leaves nothing at the destination.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,6 +35,8 @@ import numpy as np
 from . import presets as _presets
 from .errors import BadArgument, BlockqError, FormatError, UnsupportedModel
 from .types import qtype as _qtype
+from .validate import (MAX_CONTEXT, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, Fields, check_int,
+                       load_json_object, parse_json, show)
 
 SLAB_BYTES = 32 << 20  # float32 bytes of rows converted at once
 
@@ -193,26 +194,30 @@ def _read_safetensors_header(path: Path, fd: int) -> dict[str, _StEntry]:
     (n,) = struct.unpack("<Q", bytes(_pread(fd, 0, 8)))
     if n > min(size - 8, 100 << 20):
         raise FormatError(f"{path}: header length {n} does not fit the {size}-byte file")
-    try:
-        header = json.loads(bytes(_pread(fd, 8, n)).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: safetensors header is not JSON ({e})") from None
+    header = parse_json(bytes(_pread(fd, 8, n)), f"{path}: safetensors header")
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the safetensors header is {show(header)}; it must be a JSON "
+                          "object of tensors")
     base = 8 + n
     out = {}
     for name, e in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, (b, end) = e["dtype"], e["data_offsets"]
-            shape = tuple(int(d) for d in e["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: header entry {name!r} lacks dtype/shape/data_offsets"
-                              ) from None
-        if dtype not in _ST_DTYPES:
-            raise UnsupportedModel(f"{path.name}: tensor {name} is {dtype}; blockq converts "
-                                   "F32, F16 and BF16 checkpoints")
+        what = f"{path.name}: tensor {name}"
+        if not isinstance(e, dict) or not isinstance(e.get("shape"), list) \
+                or not isinstance(e.get("data_offsets"), list) or len(e["data_offsets"]) != 2:
+            raise FormatError(f"{path}: header entry {name!r} lacks dtype/shape/data_offsets")
+        dtype = e.get("dtype")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise UnsupportedModel(f"{what} is {show(dtype)}; blockq converts F32, F16 and BF16 "
+                                   "checkpoints")
+        if len(e["shape"]) > 4:
+            raise FormatError(f"{what} has {len(e['shape'])} dimensions; at most 4")
+        shape = tuple(check_int(d, f"{what} shape", lo=0, hi=size) for d in e["shape"])
+        b, end = (check_int(x, f"{what} data_offsets", lo=0, hi=size)
+                  for x in e["data_offsets"])
         want = math.prod(shape) * _ST_DTYPES[dtype]
-        if end - b != want or b < 0 or base + end > size:
+        if end - b != want or base + end > size:
             raise FormatError(f"{path.name}: tensor {name} claims bytes {b}..{end} for "
                               f"{dtype}{list(shape)} ({want} bytes) in a {size}-byte file")
         out[name] = _StEntry(path, fd, dtype, shape, base + b, want)
@@ -220,15 +225,6 @@ def _read_safetensors_header(path: Path, fd: int) -> dict[str, _StEntry]:
 
 
 # --- Hugging Face folders -------------------------------------------------------------------
-def _load_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path.parent}: no {path.name} ({what})") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-
-
 @dataclass(frozen=True)
 class HFConfig:
     """The hyper-parameters of a llama-family config.json, checked."""
@@ -250,37 +246,46 @@ class HFConfig:
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> "HFConfig":
-        archs = c.get("architectures") or []
-        arch_name = archs[0] if archs else None
-        if arch_name not in ARCHITECTURES:
-            raise UnsupportedModel(f"{where}: architecture {arch_name!r} is not supported "
+        f = Fields(c, where)
+        archs = f.get("architectures", [])
+        arch_name = archs[0] if isinstance(archs, list) and archs else archs
+        if not isinstance(arch_name, str) or arch_name not in ARCHITECTURES:
+            raise UnsupportedModel(f"{where}: architecture {show(arch_name)} is not supported "
                                    f"(supported: {', '.join(ARCHITECTURES)})")
         arch, permute = ARCHITECTURES[arch_name]
-
-        def need(*keys):
-            for k in keys:
-                if c.get(k) is not None:
-                    return c[k]
-            raise FormatError(f"{where}: {keys[0]} is missing")
-
-        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-        theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
-        n_head = int(need("num_attention_heads"))
-        cfg = cls(arch_name, arch, permute, int(need("vocab_size")), int(need("hidden_size")),
-                  int(need("num_hidden_layers")), n_head,
-                  int(c.get("num_key_value_heads") or n_head), int(need("intermediate_size")),
-                  c.get("max_position_embeddings"), float(c.get("rms_norm_eps", 1e-6)),
-                  float(theta), c.get("head_dim"), bool(c.get("tie_word_embeddings", False)), rope)
-        if cfg.n_head % cfg.n_head_kv:
-            raise FormatError(f"{where}: {cfg.n_head} attention heads cannot share "
-                              f"{cfg.n_head_kv} key/value heads")
-        if c.get("num_local_experts") or c.get("num_experts"):
+        if f.get("num_local_experts") or f.get("num_experts"):
             raise UnsupportedModel(f"{where}: mixture-of-experts checkpoints are not supported")
-        kind = str(rope.get("rope_type", rope.get("type", "default"))).lower()
+        rope = dict(f.obj("rope_parameters", None) or f.obj("rope_scaling", None) or {})
+        r = Fields(rope, f"{where}: rope_scaling")
+        kind = r.text("rope_type", r.text("type", "default")).lower()
         if kind not in ("default", "linear", "llama3"):
             raise UnsupportedModel(f"{where}: rope scaling {kind!r} is not supported "
                                    "(none, linear, llama3)")
-        return cfg
+        for key in ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings"):
+            r.number(key, None, lo=0.0, lo_open=True, hi=MAX_CONTEXT)
+        if kind == "llama3" and r.number("low_freq_factor", 1.0) >= r.number("high_freq_factor",
+                                                                             4.0):
+            raise FormatError(f"{where}: rope_scaling low_freq_factor must be below "
+                              "high_freq_factor")
+        theta = f.number("rope_theta", r.number("rope_theta", 10000.0, lo=1.0, lo_open=True),
+                         lo=1.0, lo_open=True)
+        n_embd = f.integer("hidden_size")
+        n_head = f.integer("num_attention_heads", hi=MAX_HEADS)
+        n_head_kv = f.integer("num_key_value_heads", n_head, hi=MAX_HEADS)
+        head_dim = f.integer("head_dim", None)
+        if head_dim is None and n_embd % n_head:
+            raise FormatError(f"{where}: hidden_size {n_embd} is not a multiple of "
+                              f"num_attention_heads {n_head} (and no head_dim is given)")
+        if n_head % n_head_kv:
+            raise FormatError(f"{where}: {n_head} attention heads cannot share "
+                              f"{n_head_kv} key/value heads")
+        return cls(arch_name, arch, permute, f.integer("vocab_size", hi=MAX_VOCAB), n_embd,
+                   f.integer("num_hidden_layers", hi=MAX_LAYERS), n_head, n_head_kv,
+                   f.integer("intermediate_size"),
+                   f.integer("max_position_embeddings", None, hi=MAX_CONTEXT),
+                   f.number("rms_norm_eps", 1e-6, lo=0.0, lo_open=True, hi=1.0), theta,
+                   head_dim, f.flag("tie_word_embeddings", False), rope)
 
     @property
     def hd(self) -> int:
@@ -415,7 +420,7 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
             raise UnsupportedModel(f"{folder}: SentencePiece tokenizer (tokenizer.model) without "
                                    "tokenizer.json; blockq converts byte-level BPE vocabularies")
         raise FormatError(f"{folder}: no tokenizer.json")
-    tj = _load_json(tj_path, "the tokenizer")
+    tj = load_json_object(tj_path, "the tokenizer")
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or not _is_byte_level(tj):
         raise UnsupportedModel(f"{tj_path}: a {model.get('type')} tokenizer"
@@ -423,7 +428,7 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
                                "blockq converts byte-level BPE (gpt2) vocabularies only")
     warnings = []
     cfg_path = folder / "tokenizer_config.json"
-    tcfg = _load_json(cfg_path, "tokenizer settings") if cfg_path.is_file() else {}
+    tcfg = load_json_object(cfg_path, "tokenizer settings") if cfg_path.is_file() else {}
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = tj.get("added_tokens") or []
     for a in added:
@@ -463,7 +468,8 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
                "tokenizer.ggml.tokens": tokens,
                "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
                "tokenizer.ggml.merges": list(merges)})
-    ids, add = _special_tokens(tj, tcfg, _load_json(folder / "config.json", "the model config"))
+    ids, add = _special_tokens(tj, tcfg,
+                               load_json_object(folder / "config.json", "the model config"))
     for typ, tid in ids.items():
         key = "padding" if typ == "pad" else ("unknown" if typ == "unk" else
                                               ("seperator" if typ == "sep" else typ))
@@ -548,7 +554,7 @@ def _chat_template(folder: Path, tcfg: dict) -> str | None:
             return jinja.read_text(encoding="utf-8")
         cj = folder / "chat_template.json"
         if cj.is_file():
-            t = _load_json(cj, "the chat template").get("chat_template")
+            t = load_json_object(cj, "the chat template").get("chat_template")
     if isinstance(t, list):  # named templates: llama.cpp reads the default one
         t = next((x.get("template") for x in t if x.get("name") == "default"), None)
     return t if isinstance(t, str) else None
@@ -557,11 +563,15 @@ def _chat_template(folder: Path, tcfg: dict) -> str | None:
 def open_hf(folder) -> Checkpoint:
     """Open a Hugging Face model folder for conversion (nothing is read but headers)."""
     folder = Path(folder)
-    cfg = HFConfig.from_dict(_load_json(folder / "config.json", "the model config"),
+    cfg = HFConfig.from_dict(load_json_object(folder / "config.json", "the model config"),
                              str(folder / "config.json"))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        wmap = _load_json(index, "the shard index").get("weight_map") or {}
+        wmap = Fields(load_json_object(index, "the shard index"), str(index)).obj("weight_map",
+                                                                                  {})
+        if not all(isinstance(v, str) and v and "/" not in v for v in wmap.values()):
+            raise FormatError(f"{index}: weight_map values must be shard file names in "
+                              f"{folder}")
         files = sorted({folder / f for f in wmap.values()})
     else:
         wmap = None

@@ -25,14 +25,12 @@ from .errors import BadArgument, FormatError, UnsupportedModel
 from .gguf.constants import Keys
 from .models import ARCHITECTURES, Block, Linear, RMSNorm, architecture  # noqa: F401
 from .ops import CPUOps, LlamaOps, Observed, attention  # noqa: F401
+from .validate import MAX_CONTEXT, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, Fields, check_int, show
 
 ARCHS = ARCHITECTURES  # the architectures blockq runs, by general.architecture
 ROPE_SCALE_LINEAR_OLD = "{arch}.rope.scale_linear"  # pre-2024 files: linear factor under this key
 ACTIVATIONS = ("silu", "gelu")
-
-
-def _arch_key(template: str, arch: str) -> str:
-    return template.format(arch=arch)
+MAX_ROPE_FACTOR = 1024.0  # linear rope scaling factors beyond [1/this, this] are not a model
 
 
 @dataclass(frozen=True)
@@ -90,58 +88,67 @@ class ModelArgs:
         set_("n_embd_kv", self.n_head_kv * self.head_dim)
 
     @classmethod
-    def from_metadata(cls, md: Mapping, n_vocab: int | None = None) -> "ModelArgs":
-        """Build from a GGUF metadata mapping; ``n_vocab`` (token_embd rows) when known."""
-        arch = md.get(Keys.General.ARCHITECTURE)
-        if arch is None:
-            raise FormatError(f"metadata has no {Keys.General.ARCHITECTURE!r}")
-        spec = architecture(arch)
+    def from_metadata(cls, md: Mapping, n_vocab: int | None = None,
+                      where: str = "metadata") -> "ModelArgs":
+        """Build from a GGUF metadata mapping; ``n_vocab`` (token_embd rows) when known.
 
-        def get(template, default=None, required=False):
-            key = _arch_key(template, arch)
-            if key in md:
-                return md[key]
-            if required:
-                raise FormatError(f"{arch} model: metadata key {key!r} is missing")
-            return default
+        Every key is checked for type and range (:mod:`blockq.validate`); ``where`` (the file
+        name) starts each error message.
+        """
+        f = Fields(md, where)
+        arch = f.text(Keys.General.ARCHITECTURE)
+        spec = architecture(arch, where)
+        f = Fields(md, where, arch)
 
-        n_head = int(get(Keys.Attention.HEAD_COUNT, required=True))
-        n_head_kv = get(Keys.Attention.HEAD_COUNT_KV, n_head)
-        if isinstance(n_head_kv, (list, tuple, np.ndarray)):  # per-layer form
-            if len(set(int(h) for h in n_head_kv)) != 1:
-                raise UnsupportedModel(f"{arch}: per-layer head_count_kv {list(n_head_kv)} "
+        n_embd = f.integer(Keys.LLM.EMBEDDING_LENGTH)
+        n_head = f.integer(Keys.Attention.HEAD_COUNT, hi=MAX_HEADS)
+        n_head_kv = f.integers(Keys.Attention.HEAD_COUNT_KV, n_head, hi=MAX_HEADS)
+        if isinstance(n_head_kv, list):  # per-layer form
+            if len(set(n_head_kv)) != 1:
+                raise UnsupportedModel(f"{where}: per-layer head_count_kv {show(n_head_kv)} "
                                        "(only one value for all layers is supported)")
             n_head_kv = n_head_kv[0]
-        scaling = str(get(Keys.Rope.SCALING_TYPE, "linear"))
+        scaling = f.text(Keys.Rope.SCALING_TYPE, "linear")
         if scaling not in spec.rope_scalings:
-            raise UnsupportedModel(f"{arch}: rope scaling type {scaling!r} is not supported yet "
-                                   f"(supported: {', '.join(spec.rope_scalings)})")
-        factor = float(get(Keys.Rope.SCALING_FACTOR, 0.0) or get(ROPE_SCALE_LINEAR_OLD, 0.0))
+            raise UnsupportedModel(f"{where}: rope scaling type {scaling!r} is not supported "
+                                   f"yet (supported: {', '.join(spec.rope_scalings)})")
+        factor = f.number(Keys.Rope.SCALING_FACTOR, 0.0, lo=0.0, hi=MAX_ROPE_FACTOR) \
+            or f.number(ROPE_SCALE_LINEAR_OLD, 0.0, lo=0.0, hi=MAX_ROPE_FACTOR)
+        if 0.0 < factor < 1.0 / MAX_ROPE_FACTOR:
+            raise FormatError(f"{where}: rope scaling factor {factor!r} is too small; it must "
+                              f"be 0 (none) or in [{1.0 / MAX_ROPE_FACTOR}, {MAX_ROPE_FACTOR}]")
         if n_vocab is None:
-            n_vocab = get(Keys.LLM.VOCAB_SIZE)
+            n_vocab = f.get(Keys.LLM.VOCAB_SIZE)
             if n_vocab is None:
-                n_vocab = len(md[Keys.Tokenizer.TOKENS])
-        head_dim = int(get(Keys.Attention.KEY_LENGTH, 0))
-        if head_dim and int(get(Keys.Attention.VALUE_LENGTH, head_dim)) != head_dim:
-            raise UnsupportedModel(f"{arch}: key_length {head_dim} differs from value_length "
-                                   f"{get(Keys.Attention.VALUE_LENGTH)}")
+                n_vocab = len(f.strings(Keys.Tokenizer.TOKENS))
+        n_vocab = check_int(n_vocab, f"{where}: vocabulary size", hi=MAX_VOCAB)
+        head_dim = f.integer(Keys.Attention.KEY_LENGTH, None) or 0
+        if head_dim:
+            value_length = f.integer(Keys.Attention.VALUE_LENGTH, head_dim)
+            if value_length != head_dim:
+                raise UnsupportedModel(f"{where}: key_length {head_dim} differs from "
+                                       f"value_length {value_length}")
+        elif n_embd % n_head:
+            raise FormatError(f"{where}: embedding_length {n_embd} is not a multiple of "
+                              f"head_count {n_head} (and no attention.key_length is given)")
         fields = dict(
             arch=arch,
-            n_vocab=int(n_vocab),
-            n_ctx_train=int(get(Keys.LLM.CONTEXT_LENGTH, 2048)),
-            n_embd=int(get(Keys.LLM.EMBEDDING_LENGTH, required=True)),
-            n_layer=int(get(Keys.LLM.BLOCK_COUNT, required=True)),
+            n_vocab=n_vocab,
+            n_ctx_train=f.integer(Keys.LLM.CONTEXT_LENGTH, 2048, hi=MAX_CONTEXT),
+            n_embd=n_embd,
+            n_layer=f.integer(Keys.LLM.BLOCK_COUNT, hi=MAX_LAYERS),
             n_head=n_head,
-            n_head_kv=int(n_head_kv),
-            n_ff=int(get(Keys.LLM.FEED_FORWARD_LENGTH, required=True)),
-            rms_eps=float(get(Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
+            n_head_kv=n_head_kv,
+            n_ff=f.integer(Keys.LLM.FEED_FORWARD_LENGTH),
+            rms_eps=f.number(Keys.Attention.LAYERNORM_RMS_EPS, 1e-5, lo=0.0, lo_open=True,
+                             hi=1.0),
             head_dim=head_dim,
-            rope_dim=int(get(Keys.Rope.DIMENSION_COUNT, 0)),
-            rope_base=float(get(Keys.Rope.FREQ_BASE, 10000.0)),
+            rope_dim=f.integer(Keys.Rope.DIMENSION_COUNT, 0, lo=0),
+            rope_base=f.number(Keys.Rope.FREQ_BASE, 10000.0, lo=1.0, lo_open=True),
             rope_freq_scale=1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor,
-            attn_scale=float(get(Keys.Attention.SCALE, 0.0)),
+            attn_scale=f.number(Keys.Attention.SCALE, 0.0, lo=0.0, hi=1e6),
         )
-        fields.update(spec.extra_args(get, fields))
+        fields.update(spec.extra_args(f, fields))
         return cls(**fields)
 
 
@@ -379,11 +386,10 @@ class Model:
         r = reader.__enter__()
         try:
             md = r.metadata
-            architecture(md.get(Keys.General.ARCHITECTURE), Path(path).name)
             tensors = r.tensors
             n_vocab = tensors["token_embd.weight"].shape[0] if "token_embd.weight" in tensors \
                 else None
-            model = cls(ModelArgs.from_metadata(md, n_vocab), tensors, md)
+            model = cls(ModelArgs.from_metadata(md, n_vocab, Path(path).name), tensors, md)
         except BaseException:
             reader.__exit__(None, None, None)
             raise

@@ -30,6 +30,7 @@ import numpy as np
 from gguf.constants import Keys
 
 from .errors import BadArgument, FormatError, UnsupportedModel
+from .validate import Fields, show
 
 K = Keys.Tokenizer
 
@@ -149,6 +150,18 @@ def _get(md: Mapping[str, Any], key: str, default=None):
     return md[key] if key in md else default
 
 
+def _numbers(f: Fields, key: str, kind) -> np.ndarray | None:
+    """A numeric array value (token types, scores), or None when absent."""
+    v = f.get(key)
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
+        v = np.asarray(v)
+    if v is not None and not (isinstance(v, np.ndarray) and v.ndim == 1
+                              and np.issubdtype(v.dtype, kind)):
+        raise FormatError(f"{f.what(key)} = {show(v)} is not an array of "
+                          f"{'integers' if kind is np.integer else 'numbers'}")
+    return v
+
+
 def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, str]]:
     """``"a b"`` merges as ``(a, b)`` pairs in rank order."""
     text = "\n".join(merges)
@@ -200,22 +213,21 @@ class Tokenizer:
     def from_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
         """Build from GGUF metadata (key -> decoded value), e.g. ``read_gguf(p).metadata``."""
         md = metadata
-        model = _get(md, K.MODEL)
+        f = Fields(md, "metadata")
+        model = f.text(K.MODEL, None)
         if model is None:
             raise FormatError(f"metadata has no {K.MODEL}: cannot tell which tokenizer to build")
         if model not in ("gpt2", "llama"):
             raise UnsupportedModel(f"{K.MODEL} = {model!r}: blockq tokenizes 'gpt2' (byte-level "
                                    "BPE) and 'llama' (SentencePiece) vocabularies")
-        tokens = _get(md, K.LIST)
-        if tokens is None:
+        if _get(md, K.LIST) is None:
             raise FormatError(f"metadata has no {K.LIST}: the vocabulary is missing")
-        if not isinstance(tokens, list):
-            tokens = [str(t) for t in tokens]
+        tokens = f.strings(K.LIST, min_len=1)
         n = len(tokens)
         if "" in tokens:  # NOTE: llama.cpp renames empty tokens the same way
             tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
 
-        types = _get(md, K.TOKEN_TYPE)
+        types = _numbers(f, K.TOKEN_TYPE, np.integer)
         attrs = np.full(n, int(Attr.NORMAL), np.uint8)
         if types is not None:
             types = np.asarray(types, dtype=np.int64)
@@ -228,16 +240,16 @@ class Tokenizer:
             attrs = np.where((types >= 0) & (types < 8), lut[np.clip(types, 0, 7)], 0)
             attrs = attrs.astype(np.uint8)
 
-        scores = _get(md, K.SCORES)
+        scores = _numbers(f, K.SCORES, np.number)
         if scores is not None and len(scores) < n:
             raise FormatError(f"{K.SCORES} has {len(scores)} entries for {n} tokens")
 
-        pre = _get(md, K.PRE) or "default"
+        pre = f.text(K.PRE, None) or "default"
         if model == "gpt2":
             if pre not in PRE_TOKENIZERS:
                 raise UnsupportedModel(f"{K.PRE} = {pre!r}: no pre-tokenizer for it; known: "
                                        f"{', '.join(sorted(PRE_TOKENIZERS))}")
-            merges = _get(md, K.MERGES)
+            merges = f.strings(K.MERGES, None)
             if merges is None:
                 raise FormatError(f"metadata has no {K.MERGES}: a gpt2 vocabulary needs them")
             add_bos, add_eos, add_prefix = PRE_TOKENIZERS[pre].add_bos, False, False
@@ -256,18 +268,18 @@ class Tokenizer:
         for name, key in keys.items():
             v = defaults.get(name)
             v = v if v is not None and v < n else None
-            got = _get(md, key)
-            if got is not None and 0 <= int(got) < n:
+            got = f.integer(key, None, lo=-(1 << 63), hi=1 << 64)
+            if got is not None and 0 <= got < n:
                 v = int(got)
             ids[name] = v
 
-        add_bos = bool(_get(md, K.ADD_BOS, add_bos))
-        add_eos = bool(_get(md, K.ADD_EOS, add_eos))
+        add_bos = f.flag(K.ADD_BOS, add_bos)
+        add_eos = f.flag(K.ADD_EOS, add_eos)
         if model == "llama":
-            add_prefix = bool(_get(md, K.ADD_PREFIX, add_prefix))
+            add_prefix = f.flag(K.ADD_PREFIX, add_prefix)
         return cls(model=model, pre=pre, tokens=tokens, attrs=attrs,
                    scores=scores, merges=merges, ids=ids, add_bos=add_bos, add_eos=add_eos,
-                   add_space_prefix=add_prefix, chat_template=_get(md, K.CHAT_TEMPLATE))
+                   add_space_prefix=add_prefix, chat_template=f.text(K.CHAT_TEMPLATE, None))
 
     def _spm_setup(self, scores) -> None:
         n = len(self.tokens)

@@ -94,6 +94,6 @@ class Architecture:
     name: str
     block: type  # a Block subclass
     rope_neox: bool  # rotate (x[i], x[i + d/2]) pairs; False: adjacent (x[2i], x[2i+1]) pairs
-    # (metadata getter, fields read so far) -> further ModelArgs fields
+    # (metadata reader: a blockq.validate.Fields, fields read so far) -> further ModelArgs fields
     extra_args: Callable[[Callable, dict], dict] = lambda get, fields: {}
     rope_scalings: tuple[str, ...] = ("none", "linear")

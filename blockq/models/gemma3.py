@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 
-from ..errors import FormatError
 from ..gguf.constants import Keys
+from ..validate import MAX_CONTEXT
 from .base import Architecture, Block, norm
 from .llama import ATTENTION, FFN
 
@@ -48,19 +48,17 @@ class Gemma3Block(Block):
 
 
 def _args(get, f: dict) -> dict:
-    window = int(get(SLIDING_WINDOW, 0))
-    if window < 0:
-        raise FormatError(f"gemma3: {SLIDING_WINDOW.format(arch='gemma3')} is {window}; "
-                          "use a window size > 0 (or leave the key out)")
+    window = get.integer(SLIDING_WINDOW, 0, lo=0, hi=MAX_CONTEXT)
     swa = tuple(window > 0 and il % SWA_PATTERN < SWA_PATTERN - 1 for il in range(f["n_layer"]))
     head_dim = f["head_dim"] or f["n_embd"] // f["n_head"]
     # NOTE: llama.cpp scales queries by 1/sqrt(n_embd / n_head) for the 27B model (62 layers)
     # and by 1/sqrt(head_dim) otherwise
     q_dim = f["n_embd"] / f["n_head"] if f["n_layer"] == 62 else head_dim
+    base_swa = get.number(Keys.Rope.FREQ_BASE_SWA, ROPE_BASE_SWA, lo=1.0, lo_open=True)
     return dict(activation="gelu", embd_scale=math.sqrt(f["n_embd"]), sliding_window=window,
-                swa_layers=swa, rope_base_swa=float(get(Keys.Rope.FREQ_BASE_SWA, ROPE_BASE_SWA)),
+                swa_layers=swa, rope_base_swa=base_swa,
                 attn_scale=f["attn_scale"] or 1.0 / math.sqrt(q_dim),
-                final_softcap=float(get(LOGIT_SOFTCAP, 0.0)))
+                final_softcap=get.number(LOGIT_SOFTCAP, 0.0, lo=0.0))
 
 
 GEMMA3 = Architecture("gemma3", Gemma3Block, rope_neox=True, extra_args=_args)
