@@ -7,13 +7,13 @@ Public API:
 - ``read_gguf(path)`` / ``write_gguf(path, metadata, tensors)``
 - ``load(path=None, n_ctx=..., gpu_layers=..., threads=...)`` -> ``LLM`` (generate, chat,
   OpenAI-shaped completions, tokenize); ``ChatSession(llm)`` (see :mod:`blockq.api`)
-- errors: ``BlockqError``, ``FormatError``, ``BadArgument``, ``UnsupportedModel``
+- errors: ``BlockqError``, ``FormatError``, ``BadArgument``, ``UnsupportedModel``, ``FileError``
 """
 from __future__ import annotations
 
 import importlib
 
-from .errors import BadArgument, BlockqError, FormatError, UnsupportedModel
+from .errors import BadArgument, BlockqError, FileError, FormatError, UnsupportedModel
 from .types import QK_K, QType, qtype
 
 # NOTE: the functions share their names with the modules that define them; importing them
@@ -33,7 +33,7 @@ _LAZY = {
     "ChatSession": ("blockq.api", "ChatSession"),
 }
 
-__all__ = ["BadArgument", "BlockqError", "FormatError", "QK_K", "QType", "UnsupportedModel",
+__all__ = ["BadArgument", "BlockqError", "FileError", "FormatError", "QK_K", "QType", "UnsupportedModel",
            "dequantize", "qtype", "quantize", *_LAZY]
 
 

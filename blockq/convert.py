@@ -34,6 +34,7 @@ import numpy as np
 
 from . import presets as _presets
 from .errors import BadArgument, BlockqError, FormatError, UnsupportedModel
+from .outfile import SourceWatch, check_interrupt, check_output
 from .types import qtype as _qtype
 from .validate import (MAX_CONTEXT, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, Fields, check_int,
                        load_json_object, parse_json, show)
@@ -800,11 +801,7 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
 
     p = _presets.preset(preset)
     rules = [_presets.parse_override(o) for o in overrides]
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise BadArgument(f"output folder {out.parent} does not exist")
-    if out.is_dir():
-        raise BadArgument(f"output {out} is a folder; give a file name like model-{p.name}.gguf")
+    out = check_output(out, [src, imatrix if not isinstance(imatrix, Imatrix) else None])
     im = None
     im_path = None
     if imatrix is not None:
@@ -819,6 +816,7 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
         _set_threads(threads)
 
     with open_source(src) as ck:
+        watch = SourceWatch(ck._fds)
         for w in ck.warnings:
             warn(w)
         names = [t.name for t in ck.tensors]
@@ -861,7 +859,7 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
         for i, t in enumerate(tensors):
             items.append((t.name, types[t.name], t.shape,
                           _producer(t, types[t.name], vectors.get(t.name), i, len(tensors),
-                                    total, state, progress)))
+                                    total, state, progress, watch)))
         from .gguf.writer import write_gguf
         path = write_gguf(out, md, items, file_type=p.ftype)
     n_params = sum(math.prod(t.shape) for t in tensors)
@@ -877,7 +875,7 @@ def _set_threads(n: int) -> None:
 
 
 def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: int, total: int,
-              state: dict, progress) -> Callable[[], np.ndarray]:
+              state: dict, progress, watch: SourceWatch) -> Callable[[], np.ndarray]:
     """A callable the writer calls when this tensor's turn comes: returns its encoded bytes."""
     from .quantize import quantize
 
@@ -891,6 +889,8 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
                 raw = t.read_raw()
                 if target in ("F32", "F16", "BF16"):
                     _check_finite(t, _to_f32(raw.reshape(-1), target), 0)
+                watch.check()
+                check_interrupt()
                 state["done"] += t.nbytes
                 report()
                 return raw
@@ -903,8 +903,10 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
                 x = t.read_rows(r0, r1)  # (r1 - r0, cols) float32
                 _check_finite(t, x, r0)
                 out[r0:r1] = quantize(x, tt, imatrix=imp if tt.is_quantized else None)
+                check_interrupt()
                 state["done"] += (r1 - r0) * src_row
                 report()
+            watch.check()
             return out
         except BlockqError as e:
             raise type(e)(f"{t.name} ({t.origin}): {e}") from None

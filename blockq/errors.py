@@ -15,3 +15,8 @@ class BadArgument(BlockqError, ValueError):
 
 class UnsupportedModel(BlockqError, ValueError):
     """A well-formed model that blockq cannot run or convert yet (architecture, tokenizer...)."""
+
+
+class FileError(BlockqError, OSError):
+    """A file or folder cannot be read or written (read-only, full, no permission, changed
+    while read): names the path and the cause."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import BadArgument, FormatError
+from .outfile import write_atomic
 
 GENERAL_TYPE = "general.type"
 DATASETS = "imatrix.datasets"
@@ -257,23 +257,7 @@ def write_imatrix_dat(path, im: Imatrix) -> Path:
     parts.append(_I32.pack(im.chunk_count))
     ds = (im.datasets[-1] if im.datasets else "").encode("utf-8")
     parts += [_I32.pack(len(ds)), ds]
-    return _atomic_write(Path(path), b"".join(parts))
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    import tempfile
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, b"".join(parts))
 
 
 def write_imatrix(path, im: Imatrix, fmt: str | None = None) -> Path:

@@ -8,6 +8,7 @@ convert_hf_to_gguf reads special tokens) and, for the realistic vocabulary, the 
 llama.cpp wrote into the shipped SmolLM2 file.
 """
 import json
+import os
 import signal
 import struct
 import subprocess
@@ -130,6 +131,24 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
     if dtype == "F16":
         w = {k: v.astype(np.float16).astype(np.float32) for k, v in w.items()}
     return w
+
+
+# subprocesses import the blockq of this checkout, not an installed one
+THIS_CHECKOUT = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def writing_into(pid: int, folder: Path, timeout: float = 60) -> bool:
+    """Wait until process ``pid`` has a file open for writing in ``folder`` (unnamed or not)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                if os.readlink(fd).startswith(f"{folder}/"):
+                    return True
+            except OSError:
+                pass
+        time.sleep(0.02)
+    return False
 
 
 def _gguf(path):
@@ -394,11 +413,9 @@ def test_killed_cli_convert_leaves_nothing(tmp_path):
             "main(sys.argv[1:])\n")
     p = subprocess.Popen([sys.executable, "-c", code, "convert", str(tmp_path / "hf"),
                           str(tmp_path / "o" / "out.gguf"), "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
-    deadline = time.time() + 60
-    while time.time() < deadline and not [x for x in (tmp_path / "o").iterdir()]:
-        time.sleep(0.05)
-    assert [x.name for x in (tmp_path / "o").iterdir()][0].endswith(".part")
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                         env=THIS_CHECKOUT)
+    assert writing_into(p.pid, tmp_path / "o")
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and (b"interrupted" in err or b"aborted" in err)

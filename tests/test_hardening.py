@@ -5,17 +5,24 @@ Each test here is one of the cases found by probing blockq as an attacker would 
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from blockq.convert import convert
-from blockq.errors import BlockqError, FormatError, UnsupportedModel
+from blockq.errors import BlockqError, FileError, FormatError, UnsupportedModel
 from blockq.model import Model, ModelArgs
 from blockq.tokenizer import Tokenizer
-from test_convert import QUIET, make_hf
+from test_convert import QUIET, THIS_CHECKOUT, make_hf, writing_into
 from test_model import BASE_MD
 from tiny_model import tokenizer_metadata, write_tiny
 
@@ -182,3 +189,163 @@ def test_bad_safetensors_header(tmp_path, make_header, words):
     for w in words:
         assert w in str(e.value)
     assert list(out.parent.iterdir()) == []
+
+
+# --- outputs: never an input, never a special file, never half-written ---------------------------
+def _tiny_gguf(tmp_path):
+    return write_tiny(tmp_path / "m.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1, n_ff=128)
+
+
+def _cli(args):
+    """Run the blockq command in-process: (exit code, stderr lines)."""
+    import contextlib
+    import io
+
+    from blockq.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    return e.value.code, err.getvalue().strip().splitlines()
+
+
+@pytest.mark.parametrize("how", ["same", "symlink-out", "symlink-in", "hardlink"])
+def test_convert_refuses_to_overwrite_its_input(tmp_path, how):
+    src = _tiny_gguf(tmp_path)
+    before = src.read_bytes()
+    out = src
+    if how == "symlink-out":
+        out = tmp_path / "link.gguf"
+        out.symlink_to(src)
+    elif how == "symlink-in":
+        (tmp_path / "in.gguf").symlink_to(src)
+        src = tmp_path / "in.gguf"
+        out = tmp_path / "m.gguf"
+    elif how == "hardlink":
+        out = tmp_path / "hard.gguf"
+        os.link(src, out)
+    code, err = _cli(["convert", src, out, "--type", "Q8_0", "--quiet"])
+    assert code == 1 and len(err) == 1 and "is the input" in err[0]
+    assert (tmp_path / "m.gguf").read_bytes() == before
+
+
+def test_imatrix_refuses_to_overwrite_the_model_before_computing(tmp_path, monkeypatch):
+    import blockq.imatrix
+
+    model = _tiny_gguf(tmp_path)
+    before = model.read_bytes()
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    monkeypatch.setattr(blockq.imatrix, "compute_imatrix",
+                        lambda *a, **k: pytest.fail("computed before checking the output"))
+    for out, words in [(model, "is the input"), (tmp_path / "no" / "i.gguf", "does not exist"),
+                       (tmp_path / "t.txt", "is the input")]:
+        code, err = _cli(["imatrix", model, "-f", tmp_path / "t.txt", "-o", out, "-c", "16"])
+        assert code == 1 and len(err) == 1 and words in err[0], err
+    assert model.read_bytes() == before
+
+
+def test_special_files_are_never_replaced(tmp_path):
+    from blockq.errors import BadArgument
+    from blockq.outfile import check_output
+
+    with pytest.raises(BadArgument, match="/dev/null is a character device"):
+        check_output("/dev/null")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, err = _cli(["convert", _tiny_gguf(tmp_path), fifo, "--type", "Q8_0", "--quiet"])
+    assert code == 1 and "is a FIFO (named pipe), not a regular file" in err[0]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    import socket
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s"))
+    with pytest.raises(BadArgument, match="is a socket"):
+        check_output(tmp_path / "s")
+    sock.close()
+
+
+def _convert_process(tmp_path, extra_code=""):
+    """A CLI convert of a slow HF folder into tmp_path/o (which holds an old out.gguf)."""
+    make_hf(tmp_path / "hf", n_layer=4, n_ff=2048)
+    (tmp_path / "o").mkdir(exist_ok=True)
+    (tmp_path / "o" / "out.gguf").write_bytes(b"old")
+    code = ("import sys, time, blockq.convert as c\n"
+            "c.SLAB_BYTES = 4096\n"
+            "orig = c._producer\n"
+            "def slow(*a, **k):\n"
+            "    f = orig(*a, **k)\n"
+            "    return lambda: (time.sleep(0.1), f())[1]\n"
+            "c._producer = slow\n" + extra_code +
+            "from blockq.cli import main\n"
+            "main(sys.argv[1:])\n")
+    return subprocess.Popen([sys.executable, "-c", code, "convert", str(tmp_path / "hf"),
+                             str(tmp_path / "o" / "out.gguf"), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env=THIS_CHECKOUT)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGQUIT])
+def test_a_signal_during_convert_leaves_only_the_old_file(tmp_path, sig):
+    p = _convert_process(tmp_path)
+    assert writing_into(p.pid, tmp_path / "o")
+    time.sleep(0.3)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == (-9 if sig == signal.SIGKILL else 130), err.decode()
+    assert [x.name for x in (tmp_path / "o").iterdir()] == ["out.gguf"]
+    assert (tmp_path / "o" / "out.gguf").read_bytes() == b"old"
+
+
+def test_a_source_changing_under_convert_stops_it(tmp_path):
+    make_hf(tmp_path / "hf")
+    (tmp_path / "o").mkdir()
+    st = tmp_path / "hf" / "model.safetensors"
+
+    def overwrite(ev):
+        if ev.i_tensor == 3:
+            with open(st, "r+b") as f:  # another process rewriting the file in place
+                f.seek(-64, os.SEEK_END)
+                f.write(b"\0" * 64)
+            os.utime(st, ns=(time.time_ns(), time.time_ns() + 10**9))
+
+    with pytest.raises(FileError, match="changed while blockq read it"):
+        convert(tmp_path / "hf", tmp_path / "o" / "out.gguf", "Q8_0", progress=overwrite,
+                **QUIET)
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.parametrize("where, err", [("create", errno.EROFS), ("create", errno.EACCES),
+                                        ("create", errno.EPERM), ("write", errno.ENOSPC)])
+def test_file_system_errors_are_one_line_naming_path_and_cause(tmp_path, monkeypatch, where,
+                                                               err):
+    import blockq.outfile as of
+
+    src = _tiny_gguf(tmp_path)
+    (tmp_path / "o").mkdir()
+    real_open, real_fdopen = os.open, os.fdopen
+
+    def failing_open(path, flags, *a, **k):
+        if str(path).startswith(str(tmp_path / "o")) and flags & os.O_WRONLY:
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, flags, *a, **k)
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    if where == "create":
+        monkeypatch.setattr(of.os, "open", failing_open)
+        monkeypatch.setattr(of.tempfile, "mkstemp", lambda **k: failing_open(
+            k["dir"], os.O_WRONLY))
+    else:
+        monkeypatch.setattr(of.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    code, lines = _cli(["convert", src, tmp_path / "o" / "out.gguf", "--type", "Q8_0",
+                        "--quiet"])
+    assert code == 1 and len(lines) == 1, lines
+    assert str(tmp_path / "o") in lines[0] and f"({errno.errorcode[err]})" in lines[0]
+    assert list((tmp_path / "o").iterdir()) == []

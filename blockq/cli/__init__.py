@@ -65,6 +65,12 @@ def main(argv=None):
     except BlockqError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+    except OSError as e:  # a file blockq was not the first to fail on (read-only, full...)
+        if isinstance(e, BrokenPipeError):
+            sys.exit(141)
+        from ..outfile import file_error
+        click.echo(f"error: {file_error(e.filename or 'file', e, 'use it')}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -6,35 +6,18 @@ Thin commands over :func:`blockq.convert.convert`, :func:`blockq.imatrix.compute
 from __future__ import annotations
 
 import json
-import signal
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from ..outfile import check_output, signals_as_interrupt
 from ..presets import PRESETS
 from .progress import ChunkProgress
 
 
 def _err(msg: str) -> None:
     click.echo(msg, err=True)
-
-
-@contextmanager
-def _term_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt, so a killed convert still removes its temporary file."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _console():
@@ -70,7 +53,7 @@ def convert(src, out, preset, imatrix, overrides, threads, as_json, quiet):
     from ..convert import convert as convert_fn
 
     _threads(threads)
-    with _term_as_interrupt(), _ConvertBar(quiet) as bar:
+    with signals_as_interrupt(), _ConvertBar(quiet) as bar:
         res = convert_fn(src, out, preset.upper(), imatrix=imatrix, overrides=overrides,
                          progress=bar, warn=bar.warn)
     kinds = Counter(res.types.values())
@@ -147,9 +130,10 @@ def imatrix(model, text_file, out, n_ctx, chunks, fmt, process_output, threads, 
     from ..imatrix import compute_imatrix, write_imatrix
     from .run import open_model
 
+    out = check_output(out, [model, text_file], "imatrix output")
     m, tok = open_model(model, threads, gpu_layers, n_ctx)
     text = text_file.read_text(encoding="utf-8", errors="replace")
-    with _term_as_interrupt(), ChunkProgress("imatrix", "PPL") as bar:
+    with signals_as_interrupt(), ChunkProgress("imatrix", "PPL") as bar:
         im = compute_imatrix(m, tok, text, n_ctx=n_ctx, n_chunks=chunks, dataset=str(text_file),
                              process_output=process_output, progress=bar)
     write_imatrix(out, im, fmt)

@@ -7,10 +7,11 @@
 
 Metadata and tensor infos are small and collected in memory; the first ``write_tensor_data``
 (or ``finish``) writes header, metadata, tensor infos and padding, then each tensor's bytes go
-straight to disk, so peak memory is about one tensor.  Everything is written to a temporary file
-in the destination folder, flushed, fsynced and then renamed over the destination: an
-interrupted write never leaves a file at the destination path, and never touches a file already
-there until the rename.
+straight to disk, so peak memory is about one tensor.  Everything is written to an unnamed
+file in the destination folder (:class:`blockq.outfile.AtomicFile`: ``O_TMPFILE``, else a
+hidden temporary file), flushed, fsynced, then named and renamed over the destination: an
+interrupted write, even by SIGKILL, leaves nothing, and never touches a file already there
+until the rename.
 
 :func:`write_gguf` drives the writer for the common case.  Like llama.cpp's quantizer it sets
 ``general.quantization_version`` (2) and ``general.file_type`` (the llama_ftype of the preset;
@@ -22,7 +23,6 @@ from __future__ import annotations
 import enum
 import os
 import struct
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..errors import BadArgument, FormatError
+from ..outfile import AtomicFile
 from ..types import QType, qtype as _qtype
 from .constants import (DEFAULT_ALIGNMENT, FILE_TYPE_OF_QTYPE, FLOAT_TYPES, GGUF_MAGIC,
                         INT64_MAX, INTEGER_TYPES, MAX_DIMS, MAX_NAME, QUANTIZATION_VERSION,
@@ -282,7 +283,6 @@ class GGUFWriter:
         self._offsets: list[int] = []
         self._next = 0  # index of the next tensor whose data is due
         self._fh = None
-        self._tmp: str | None = None
         self.alignment = alignment or DEFAULT_ALIGNMENT
 
     # -- state machine --
@@ -395,13 +395,8 @@ class GGUFWriter:
                               f"{self._next} of {len(self._infos)} tensors; the next due is "
                               f"{self._infos[self._next][0]!r}")
         fh, self._fh = self._fh, None
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
-        os.replace(self._tmp, self.path)
-        self._tmp = None
+        fh.commit()
         self.state = WriterState.DONE
-        _fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -411,13 +406,7 @@ class GGUFWriter:
         self.state = WriterState.ABORTED
         fh, self._fh = self._fh, None
         if fh is not None:
-            fh.close()
-        tmp, self._tmp = self._tmp, None
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            fh.discard()
 
     def __enter__(self) -> "GGUFWriter":
         return self
@@ -433,7 +422,7 @@ class GGUFWriter:
                 raise
 
     def __del__(self):
-        if getattr(self, "_tmp", None) is not None:
+        if getattr(self, "_fh", None) is not None:
             self.abort()
 
     # -- header, metadata and infos, all at once --
@@ -466,31 +455,8 @@ class GGUFWriter:
             offset += nbytes + (-nbytes % self.alignment)
         head = b"".join(parts)
         head += b"\0" * (-len(head) % self.alignment)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                         suffix=".part")
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
-            self._fh = os.fdopen(fd, "wb")
-        except BaseException:
-            os.close(fd)
-            self.abort()
-            raise
+        self._fh = AtomicFile(self.path)
         self._fh.write(head)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def guess_file_type(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> int:
