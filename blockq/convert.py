@@ -822,10 +822,15 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
         names = [t.name for t in ck.tensors]
         if len(set(names)) != len(names):
             raise FormatError(f"{src}: tensor names repeat")
+        fell_back: dict = {}
         types = _presets.plan(((t.name, t.shape, t.qtype) for t in ck.tensors), p,
                               n_layer=ck.n_layer, n_head=ck.n_head, n_head_kv=ck.n_head_kv,
                               arch=ck.arch, n_expert=ck.n_expert, has_imatrix=im is not None,
-                              overrides=rules)
+                              overrides=rules, fell_back=fell_back)
+        for (cols, wanted, used), n in sorted(fell_back.items()):
+            block = _qtype(wanted).block_size
+            warn(f"{cols} columns are not a multiple of {block}: {used} instead of {wanted} for "
+                 f"{n} tensor{'s' if n > 1 else ''} (as llama-quantize)")
         vectors: dict[str, np.ndarray] = {}
         if im is not None:
             targets = {t.name: t.cols for t in ck.tensors

@@ -227,12 +227,14 @@ def parse_override(text: str) -> tuple[str, str]:
 
 def plan(tensors: Iterable[tuple[str, Sequence[int], str]], preset_name: "str | Preset", *,
          n_layer: int, n_head: int, n_head_kv: int, arch: str = "llama", n_expert: int = 0,
-         has_imatrix: bool = False, overrides: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+         has_imatrix: bool = False, overrides: Sequence[tuple[str, str]] = (),
+         fell_back: "dict[tuple[int, str, str], int] | None" = None) -> dict[str, str]:
     """Choose each tensor's block type like ``llama-quantize`` would.
 
     ``tensors``: ``(gguf name, numpy-order shape, current type name)``; ``overrides``: ``(regex,
     type)`` pairs as from :func:`parse_override`, first match wins.  Returns name -> type name,
-    in llama.cpp's tensor order (:func:`order_key`).
+    in llama.cpp's tensor order (:func:`order_key`).  ``fell_back``, when given, counts the
+    tensors whose rows did not fit the wanted type: ``(cols, wanted, used) -> n``.
     """
     p = preset(preset_name)
     if n_expert > 1:
@@ -275,4 +277,7 @@ def plan(tensors: Iterable[tuple[str, Sequence[int], str]], preset_name: "str | 
             if cat in counters:
                 counters[cat] += 1
         out[name] = fallback(new, cols)
+        if fell_back is not None and out[name] != new:
+            key = (cols, new, out[name])
+            fell_back[key] = fell_back.get(key, 0) + 1
     return out

@@ -118,3 +118,29 @@ def test_generate_llama_numerics_on_tiny_q8_0(tmp_path):
     r = CliRunner().invoke(cli, ["generate", str(path), "-p", "ab", "-n", "3", "--temp", "0",
                                  "--numerics", "llama"])
     assert r.exit_code == 0, r.output
+
+
+def test_llama_cpp_habits_on_generate(tiny):
+    import blockq
+    llm = blockq.load(tiny)
+    want = "".join(llm.generate("the fox", max_tokens=12, temperature=0, ignore_eos=True))
+    res = run("generate", "-m", tiny, "-p", "the fox", "-n", 12, "--temp", 0, "--ignore-eos")
+    assert res.stdout == want + "\n"
+    assert "model: tiny.gguf" in res.stderr and "generation: 12 tokens" in res.stderr  # exact
+    stop = want[4:7]
+    res = run("generate", "-m", tiny, "-p", "the fox", "-n", 12, "--temp", 0, "--ignore-eos",
+              "-r", stop)
+    assert res.stdout == want[:want.index(stop)] + "\n"
+    msgs = [{"role": "system", "content": "be short"}, {"role": "user", "content": "the fox"}]
+    res = run("generate", tiny, "-sys", "be short", "-p", "the fox", "-n", 5, "--temp", 0,
+              "--ignore-eos")
+    assert res.stdout == "".join(llm.chat(msgs, max_tokens=5, temperature=0,
+                                          ignore_eos=True)) + "\n"
+    assert "Usage:" in run("generate", "-h").stdout
+    res = CliRunner().invoke(cli, ["generate", str(tiny), "-m", str(tiny) + "x"])
+    assert res.exit_code != 0
+
+
+def test_generate_without_a_prompt_is_bounded(tiny):
+    res = run("generate", tiny, "--temp", 0, "--ignore-eos")
+    assert "no prompt" in res.stderr and "generation: 256 tokens" in res.stderr

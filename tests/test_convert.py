@@ -443,3 +443,24 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ")
     assert "output_norm.weight" in err[0] and not (tmp_path / "m.gguf").exists()
+
+
+def test_cli_positional_type_and_fallback_explained(tmp_path, capsys):
+    """``blockq convert IN OUT Q4_K_M`` as llama-quantize takes it; rows of 96 weights cannot
+    hold 256-weight blocks, and the warning says which type was used instead, for how many."""
+    from blockq.cli import main
+
+    make_hf(tmp_path / "hf", n_embd=96, n_head=4, n_head_kv=2, n_ff=256)
+    main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "q4_k_m", "--json",
+          "--quiet"])
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert out["preset"] == "Q4_K_M"
+    n_q5 = out["types"]["Q5_0"]
+    assert n_q5 > 1
+    assert f"96 columns are not a multiple of 256: Q5_0 instead of Q4_K for {n_q5} tensors" \
+        in cap.err
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "n.gguf"), "Q6_K", "--type",
+              "Q8_0", "--quiet"])
+    assert "two types given" in capsys.readouterr().err

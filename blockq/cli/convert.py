@@ -14,6 +14,7 @@ import click
 from ..outfile import check_output, signals_as_interrupt
 from ..presets import PRESETS
 from .progress import ChunkProgress
+from .run import _model_arg
 
 
 def _err(msg: str) -> None:
@@ -35,8 +36,11 @@ def _threads(threads):
 @click.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("type_arg", metavar="[TYPE]", required=False,
+                type=click.Choice(list(PRESETS), case_sensitive=False))
 @click.option("--type", "preset", type=click.Choice(list(PRESETS), case_sensitive=False),
-              default="Q4_K_M", show_default=True, help="Quantization preset (llama-quantize's).")
+              default=None, help="Quantization preset (llama-quantize's; also the third "
+                                 "argument, as llama-quantize takes it).  [default: Q4_K_M]")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Importance matrix: llama-imatrix's GGUF or legacy .dat format.")
 @click.option("--tensor-type", "overrides", multiple=True, metavar="REGEX=TYPE",
@@ -44,13 +48,18 @@ def _threads(threads):
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads for quantizing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, out, preset, imatrix, overrides, threads, as_json, quiet):
+def convert(src, out, type_arg, preset, imatrix, overrides, threads, as_json, quiet):
     """Convert SRC (a Hugging Face model folder or a GGUF file) to a GGUF file OUT.
 
-    Every tensor gets the type llama-quantize gives it for the preset; tensors are read,
-    quantized and written one at a time, and OUT appears only once it is complete.
+    Every tensor gets the type llama-quantize gives it for the preset (TYPE or --type); tensors
+    are read, quantized and written one at a time, and OUT appears only once it is complete.
     """
     from ..convert import convert as convert_fn
+    from ..errors import BadArgument
+
+    if type_arg and preset and type_arg.upper() != preset.upper():
+        raise BadArgument(f"two types given ({type_arg} and --type {preset}): give one")
+    preset = type_arg or preset or "Q4_K_M"
 
     _threads(threads)
     with signals_as_interrupt(), _ConvertBar(quiet) as bar:
@@ -109,7 +118,7 @@ class _ConvertBar:
 # -- imatrix ------------------------------------------------------------------------------------
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_model_arg
 @click.option("-f", "--file", "text_file", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration text.")

@@ -132,7 +132,8 @@ def _err(msg: str) -> None:
               help="System message: the prompt becomes a chat turn through the model's chat "
                    "template.")
 @click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
-              help="Tokens to generate; -1 = until end of generation or a full context.")
+              help="Tokens to generate; -1 = until end of generation or a full context "
+                   "(without a prompt: at most 256).")
 @_stop_opts
 @_sampling_opts
 @_threads_opt
@@ -153,8 +154,14 @@ def generate(model, prompt, prompt_file, system, n_predict, stop, ignore_eos, te
     if system is not None:
         ids = llm.chat_prompt_ids([{"role": "system", "content": system},
                                    {"role": "user", "content": text}])
+    elif text:
+        ids = llm._prompt_ids(text)
     else:
-        ids = llm._prompt_ids(text) if text else [_start_token(llm)]
+        ids = [_start_token(llm)]
+        if n_predict < 0:
+            n_predict = NO_PROMPT_LIMIT
+        _err(f"no prompt: generating from {llm.piece(ids[0])!r} until end of generation or "
+             f"{n_predict} tokens (-n)")
     run = llm.run(ids, max_tokens=n_predict, stop=list(stop), ignore_eos=ignore_eos,
                   **sampling_kwargs(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                                     seed))
@@ -166,6 +173,8 @@ def generate(model, prompt, prompt_file, system, n_predict, stop, ignore_eos, te
     out.flush()
     _err(run.summary() + f" | stopped: {_FINISH[run.finish_reason]}")
 
+
+NO_PROMPT_LIMIT = 256  # -n -1 without a prompt: a model left to itself may never write EOS
 
 _FINISH = {"stop": "end of generation or a stop string", "length": "token limit or full context",
            "cancelled": "interrupted"}
