@@ -4,7 +4,9 @@ Two sources:
 
 - a Hugging Face model folder (``config.json``, one or more ``*.safetensors`` shards, with
   ``model.safetensors.index.json`` when sharded, ``tokenizer.json`` / ``tokenizer_config.json``)
-  of a ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``.  Metadata, tensor
+  of a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+  ``Qwen3ForCausalLM`` (the HF classes and tensor names of each architecture module in
+  :mod:`blockq.models`).  Metadata, tensor
   names, the q/k row permutation of llama and the byte-level BPE vocabulary are written the way
   llama.cpp's ``convert_hf_to_gguf.py`` writes them, so the result runs in llama.cpp and blockq;
 - a GGUF file (requantize: each tensor is dequantized, then quantized to its new type; tensors
@@ -32,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import models as _models
 from . import presets as _presets
 from .errors import BadArgument, BlockqError, FormatError, UnsupportedModel
 from .outfile import SourceWatch, check_interrupt, check_output
@@ -42,41 +45,29 @@ from .validate import (MAX_CONTEXT, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, Fields, ch
 SLAB_BYTES = 32 << 20  # float32 bytes of rows converted at once
 
 # --- architectures --------------------------------------------------------------------------
-# HF class -> (GGUF architecture, q/k rows permuted for llama.cpp's adjacent-pair rope)
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),
-}
-
-# HF tensor name (regex, layer number captured) -> GGUF name; "{}" takes the groups in order.
-HF_TENSOR_NAMES: tuple[tuple[str, str], ...] = (
-    (r"model\.embed_tokens\.weight", "token_embd.weight"),
-    (r"model\.norm\.weight", "output_norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", "blk.{}.attn_q.{}"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", "blk.{}.attn_k.{}"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", "blk.{}.attn_v.{}"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", "blk.{}.attn_output.{}"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
-)
-_HF_COMPILED = [(re.compile(rx + r"\Z"), out) for rx, out in HF_TENSOR_NAMES]
+# HF class -> (GGUF architecture, q/k rows permuted for llama.cpp's adjacent-pair rope), from
+# the architecture modules (blockq.models), which also own the tensor names
+ARCHITECTURES = {cls: (a.name, permute) for a in _models.ARCHITECTURES.values()
+                 for cls, permute in a.hf_classes}
 HF_SKIPPED = (re.compile(r".*\.rotary_emb\.inv_freq\Z"),)  # recomputed by every runtime
 
 
-def gguf_name(hf_name: str) -> str | None:
+def _hf_names(arch: str) -> list:
+    return [(re.compile(rx + r"\Z"), out) for rx, out in _models.ARCHITECTURES[arch].hf_tensors]
+
+
+_HF_COMPILED = {a: _hf_names(a) for a in {a for a, _ in ARCHITECTURES.values()}}
+
+
+def gguf_name(hf_name: str, arch: str = "llama") -> str | None:
     """The GGUF name of a Hugging Face tensor, or None for one to drop; unknown -> error."""
-    for rx, out in _HF_COMPILED:
+    for rx, out in _HF_COMPILED[arch]:
         m = rx.match(hf_name)
         if m:
             return out.format(*m.groups())
     if any(rx.match(hf_name) for rx in HF_SKIPPED):
         return None
-    raise UnsupportedModel(f"checkpoint tensor {hf_name!r} has no place in a llama-family GGUF "
+    raise UnsupportedModel(f"checkpoint tensor {hf_name!r} has no place in a {arch} GGUF "
                            "(mixture-of-experts, vision tower, or another architecture?)")
 
 
@@ -292,31 +283,30 @@ class HFConfig:
     def hd(self) -> int:
         return self.head_dim or self.n_embd // self.n_head
 
+    def args(self):
+        """The runtime's view of this config (blockq.model.ModelArgs), from its metadata."""
+        from .model import ModelArgs
+        md = {**self.metadata(), "general.architecture": self.arch}
+        return ModelArgs.from_metadata(md, self.n_vocab)
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every GGUF tensor this config implies -> numpy shape (biases not included)."""
+        """Every GGUF tensor this config implies -> numpy shape (biases not included), from the
+        architecture's tensor table."""
         out = {"token_embd.weight": (self.n_vocab, self.n_embd),
                "output_norm.weight": (self.n_embd,)}
         if not self.tied:
             out["output.weight"] = (self.n_vocab, self.n_embd)
-        q, kv = self.n_head * self.hd, self.n_head_kv * self.hd
+        args = self.args()
+        table = _models.architecture(self.arch).block.TENSORS
         for i in range(self.n_layer):
-            p = f"blk.{i}."
-            e, ff = self.n_embd, self.n_ff
-            out.update({p + "attn_norm.weight": (e,), p + "attn_q.weight": (q, e),
-                        p + "attn_k.weight": (kv, e), p + "attn_v.weight": (kv, e),
-                        p + "attn_output.weight": (e, q), p + "ffn_norm.weight": (e,),
-                        p + "ffn_gate.weight": (ff, e), p + "ffn_up.weight": (ff, e),
-                        p + "ffn_down.weight": (e, ff)})
+            out.update({f"blk.{i}.{t.name}.weight": t.shape(args) for t in table if t.required})
         return out
 
     def bias_shapes(self) -> dict[str, tuple[int, ...]]:
-        q, kv = self.n_head * self.hd, self.n_head_kv * self.hd
-        out = {}
-        for i in range(self.n_layer):
-            p = f"blk.{i}."
-            out.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,),
-                        p + "attn_output.bias": (self.n_embd,)})
-        return out
+        args = self.args()
+        table = _models.architecture(self.arch).block.TENSORS
+        return {f"blk.{i}.{t.name}.bias": t.shape(args)[:1] for i in range(self.n_layer)
+                for t in table if t.kind == "linear"}
 
     def metadata(self) -> dict[str, Any]:
         """The model keys convert_hf_to_gguf.py writes for this architecture."""
@@ -610,7 +600,7 @@ def open_hf(folder) -> Checkpoint:
 def _hf_tensors(ck: Checkpoint, cfg: HFConfig, entries: dict[str, _StEntry]) -> None:
     by_gguf: dict[str, tuple[str, _StEntry]] = {}
     for hf, e in entries.items():
-        g = gguf_name(hf)
+        g = gguf_name(hf, cfg.arch)
         if g is None:
             continue
         if g == "output.weight" and cfg.tied:
@@ -622,7 +612,7 @@ def _hf_tensors(ck: Checkpoint, cfg: HFConfig, entries: dict[str, _StEntry]) -> 
     if missing:
         raise FormatError(f"checkpoint lacks {len(missing)} tensor(s) {cfg.architecture} with "
                           f"{cfg.n_layer} layers needs, e.g. {missing[0]} "
-                          f"({_hf_name_hint(missing[0])})")
+                          f"({_hf_name_hint(missing[0], cfg.arch)})")
     for g, (hf, e) in by_gguf.items():
         shape = want.get(g) or biases.get(g)
         if shape is None:
@@ -632,7 +622,8 @@ def _hf_tensors(ck: Checkpoint, cfg: HFConfig, entries: dict[str, _StEntry]) -> 
             raise FormatError(f"checkpoint tensor {hf} has shape {list(e.shape)}; config.json "
                               f"implies {list(shape)}")
     if cfg.arch == "qwen2":
-        lacking = [b for b in biases if "attn_output" not in b and b not in by_gguf]
+        lacking = [b for b in biases if b.split(".")[2] in ("attn_q", "attn_k", "attn_v")
+                   and b not in by_gguf]
         if lacking:
             raise FormatError(f"Qwen2 checkpoint lacks q/k/v bias {lacking[0]}")
     for g, (hf, e) in by_gguf.items():
@@ -647,8 +638,8 @@ def _hf_tensors(ck: Checkpoint, cfg: HFConfig, entries: dict[str, _StEntry]) -> 
                                        origin="rope_scaling (llama3)"))
 
 
-def _hf_name_hint(g: str) -> str:
-    for rx, out in HF_TENSOR_NAMES:
+def _hf_name_hint(g: str, arch: str) -> str:
+    for rx, out in _models.ARCHITECTURES[arch].hf_tensors:
         pat = re.escape(out).replace(r"\{\}", "(.+?)")
         m = re.fullmatch(pat, g)
         if m:

@@ -55,6 +55,7 @@ class ModelArgs:
     sliding_window: int = 0  # keys a local layer sees (0: every layer attends to all)
     swa_layers: tuple = ()  # per layer: True where the layer is local (sliding window)
     rope_base_swa: float = 0.0  # rope base of the local layers (0: rope_base)
+    rope_freq_scale_swa: float = 0.0  # their position scale (0: rope_freq_scale)
     final_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (0: none)
     # derived in __post_init__
     rope_neox: bool = field(init=False)
@@ -343,9 +344,10 @@ class Model:
             freq_factors = vector("rope_freqs.weight", a.rope_dim // 2)
         self.rope = Rope(a, freq_factors)
         rope_swa = self.rope
-        if a.rope_base_swa and a.rope_base_swa != a.rope_base:
-            # NOTE: llama.cpp runs local layers without the global rope's scaling
-            rope_swa = Rope(a, None, base=a.rope_base_swa, freq_scale=1.0)
+        base_swa = a.rope_base_swa or a.rope_base
+        scale_swa = a.rope_freq_scale_swa or a.rope_freq_scale
+        if any(a.swa_layers) and (base_swa, scale_swa) != (a.rope_base, a.rope_freq_scale):
+            rope_swa = Rope(a, None, base=base_swa, freq_scale=scale_swa)
         swa = a.swa_layers or (False,) * a.n_layer
         self.ropes = [rope_swa if s else self.rope for s in swa]  # per layer
         self.windows = [a.sliding_window if s else 0 for s in swa]  # per layer, 0: all keys

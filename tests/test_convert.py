@@ -71,11 +71,11 @@ def _save_bf16(path: Path, tensors: dict) -> None:
 
 def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tied=False,
             n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, seed=0, tok_md=None,
-            n_vocab=N_VOCAB_CFG, mutate=None, pretok=None) -> dict:
+            n_vocab=N_VOCAB_CFG, mutate=None, pretok=None, head_dim=None) -> dict:
     """Write a random checkpoint folder; returns the HF tensors (float32, bf16-rounded for BF16)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    hd = n_embd // n_head
+    hd = head_dim or n_embd // n_head
     w = {"model.embed_tokens.weight": rng.standard_normal((n_vocab, n_embd)),
          "model.norm.weight": 1 + 0.1 * rng.standard_normal(n_embd)}
     if not tied:
@@ -92,6 +92,9 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
                   p + "mlp.gate_proj.weight": m(n_ff, n_embd),
                   p + "mlp.up_proj.weight": m(n_ff, n_embd),
                   p + "mlp.down_proj.weight": m(n_embd, n_ff)})
+        if arch == "Qwen3ForCausalLM":
+            w.update({p + "self_attn.q_norm.weight": 1 + 0.1 * rng.standard_normal(hd),
+                      p + "self_attn.k_norm.weight": 1 + 0.1 * rng.standard_normal(hd)})
         if arch == "Qwen2ForCausalLM":
             w.update({p + "self_attn.q_proj.bias": 0.5 * rng.standard_normal(n_head * hd),
                       p + "self_attn.k_proj.bias": 0.5 * rng.standard_normal(n_head_kv * hd),
@@ -106,6 +109,8 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
            "intermediate_size": n_ff, "vocab_size": n_vocab, "max_position_embeddings": 256,
            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": tied,
            "bos_token_id": 0, "eos_token_id": 266, "torch_dtype": "float32"}
+    if head_dim:
+        cfg["head_dim"] = head_dim
     (folder / "config.json").write_text(json.dumps(cfg))
     names = list(w)
     parts = [names[i::shards] for i in range(shards)]
@@ -175,7 +180,7 @@ def test_hf_to_f32_reproduces_the_weights_with_llamas_qk_permutation(tmp_path):
     assert md["general.architecture"] == "llama" and md["general.file_type"] == 0
     assert md["llama.rope.dimension_count"] == 64 and md["llama.vocab_size"] == N_VOCAB_CFG
     for hf, a in w.items():
-        g = gguf_name(hf)
+        g = gguf_name(hf, "llama")
         got = _f32(ts[g])
         if ".attn_q." in g:
             got = _unpermute(got, 4)
@@ -185,14 +190,19 @@ def test_hf_to_f32_reproduces_the_weights_with_llamas_qk_permutation(tmp_path):
     assert list(ts) == sorted(ts, key=blockq.presets.order_key)  # llama-quantize's order
 
 
-@pytest.mark.parametrize("arch,tied", [("LlamaForCausalLM", False), ("Qwen2ForCausalLM", True)])
-def test_converted_model_runs_like_the_reference(tmp_path, arch, tied):
-    make_hf(tmp_path / "hf", arch=arch, tied=tied)
+@pytest.mark.parametrize("arch,tied,head_dim", [("LlamaForCausalLM", False, None),
+                                               ("Qwen2ForCausalLM", True, None),
+                                               ("Qwen3ForCausalLM", True, 96)])
+def test_converted_model_runs_like_the_reference(tmp_path, arch, tied, head_dim):
+    make_hf(tmp_path / "hf", arch=arch, tied=tied, head_dim=head_dim)
     r = convert(tmp_path / "hf", tmp_path / "m.gguf", "F32", **QUIET)
     md, ts = _gguf(r.path)
     assert ("output.weight" in ts) == (not tied)
     if arch == "Qwen2ForCausalLM":
         assert md["general.architecture"] == "qwen2" and ts["blk.0.attn_q.bias"][0] == "F32"
+    if arch == "Qwen3ForCausalLM":
+        assert md["general.architecture"] == "qwen3" and md["qwen3.attention.key_length"] == 96
+        assert ts["blk.1.attn_k_norm.weight"][1] == (96,) and "blk.0.attn_q.bias" not in ts
     from blockq.model import Model
     m = Model.load(r.path)
     toks = [5, 70, 200, 13, 99, 140, 7, 31]

@@ -59,9 +59,10 @@ def test_args_from_metadata(extra, field, expected):
     assert getattr(args, field) == pytest.approx(expected)
 
 
-def test_qwen2_uses_neox_rope():
-    md = {k.replace("llama.", "qwen2."): v for k, v in BASE_MD.items()}
-    md["general.architecture"] = "qwen2"
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
+def test_neox_rope_archs(arch):
+    md = {k.replace("llama.", f"{arch}."): v for k, v in BASE_MD.items()}
+    md["general.architecture"] = arch
     assert ModelArgs.from_metadata(md).rope_neox is True
 
 
@@ -97,6 +98,10 @@ GEMMA3_MD = {"general.architecture": "gemma3", "gemma3.embedding_length": 640,
     ({}, "swa_layers", tuple(i % 6 != 5 for i in range(18))),
     ({"gemma3.attention.sliding_window": 0}, "swa_layers", (False,) * 18),
     ({"gemma3.rope.freq_base_swa": 5e4}, "rope_base_swa", 5e4),
+    ({"gemma3.attention.sliding_window_pattern": 3}, "swa_layers",
+     tuple(i % 3 != 2 for i in range(18))),
+    ({"gemma3.attention.sliding_window_pattern": [True, False] * 9}, "swa_layers",
+     (True, False) * 9),
     ({"gemma3.block_count": 62}, "attn_scale", 1 / 160 ** 0.5),  # 27B: 1/sqrt(n_embd/n_head)
 ])
 def test_gemma3_args_from_metadata(extra, field, expected):
@@ -107,6 +112,7 @@ def test_gemma3_args_from_metadata(extra, field, expected):
     ({"gemma3.attention.sliding_window": -4}, None, ["sliding_window", "-4"]),
     ({}, "gemma3.attention.head_count", ["gemma3.attention.head_count", "missing"]),
     ({"gemma3.attention.value_length": 128}, None, ["key_length 256", "value_length 128"]),
+    ({"gemma3.attention.sliding_window_pattern": [True] * 4}, None, ["4 flags", "18 layers"]),
 ])
 def test_gemma3_args_refusals(extra, drop, words):
     md = {**GEMMA3_MD, **extra}
@@ -148,6 +154,7 @@ CASES = {  # name -> (write_tiny kwargs, tolerance on logits relative to their s
     "llama-rope-freqs-linear": (dict(rope_freqs=True, rope_scale=2.0), 1e-4),
     "llama-q4k-q6k-out": (dict(qtype="Q4_K", tied=False, out_qtype="Q6_K"), 1e-4),
     "llama-q8_0-mha": (dict(qtype="Q8_0", n_head_kv=4), 1e-4),
+    "qwen3-q8_0-hd": (dict(arch="qwen3", qtype="Q8_0", head_dim=96, tied=False), 1e-4),
     "gemma3-f32": (dict(arch="gemma3", n_head=2, n_head_kv=1, head_dim=128), 1e-4),
     # every layer local but the sixth, with a window shorter than the 12 tokens
     "gemma3-q8_0-swa": (dict(arch="gemma3", qtype="Q8_0", n_layer=7, n_head_kv=1,
@@ -168,7 +175,7 @@ def test_forward_matches_reference(tiny_dir, case):
 
 
 @pytest.mark.parametrize("case", ["llama-f32-tied", "qwen2-f32-biases", "llama-q4k-q6k-out",
-                                  "gemma3-q8_0-swa"])
+                                  "qwen3-q8_0-hd", "gemma3-q8_0-swa"])
 @pytest.mark.parametrize("cache_type, tol", [("f32", 1e-5), ("f16", 1e-5)])
 def test_prefill_equals_token_by_token(tiny_dir, case, cache_type, tol):
     """A batch through the cache gives the logits of feeding the same tokens one at a time."""
@@ -256,7 +263,7 @@ def test_unknown_architecture_is_one_line(tiny_dir):
     with pytest.raises(UnsupportedModel) as e:
         Model.load(path)
     assert str(e.value) == ("mamba.gguf: architecture 'mamba' is not supported yet "
-                            "(supported: llama, qwen2, gemma3)")
+                            "(supported: llama, qwen2, qwen3, gemma3)")
 
 
 @pytest.mark.realfile

@@ -64,11 +64,13 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
                head_dim: int = 0, sliding_window: int = 0) -> Path:
     """Write a random ``arch`` model; 2-D weights in ``qtype`` (norms and biases stay F32).
 
-    ``arch="gemma3"`` adds its q/k and sandwich norms; ``sliding_window`` its local layers.
+    ``arch="qwen3"`` adds q/k norms, ``"gemma3"`` those and its sandwich norms;
+    ``sliding_window`` makes Gemma 3's local layers.
     """
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
     gemma = arch == "gemma3"
+    qk_norm = arch in ("gemma3", "qwen3")  # an RMS norm over each head of q and k
     md = {
         "general.architecture": arch,
         "general.name": f"tiny-{arch}",
@@ -129,9 +131,10 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
         mat(p + "ffn_gate.weight", n_ff, n_embd)
         mat(p + "ffn_up.weight", n_ff, n_embd)
         mat(p + "ffn_down.weight", n_embd, n_ff)
-        if gemma:
+        if qk_norm:
             for name in ("attn_q_norm", "attn_k_norm"):
                 vec(p + name + ".weight", hd)
+        if gemma:
             for name in ("post_attention_norm", "post_ffw_norm"):
                 vec(p + name + ".weight", n_embd)
     if drop is not None:
@@ -221,7 +224,7 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
             bq, bk = b("attn_q"), b("attn_k")
         q = (h @ wq.T + bq).reshape(n, n_head, hd)
         k = (h @ wk.T + bk).reshape(n, n_kv, hd)
-        if gemma:
+        if p + "attn_q_norm.weight" in w:
             q, k = norm(q, w[p + "attn_q_norm.weight"]), norm(k, w[p + "attn_k_norm.weight"])
         q, k = rope(q), rope(k)
         v = (h @ w[p + "attn_v.weight"].T + b("attn_v")).reshape(n, n_kv, hd)

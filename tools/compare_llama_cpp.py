@@ -22,6 +22,11 @@ Q4_0/Q5_0/Q5_1/Q8_0):
   does (with logits for every token its last layer multiplies more rows, and some kernels pick
   their path by the row count).
 
+``--files ~/.cache/blockq/gemma-3-270m-Q4_K_M.gguf`` compares Gemma 3 (the numerics='llama'
+part is skipped: it covers SwiGLU models); ``--record-gemma3`` saves llama.cpp's outputs on that
+file for tests/test_model.py.  Every file also reports the share of scored positions where
+both engines' most likely token agrees (bar for Gemma 3: >= 95%).
+
 ``--record`` saves llama.cpp's greedy ids for the Q4_1 file to tests/data/llama_cpp_greedy.json
 (read by tests/test_model.py) and for the Q4_K_M file to llama_cpp_greedy_q4_k_m.json.  llama-cpp-python is needed here only, never by the tests.
 """
@@ -128,8 +133,9 @@ class LlamaCpp:
 
 
 def llama_cpp_perplexity(lc: LlamaCpp, tokens: np.ndarray, n_ctx: int, n_chunks: int,
-                         bos: int | None) -> tuple[float, float, int]:
-    """llama-perplexity's loop around llama.cpp's logits (same scoring code as blockq)."""
+                         bos: int | None, top1: list | None = None) -> tuple[float, float, int]:
+    """llama-perplexity's loop around llama.cpp's logits (same scoring code as blockq);
+    ``top1`` gets the argmax token of every scored position."""
     first = n_ctx // 2
     n = min(n_chunks, len(tokens) // n_ctx) if n_chunks > 0 else len(tokens) // n_ctx
     nll = nll2 = 0.0
@@ -139,6 +145,8 @@ def llama_cpp_perplexity(lc: LlamaCpp, tokens: np.ndarray, n_ctx: int, n_chunks:
         if bos is not None:
             chunk[0] = bos
         logits = lc.logits(chunk)[first:n_ctx - 1]
+        if top1 is not None:
+            top1.extend(int(t) for t in logits.argmax(axis=1))
         v = chunk_nll(logits, tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
         nll += float(v.sum())
         nll2 += float((v * v).sum())
@@ -147,6 +155,22 @@ def llama_cpp_perplexity(lc: LlamaCpp, tokens: np.ndarray, n_ctx: int, n_chunks:
     var = nll2 / count - mean * mean
     ppl = math.exp(mean)
     return ppl, ppl * math.sqrt(var / (count - 1)), n
+
+
+class TopOne:
+    """``model`` for blockq.generate.perplexity, keeping the argmax of every logits row it
+    returns (the scored positions, in order)."""
+
+    def __init__(self, model: Model):
+        self.model, self.top1 = model, []
+
+    def new_cache(self, *a, **kw):
+        return self.model.new_cache(*a, **kw)
+
+    def forward(self, tokens, cache, outputs="last"):
+        logits = self.model.forward(tokens, cache, outputs)
+        self.top1.extend(int(t) for t in logits.argmax(axis=1))
+        return logits
 
 
 def greedy_runs(model: Model, lc: LlamaCpp, tok: Tokenizer) -> list[dict]:
@@ -195,15 +219,23 @@ def compare_file(path: Path, text: str, n_ctx: int, n_chunks: int, threads: int,
                  "text_tokens": len(tokens), "tokenization_identical": ids_lc == ids_bq}
 
     t0 = time.perf_counter()
-    p_lc, e_lc, n = llama_cpp_perplexity(lc, tokens, n_ctx, n_chunks, bos)
+    top_lc: list = []
+    p_lc, e_lc, n = llama_cpp_perplexity(lc, tokens, n_ctx, n_chunks, bos, top_lc)
     t_lc = time.perf_counter() - t0
     t0 = time.perf_counter()
-    r = perplexity(model, tokens, n_ctx=n_ctx, n_chunks=n_chunks, bos_id=bos)
+    seen = TopOne(model)
+    r = perplexity(seen, tokens, n_ctx=n_ctx, n_chunks=n_chunks, bos_id=bos)
     t_bq = time.perf_counter() - t0
+    # NOTE: perplexity's batches without scored rows still return their last row; keep the
+    # rows of the scored positions only, which come in the same order as llama.cpp's
+    per_chunk = n_ctx - 1 - n_ctx // 2
+    top_bq = _scored_rows(seen.top1, n, n_ctx, per_chunk)
     res.update(chunks=n, ppl_llama_cpp=round(p_lc, 4), stderr_llama_cpp=round(e_lc, 5),
                ppl_blockq=round(r.ppl, 4), stderr_blockq=round(r.stderr, 5),
                ppl_rel_diff=round(r.ppl / p_lc - 1, 5), seconds_llama_cpp=round(t_lc, 1),
-               seconds_blockq=round(t_bq, 1))
+               seconds_blockq=round(t_bq, 1),
+               top1_agreement=round(float(np.mean(np.array(top_bq) == np.array(top_lc))), 5),
+               top1_positions=len(top_lc))
 
     # which KV-cache precision gets blockq's logits closest to llama.cpp's
     chunk = tokens[:n_ctx].copy()
@@ -233,6 +265,26 @@ def compare_file(path: Path, text: str, n_ctx: int, n_chunks: int, threads: int,
     return res
 
 
+def _scored_rows(rows: list, n_chunks: int, n_ctx: int, per_chunk: int) -> list:
+    """The argmaxes of the scored positions out of everything perplexity's forwards returned
+    (a batch without scored positions returns one unscored row)."""
+    from blockq.generate import N_BATCH
+
+    first = n_ctx // 2
+    out_rows = np.arange(first, n_ctx - 1)
+    keep, i = [], 0
+    for _ in range(n_chunks):
+        for j in range(0, n_ctx, N_BATCH):
+            k = int(((out_rows >= j) & (out_rows < j + N_BATCH)).sum())
+            if k:
+                keep.extend(rows[i:i + k])
+                i += k
+            else:
+                i += 1
+    assert len(keep) == n_chunks * per_chunk
+    return keep
+
+
 def record_short_ppl(path: Path, text: str, threads: int, n_ctx: int = 128,
                      n_chunks: int = 4) -> None:
     """Save llama.cpp's perplexity of a short stretch of ``text`` (with its token ids) to
@@ -260,6 +312,8 @@ def main(argv=None):
                     help="default: SmolLM2 Q4_1, its Q4_K_M and its k-quant mix")
     ap.add_argument("--record", action="store_true",
                     help="save llama.cpp's greedy ids to tests/data/llama_cpp_greedy.json")
+    ap.add_argument("--record-gemma3", action="store_true",
+                    help="only save llama.cpp's outputs on Gemma-3-270M to tests/data")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--numerics", choices=("default", "both"), default="both",
                     help="both: also run Model.load(numerics='llama') (slow: ~0.3 s a token)")
@@ -267,6 +321,8 @@ def main(argv=None):
     from blockq.cli.run import set_threads
     set_threads(a.threads)
     text = a.text.read_text(encoding="utf-8")
+    if a.record_gemma3:
+        return record_gemma3(text, a.threads)
     files = a.files or [fetch.smollm2_path(), q4km_path(), kmix_path()]
     report = {"text": str(a.text), "n_ctx": a.ctx_size, "threads": a.threads, "files": []}
     for f in files:
@@ -279,6 +335,9 @@ def main(argv=None):
         print(f"  PPL llama.cpp {r['ppl_llama_cpp']:.4f} +/- {r['stderr_llama_cpp']:.5f} | "
               f"blockq {r['ppl_blockq']:.4f} +/- {r['stderr_blockq']:.5f} | "
               f"diff {100 * r['ppl_rel_diff']:+.3f}% [{'ok' if ok_ppl else 'FAIL'} <= 1%]")
+        print(f"  top-1 token agreement with llama.cpp: {100 * r['top1_agreement']:.2f}% of "
+              f"{r['top1_positions']} scored positions "
+              f"[{'ok' if r['top1_agreement'] >= 0.95 else 'FAIL'} >= 95%]")
         print(f"  greedy 32 tokens identical: {r['greedy_identical']}/5 "
               f"(first divergence: {[g['agree_first'] for g in r['greedy']]}) "
               f"[{'ok' if ok_greedy else 'FAIL'} >= 4]; llama.cpp itself with an f32 KV "
@@ -308,6 +367,26 @@ def main(argv=None):
         out.write_text(json.dumps(rec, indent=1))
         print(f"recorded {out}")
         record_q4km_greedy(a.threads)
+
+
+def record_gemma3(text: str, threads: int, n_ctx: int = 128, n_chunks: int = 4,
+                  n_greedy: int = 16) -> None:
+    """llama.cpp on the Gemma-3-270M Q4_K_M file the test extra ships: perplexity and the top-1
+    token of every scored position over a short stretch of ``text``, and greedy ids of the five
+    prompts, into tests/data/llama_cpp_gemma3.json (read by tests/test_model.py)."""
+    path = fetch.gemma3_path()
+    lc = LlamaCpp(path, max(n_ctx, 64), threads)
+    ids = lc.tokenize(text)[:n_ctx * n_chunks]
+    top1: list = []
+    ppl, err, n = llama_cpp_perplexity(lc, np.array(ids), n_ctx, n_chunks, lc.bos, top1)
+    rec = {"file": path.name, "n_ctx": n_ctx, "chunks": n, "bos": lc.bos, "ppl": ppl,
+           "stderr": err, "tokens": ids, "top1": top1,
+           "note": "llama.cpp on gemma-3-270m-Q4_K_M (tools/compare_llama_cpp.py --record-gemma3)",
+           "prompts": [{"prompt": p, "prompt_ids": lc.tokenize(p),
+                        "llama_cpp": lc.greedy(lc.tokenize(p), n_greedy)} for p in PROMPTS]}
+    out = ROOT / "tests" / "data" / "llama_cpp_gemma3.json"
+    out.write_text(json.dumps(rec))
+    print(f"recorded {out}: PPL {ppl:.4f} +/- {err:.4f} over {n} chunks of {n_ctx}")
 
 
 def record_q4km_greedy(threads: int, n: int = 12) -> None:

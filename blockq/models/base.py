@@ -97,3 +97,13 @@ class Architecture:
     # (metadata reader: a blockq.validate.Fields, fields read so far) -> further ModelArgs fields
     extra_args: Callable[[Callable, dict], dict] = lambda get, fields: {}
     rope_scalings: tuple[str, ...] = ("none", "linear")
+    # Hugging Face conversion (blockq.convert): class name -> whether q/k rows are permuted for
+    # adjacent-pair rope; HF tensor name (regex, layer captured) -> GGUF name
+    hf_classes: tuple[tuple[str, bool], ...] = ()
+    hf_tensors: tuple[tuple[str, str], ...] = ()
+
+
+def head_norm(ops, x, norm, n_heads: int, head_dim: int):
+    """RMS norm of each head of x (n, n_heads * head_dim) with one (head_dim,) weight."""
+    n = x.shape[0]
+    return ops.rms_norm(x.reshape(n * n_heads, head_dim), norm)

@@ -12,31 +12,32 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from ..errors import FormatError
 from ..gguf.constants import Keys
-from ..validate import MAX_CONTEXT
-from .base import Architecture, Block, norm
+from ..validate import MAX_CONTEXT, MAX_LAYERS
+from .base import Architecture, Block, head_norm, norm
 from .llama import ATTENTION, FFN
+from .qwen3 import QK_NORMS
 
 SWA_PATTERN = 6  # NOTE: llama.cpp: layer il is local unless il % 6 == 5
 ROPE_BASE_SWA = 10000.0  # NOTE: llama.cpp's fixed base for gemma3's local layers
 SLIDING_WINDOW = "{arch}.attention.sliding_window"
+SWA_PATTERN_KEY = "{arch}.attention.sliding_window_pattern"  # an int period or per-layer flags
 LOGIT_SOFTCAP = "{arch}.final_logit_softcapping"
 
 
 class Gemma3Block(Block):
-    TENSORS = ATTENTION + (
-        norm("attn_q_norm", lambda a: (a.head_dim,)),
-        norm("attn_k_norm", lambda a: (a.head_dim,)),
-        norm("post_attention_norm", lambda a: (a.n_embd,)),
-    ) + FFN + (norm("post_ffw_norm", lambda a: (a.n_embd,)),)
+    TENSORS = ATTENTION + QK_NORMS + (norm("post_attention_norm", lambda a: (a.n_embd,)),) \
+        + FFN + (norm("post_ffw_norm", lambda a: (a.n_embd,)),)
 
     def __call__(self, ops, x, il, step):  # x (n, n_embd)
-        a, n = step.args, x.shape[0]
+        a = step.args
         h = ops.rms_norm(x, self.attn_norm)
-        q = ops.rms_norm(ops.linear(self.attn_q, h).reshape(n * a.n_head, a.head_dim),
-                         self.attn_q_norm)
-        k = ops.rms_norm(ops.linear(self.attn_k, h).reshape(n * a.n_head_kv, a.head_dim),
-                         self.attn_k_norm)
+        q = head_norm(ops, ops.linear(self.attn_q, h), self.attn_q_norm, a.n_head, a.head_dim)
+        k = head_norm(ops, ops.linear(self.attn_k, h), self.attn_k_norm, a.n_head_kv,
+                      a.head_dim)
         att = ops.attend(il, q, k, ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
         o = ops.linear(self.attn_output, att)  # (n, n_embd)
         if step.rows is not None and il == a.n_layer - 1:  # as llama.cpp, see llama.py
@@ -49,14 +50,25 @@ class Gemma3Block(Block):
 
 def _args(get, f: dict) -> dict:
     window = get.integer(SLIDING_WINDOW, 0, lo=0, hi=MAX_CONTEXT)
-    swa = tuple(window > 0 and il % SWA_PATTERN < SWA_PATTERN - 1 for il in range(f["n_layer"]))
+    n_layer = f["n_layer"]
+    pattern = get.get(SWA_PATTERN_KEY, SWA_PATTERN)
+    if isinstance(pattern, (list, tuple, np.ndarray)):
+        if len(pattern) != n_layer:
+            raise FormatError(f"{get.what(SWA_PATTERN_KEY)} has {len(pattern)} flags for "
+                              f"{n_layer} layers")
+        swa = tuple(window > 0 and bool(p) for p in pattern)
+    else:
+        # NOTE: as llama.cpp's set_swa_pattern: period p, the last layer of each period global;
+        # 0 makes every layer local
+        p = get.integer(SWA_PATTERN_KEY, SWA_PATTERN, lo=0, hi=MAX_LAYERS)
+        swa = tuple(window > 0 and (p == 0 or il % p < p - 1) for il in range(n_layer))
     head_dim = f["head_dim"] or f["n_embd"] // f["n_head"]
     # NOTE: llama.cpp scales queries by 1/sqrt(n_embd / n_head) for the 27B model (62 layers)
     # and by 1/sqrt(head_dim) otherwise
     q_dim = f["n_embd"] / f["n_head"] if f["n_layer"] == 62 else head_dim
     base_swa = get.number(Keys.Rope.FREQ_BASE_SWA, ROPE_BASE_SWA, lo=1.0, lo_open=True)
     return dict(activation="gelu", embd_scale=math.sqrt(f["n_embd"]), sliding_window=window,
-                swa_layers=swa, rope_base_swa=base_swa,
+                swa_layers=swa, rope_base_swa=base_swa, rope_freq_scale_swa=1.0,
                 attn_scale=f["attn_scale"] or 1.0 / math.sqrt(q_dim),
                 final_softcap=get.number(LOGIT_SOFTCAP, 0.0, lo=0.0))
 

@@ -9,6 +9,22 @@ from __future__ import annotations
 
 from .base import Architecture, Block, linear, norm
 
+# HF tensor name (regex, layer number captured) -> GGUF name; "{}" takes the groups in order
+HF_TENSORS: tuple[tuple[str, str], ...] = (
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", "blk.{}.attn_q.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", "blk.{}.attn_k.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", "blk.{}.attn_v.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", "blk.{}.attn_output.{}"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+)
+
 ATTENTION = (
     norm("attn_norm", lambda a: (a.n_embd,)),
     linear("attn_q", lambda a: (a.n_embd_q, a.n_embd)),
@@ -27,10 +43,14 @@ FFN = (
 class LlamaBlock(Block):
     TENSORS = ATTENTION + FFN
 
+    def qk(self, ops, q, k, step):
+        """What happens to q and k between their projections and rope (nothing here)."""
+        return q, k
+
     def __call__(self, ops, x, il, step):  # x (n, n_embd)
         h = ops.rms_norm(x, self.attn_norm)
-        att = ops.attend(il, ops.linear(self.attn_q, h), ops.linear(self.attn_k, h),
-                         ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
+        q, k = self.qk(ops, ops.linear(self.attn_q, h), ops.linear(self.attn_k, h), step)
+        att = ops.attend(il, q, k, ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
         o = ops.linear(self.attn_output, att)  # (n, n_embd)
         if step.rows is not None and il == step.args.n_layer - 1:
             # NOTE: llama.cpp drops the rows without outputs after the attention output
@@ -45,5 +65,8 @@ class LlamaBlock(Block):
 
 # NOTE: llama.cpp's llama_model_rope_type(): `llama` uses NORM rope (adjacent pairs, because the
 # converter permutes the q/k rows of HF llama checkpoints), `qwen2` uses NEOX rope (halves).
-LLAMA = Architecture("llama", LlamaBlock, rope_neox=False)
-QWEN2 = Architecture("qwen2", LlamaBlock, rope_neox=True)
+LLAMA = Architecture("llama", LlamaBlock, rope_neox=False,
+                     hf_classes=(("LlamaForCausalLM", True), ("MistralForCausalLM", True)),
+                     hf_tensors=HF_TENSORS)
+QWEN2 = Architecture("qwen2", LlamaBlock, rope_neox=True,
+                     hf_classes=(("Qwen2ForCausalLM", False),), hf_tensors=HF_TENSORS)
