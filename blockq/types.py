@@ -104,7 +104,7 @@ class QType:
 
 
 _NEW = ("quantize",)  # decoded on CPU and GPU, multiplied on the CPU; no quantizer yet
-_NEW_Q = ("quantize",)  # ... quantizer written, awaiting llama.cpp's blocks
+_NEW_Q = ()  # ... with a quantizer
 _INT = ("matvec", "quantize", "gpu")  # integer / F64 tensors: decoded, never multiplied
 
 _TYPES = (

@@ -3,8 +3,9 @@
 ``tests/data/refblocks_{sym,asym}_*.npz`` hold float rows (``x``), importance vectors
 (``imatrix``, ``imatrix_sparse``) and the blocks llama.cpp made of them (``<TYPE>``,
 ``<TYPE>_imatrix``, ...): evenly spaced rows of each ``../shared/refdata`` source, and edge-case
-rows (``*_edge.npz``).  ``sym`` files are written by ``tools/quant_quality.py --write-test-data``,
-``asym`` files by ``python tests/test_quantize_asymmetric.py --write-data``.
+rows (``*_edge.npz``).  ``sym`` and ``nl`` (non-linear and ternary types) files are written by
+``tools/quant_quality.py --write-test-data sym|nl``, ``asym`` files by
+``python tests/test_quantize_asymmetric.py --write-data``.
 """
 from pathlib import Path
 
@@ -31,6 +32,11 @@ TYPES = [
     ("Q2_K", "asym", 1.0, 0.34, True),  # 0.293
     ("Q4_K", "asym", 1.0, 0.083, True),  # 0.0716
     ("Q5_K", "asym", 1.0, 0.042, True),  # 0.0361
+    ("IQ4_NL", "nl", 1.0, 0.087, True),  # 0.0757
+    ("IQ4_XS", "nl", 1.0, 0.088, True),  # 0.0764
+    ("MXFP4", "nl", 1.0, 0.13, False),  # 0.115
+    ("TQ1_0", "nl", 1.0, 0.91, False),  # 0.793: ternary with the absmax scale (BitNet rows
+    ("TQ2_0", "nl", 1.0, 0.91, False),  # are ternary already; Gaussian rows are not)
 ]
 BOUND = {t: b for t, _, _, b, _ in TYPES}
 

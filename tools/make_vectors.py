@@ -64,13 +64,25 @@ class _Traits(ctypes.Structure):
 _ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-def _libggml():
-    """libggml-base from llama-cpp-python, or None when it is not installed."""
+def ggml_base_path() -> Path | None:
+    """Where libggml-base is: $GGML_BASE_LIB (a llama.cpp build of one's own), else the
+    llama_cpp package's copy; None when neither exists."""
+    import os
+    if os.environ.get("GGML_BASE_LIB"):
+        return Path(os.environ["GGML_BASE_LIB"])
     try:
         import llama_cpp
     except Exception:
         return None
     path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
+    return path if path.exists() else None
+
+
+def _libggml():
+    """libggml-base from llama-cpp-python (or the file $GGML_BASE_LIB names), or None."""
+    path = ggml_base_path()
+    if path is None:
+        return None
     if not path.exists():
         return None
     lib = ctypes.CDLL(str(path))

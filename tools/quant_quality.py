@@ -14,10 +14,13 @@ Sources:
   ``ggml_quantize_chunk`` (``quantize_row_q8_K_ref`` for Q8_K) in the ``llama_cpp`` package's
   libggml-base, called through ctypes; without it those columns read "llama.cpp not available".
 
-``--write-test-data`` also writes ``tests/data/refblocks_sym_*.npz`` (a subset of reference rows
-with llama.cpp's blocks, and edge-case rows quantized by llama.cpp) for the scale-only types.
+``--write-test-data sym`` also writes ``tests/data/refblocks_sym_*.npz`` (a subset of reference
+rows with llama.cpp's blocks, and edge-case rows quantized by llama.cpp) for the scale-only types,
+``--write-test-data nl`` the same for the non-linear and ternary types (IQ4_NL, IQ4_XS, MXFP4,
+TQ1_0, TQ2_0; the reference files hold no blocks of these: llama.cpp quantizes the rows live).
 
-    python tools/quant_quality.py [--json] [--types Q4_0,Q6_K] [--rows 64] [--write-test-data]
+    python tools/quant_quality.py [--json] [--types Q4_0,Q6_K] [--rows 64]
+                                  [--write-test-data {sym,nl}]
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 from blockq.quantize import quantize  # noqa: E402
 from blockq.types import ALL, qtype  # noqa: E402
@@ -40,6 +44,8 @@ from blockq.types import ALL, qtype  # noqa: E402
 REFDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "refdata"  # ../shared/refdata
 SMOLLM2 = Path.home() / ".cache/blockq/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYMMETRIC = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K", "Q8_K")
+NONLINEAR = ("IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0")
+FAMILIES = {"sym": SYMMETRIC, "nl": NONLINEAR}  # test-data family -> its types
 TEST_DATA = ROOT / "tests" / "data"
 
 
@@ -48,10 +54,12 @@ class Llama:
     """ggml's quantizers from the llama_cpp package's libggml-base, through ctypes."""
 
     def __init__(self) -> None:
-        import llama_cpp  # noqa: F401  (only to find its libraries)
+        from make_vectors import ggml_base_path  # $GGML_BASE_LIB or llama_cpp's copy
 
-        lib_dir = Path(llama_cpp.__file__).parent / "lib"
-        self.lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+        path = ggml_base_path()
+        if path is None:
+            raise ImportError("no libggml-base: install llama-cpp-python or set GGML_BASE_LIB")
+        self.lib = ctypes.CDLL(str(path))
         f = self.lib.ggml_quantize_chunk
         f.restype = ctypes.c_size_t
         f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -199,10 +207,10 @@ def measure(types, llama: Llama | None, n_rows: int):
 def print_table(results) -> None:
     print("# rmse with imatrix = importance-weighted; llama.cpp blocks from the reference file "
           "or, for held-out rows (and Q8_K), ggml_quantize_chunk / quantize_row_q8_K_ref")
-    print(f"{'source':40s} {'type':5s} {'imat':4s} {'rmse blockq':>12s} {'rmse llama':>12s} "
+    print(f"{'source':40s} {'type':7s} {'imat':4s} {'rmse blockq':>12s} {'rmse llama':>12s} "
           f"{'ratio':>7s} {'identical':>9s}")
     for r in results:
-        head = f"{r['source']:40s} {r['type']:5s} {'yes' if r['imatrix'] else 'no':4s}"
+        head = f"{r['source']:40s} {r['type']:7s} {'yes' if r['imatrix'] else 'no':4s}"
         if "error" in r:
             print(f"{head} blockq failed: {r['error']}")
         elif "rmse_llama" not in r:
@@ -250,9 +258,12 @@ def edge_rows(cols: int = 512) -> np.ndarray:
     return np.array(rows, np.float32)  # (20, cols)
 
 
-def write_test_data(llama: Llama | None) -> None:
-    """tests/data/refblocks_sym_<source>.npz: subsets of reference rows (evenly spaced) with
-    llama.cpp's blocks of the scale-only types, and llama.cpp-quantized edge rows."""
+def write_test_data(llama: Llama | None, family: str = "sym") -> None:
+    """tests/data/refblocks_<family>_<source>.npz: subsets of reference rows (evenly spaced) with
+    llama.cpp's blocks of the family's types, and llama.cpp-quantized edge rows."""
+    types = FAMILIES[family]
+    if llama is None and family != "sym":
+        raise SystemExit(f"llama.cpp not available: cannot write the {family} blocks")
     keep = {"minilm_layer0_output_dense": 10, "minilm_layer2_output_dense": 10,
             "blk_3_ffn_down_weight": 6, "blk_3_attn_q_weight": 6, "blk_17_ffn_gate_weight": 6,
             "gaussian": 6}
@@ -260,9 +271,13 @@ def write_test_data(llama: Llama | None) -> None:
         idx = np.linspace(0, x.shape[0] - 1, keep[name]).round().astype(int)
         arrays = {"x": x[idx], "imatrix": im, "rows": idx}
         for k, v in ref.items():
-            if k.split("_imatrix")[0] in SYMMETRIC:
+            if k.split("_imatrix")[0] in types:
                 arrays[k] = v[idx]
-        path = TEST_DATA / f"refblocks_sym_{name}.npz"
+        for t in types:
+            if t not in ref and x.shape[1] % qtype(t).block_size == 0:
+                arrays[t] = llama.quantize(t, x[idx], None)
+                arrays[t + "_imatrix"] = llama.quantize(t, x[idx], im)
+        path = TEST_DATA / f"refblocks_{family}_{name}.npz"
         np.savez_compressed(path, **arrays)
         print(f"wrote {path} ({path.stat().st_size} bytes)")
     if llama is None:
@@ -274,12 +289,12 @@ def write_test_data(llama: Llama | None) -> None:
            "sparse": np.where(rng.random(x.shape[1]) < 0.3, 0,
                               rng.random(x.shape[1])).astype(np.float32)}
     arrays = {"x": x, "imatrix": ims["gamma"], "imatrix_sparse": ims["sparse"]}
-    for t in SYMMETRIC:
+    for t in types:
         arrays[t] = llama.quantize(t, x, None)
         if t != "Q8_K":
             arrays[t + "_imatrix"] = llama.quantize(t, x, ims["gamma"])
             arrays[t + "_imatrix_sparse"] = llama.quantize(t, x, ims["sparse"])
-    path = TEST_DATA / "refblocks_sym_edge.npz"
+    path = TEST_DATA / f"refblocks_{family}_edge.npz"
     np.savez_compressed(path, **arrays)
     print(f"wrote {path} ({path.stat().st_size} bytes)")
 
@@ -289,12 +304,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--types", help="comma-separated type names (default: every quantized type)")
     ap.add_argument("--rows", type=int, default=64, help="held-out rows per source")
-    ap.add_argument("--write-test-data", action="store_true",
-                    help="write tests/data/refblocks_sym_*.npz and stop")
+    ap.add_argument("--write-test-data", nargs="?", const="sym", choices=sorted(FAMILIES),
+                    help="write tests/data/refblocks_<family>_*.npz and stop (default sym)")
     a = ap.parse_args(argv)
     llama = load_llama()
     if a.write_test_data:
-        write_test_data(llama)
+        write_test_data(llama, a.write_test_data)
         return 0
     types = [t for t in ALL if t.is_quantized and t.has("quantize")]
     if a.types:

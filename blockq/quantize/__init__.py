@@ -9,6 +9,8 @@ family modules and have the signature ``fn(x, imatrix, out)`` where ``x`` is flo
 - ``floats``: F32, F16, BF16
 - ``symmetric``: scale-only types (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, Q8_K)
 - ``asymmetric``: scale-and-min types (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
+- ``nonlinear``: non-uniform grids (IQ4_NL, IQ4_XS, MXFP4)
+- ``ternary``: TQ1_0, TQ2_0
 
 Each family module registers its quantizers in the block-type record (``QUANTIZERS`` dict,
 registered by :func:`load_quantizers`); a new family is one more name in ``_FAMILIES``.
@@ -24,7 +26,7 @@ import numpy as np
 from ..errors import BadArgument
 from ..types import QType, qtype as _qtype, register
 
-_FAMILIES = ("floats", "symmetric", "asymmetric")
+_FAMILIES = ("floats", "symmetric", "asymmetric", "nonlinear", "ternary")
 
 
 def load_quantizers() -> None:
