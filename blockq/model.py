@@ -295,6 +295,7 @@ class Model:
 
         self.args = args
         self.metadata = metadata if metadata is not None else {}
+        self._tensors = tensors  # to name a damaged one (check_weights)
         a = args
         spec = architecture(a.arch)
 
@@ -468,8 +469,21 @@ class Model:
         """Run ``tokens`` at positions ``cache.n_past``.. and append them to the cache.
 
         ``outputs``: "last" (logits of the last token), "all", or indices into ``tokens``.
-        Returns logits (n_outputs, n_vocab) float32.
+        Returns logits (n_outputs, n_vocab) float32.  NaN/inf on the way (a damaged block)
+        raises a FormatError naming the tensor.
         """
+        p0 = cache.n_past
+        try:
+            logits = self._forward(tokens, cache, outputs)
+        except ZeroDivisionError:  # a Numba kernel divided by an inf/NaN norm
+            logits = None
+        if logits is None or not np.isfinite(logits).all():
+            self.check_weights()
+            raise BadArgument(f"the logits after position {p0} are NaN/inf although every "
+                              "weight block is finite: the activations overflowed")
+        return logits
+
+    def _forward(self, tokens, cache, outputs) -> np.ndarray:
         a = self.args
         tokens = np.asarray(tokens, dtype=np.int64)
         n = len(tokens)
@@ -509,6 +523,19 @@ class Model:
             x = ops.softcap(x, a.final_softcap)
         cache.tokens.extend(int(t) for t in tokens)
         return ops.to_host(x)
+
+    def check_weights(self) -> None:
+        """Raise a FormatError naming the first tensor with NaN/inf blocks (scales or values)."""
+        from .types import qtype
+        from .validate import nonfinite_blocks
+
+        for name, t in self._tensors.items():
+            bad = nonfinite_blocks(t.data, qtype(t.qtype))
+            if bad.size:
+                where = f"{Path(self.path).name}: " if getattr(self, "path", None) else ""
+                raise FormatError(f"{where}tensor {name} ({t.qtype}) has {bad.size} block(s) "
+                                  f"that decode to NaN/inf (first: block {int(bad[0])}); the "
+                                  "file is damaged or was quantized from out-of-range weights")
 
 
 GLOBAL_TENSORS = ("token_embd", "output_norm", "output", "rope_freqs")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import BadArgument, FormatError
 
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 MAX_DIM = 1 << 20  # embedding, feed-forward and head sizes
@@ -207,3 +207,38 @@ def load_json_object(path: Path, what: str) -> dict:
         raise FormatError(f"{path}: the top level is {_kind(value)}; {what} must be a JSON "
                           "object")
     return value
+
+
+def nonfinite_blocks(blocks, t) -> np.ndarray:
+    """Flat indices of the blocks of type ``t`` (a QType) whose stored floats (scales, mins,
+    F16/F32/BF16 values) are NaN or inf.  ``blocks``: the encoded bytes, any shape."""
+    raw = np.ascontiguousarray(np.asarray(blocks, dtype=np.uint8).reshape(-1))
+    if not t.decodable or raw.size % t.type_size:
+        return np.zeros(0, np.int64)
+    rec = raw.view(t.dtype)
+    n = rec.shape[0]
+    bad = np.zeros(n, bool)
+    for name, dt, _count in t.fields:
+        v = rec[name].reshape(n, -1)
+        if t.name == "BF16":  # the upper half of a float32: exponent bits all ones
+            bad |= ((v & 0x7F80) == 0x7F80).any(axis=1)
+        elif np.dtype(dt).kind == "f":
+            bad |= ~np.isfinite(v).all(axis=1)
+    return np.flatnonzero(bad)
+
+
+def check_encoded(out: np.ndarray, t, x: np.ndarray) -> None:
+    """Refuse quantized rows ``out`` (rows, row_bytes) whose blocks hold NaN/inf scales or
+    values: names the row, the block, its columns and its largest weight."""
+    bad = nonfinite_blocks(out, t)
+    if bad.size == 0:
+        return
+    per_row = x.shape[1] // t.block_size
+    r, b = divmod(int(bad[0]), per_row)
+    c0, c1 = b * t.block_size, (b + 1) * t.block_size
+    big = float(np.abs(x[r, c0:c1]).max())
+    why = f"it overflows {t.name}" if not t.is_quantized else "its f16 scale overflows"
+    raise BadArgument(f"{bad.size} {t.name} block(s) would hold NaN/inf (first: row {r}, block "
+                      f"{b}, columns {c0}..{c1 - 1}, largest |weight| {big:.4g}): {why} (max "
+                      "65504); these weights are too large for this type (damaged checkpoint? "
+                      "keep the tensor in F32)")

@@ -349,3 +349,57 @@ def test_file_system_errors_are_one_line_naming_path_and_cause(tmp_path, monkeyp
     assert code == 1 and len(lines) == 1, lines
     assert str(tmp_path / "o") in lines[0] and f"({errno.errorcode[err]})" in lines[0]
     assert list((tmp_path / "o").iterdir()) == []
+
+
+# --- weights: no NaN/inf scale is ever written, and one read back names its tensor ---------------
+@pytest.mark.parametrize("qt, big", [("Q4_0", 1e6), ("Q4_1", 3e6), ("Q4_K", 1e30),
+                                     ("Q5_K", 3.4e38), ("Q2_K", 1e30), ("F16", 1e5)])
+def test_quantize_refuses_weights_that_overflow_the_scale(qt, big):
+    from blockq.errors import BadArgument
+    from blockq.quantize import quantize
+
+    x = np.random.default_rng(0).standard_normal((3, 512)).astype(np.float32)
+    x[1, 300] = big
+    with pytest.raises(BadArgument) as e, np.errstate(over="ignore"):
+        quantize(x, qt)
+    block = 300 // (256 if qt.endswith("_K") else 32 if qt != "F16" else 1)
+    assert f"row 1, block {block}," in str(e.value) and "NaN/inf" in str(e.value)
+
+
+def test_convert_names_the_tensor_and_block_of_an_overflowing_weight(tmp_path):
+    def huge(w):
+        w["model.layers.0.mlp.up_proj.weight"][5, 40] = 1e6
+
+    make_hf(tmp_path / "hf", mutate=huge)
+    (tmp_path / "o").mkdir()
+    with pytest.raises(BlockqError, match=r"blk\.0\.ffn_up\.weight .*row 5, block 1,"):
+        convert(tmp_path / "hf", tmp_path / "o" / "out.gguf", "Q4_0", **QUIET)
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def _with_inf_scale(tmp_path):
+    """A Q4_0 tiny model whose blk.0.ffn_down.weight block 3 has an inf scale."""
+    import blockq
+
+    path = write_tiny(tmp_path / "m.gguf", qtype="Q4_0", n_layer=1, n_embd=64, n_head=2,
+                      n_head_kv=1, n_ff=128)
+    with blockq.read_gguf(path) as f:
+        t = f.tensors["blk.0.ffn_down.weight"]
+        at = t.offset + 3 * 18  # block 3 of row 0: its f16 scale
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        fh.write(np.float16(np.inf).tobytes())
+    return path
+
+
+def test_a_file_with_inf_scales_names_the_tensor(tmp_path):
+    path = _with_inf_scale(tmp_path)
+    with Model.load(path) as m:
+        with pytest.raises(FormatError, match=r"m\.gguf: tensor blk\.0\.ffn_down\.weight \(Q4_0\)"
+                           r" has 1 block\(s\) that decode to NaN/inf \(first: block 3\)"):
+            m.forward([1, 2, 3], m.new_cache(16))
+    for cmd in (["generate", path, "-p", "hi", "-n", "4", "--temp", "0"],
+                ["perplexity", path, "-f", path.parent / "t.txt", "-c", "16"]):
+        (path.parent / "t.txt").write_text("the cat sat on the mat " * 20)
+        code, err = _cli(cmd)
+        assert code == 1 and err[-1].startswith("error: ") and "blk.0.ffn_down" in err[-1], err

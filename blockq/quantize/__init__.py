@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import BadArgument
 from ..types import QType, qtype as _qtype, register
+from ..validate import check_encoded
 
 _FAMILIES = ("floats", "symmetric", "asymmetric", "nonlinear", "ternary")
 
@@ -109,4 +110,5 @@ def quantize(x, qtype: "str | int | QType", imatrix=None) -> np.ndarray:
     out = np.empty((rows, row_bytes), dtype=np.uint8)
     if rows:
         fn(a, w, out)
+        check_encoded(out, t, a)  # no NaN/inf scale is ever returned
     return out
