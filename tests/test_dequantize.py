@@ -1,5 +1,7 @@
 """Dequantization: numpy reference and Numba kernels against gguf-py (the oracle), hand-derived
 blocks, every tensor of two llama.cpp-written files, field decoding, and bad input."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
@@ -299,3 +301,30 @@ def test_every_tensor_of_smollm2(smollm2_file):
 @pytest.mark.slow
 def test_every_tensor_of_gemma3(gemma3_file):
     _check_file(gemma3_file, {"F32", "Q4_K", "Q6_K", "Q5_0", "Q8_0"})
+
+
+# --- (e) blocks llama.cpp made: IQ*, TQ*, MXFP4 (tools/record_llama_blocks.py) -----------------
+
+LLAMA_IQ = Path(__file__).parent / "data" / "llama_blocks_iq.npz"
+
+
+def _llama_iq_types():
+    with np.load(LLAMA_IQ) as d:
+        return sorted(k for k in d.files if not k.endswith("_f32"))
+
+
+@pytest.mark.parametrize("name", _llama_iq_types())
+def test_blocks_quantized_by_llama_cpp(name):
+    with np.load(LLAMA_IQ) as d:
+        blocks, want = d[name], d[name + "_f32"]  # llama.cpp's blocks and its own floats
+    rows, cols = want.shape
+    assert_same_bits(dequantize(blocks, name, (rows, cols)), want)
+    assert_same_bits(dequantize_blocks_ref(blocks, name).reshape(rows, cols), want)
+    assert_same_bits(gguf_dequantize(blocks.reshape(-1, qtype(name).type_size), name)
+                     .reshape(rows, cols), want)
+
+
+def test_llama_cpp_blocks_cover_every_new_quantized_type():
+    old = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
+    new = {t.name for t in ALL if t.is_quantized} - old
+    assert set(_llama_iq_types()) == new
