@@ -313,6 +313,19 @@ class Run:
                 f"generation: {self.n_gen} tokens in {self.t_gen:.2f} s ({tg:.1f} tok/s)")
 
 
+def _kernels_cached() -> bool:
+    """Whether Numba's on-disk cache already holds compiled blockq kernels."""
+    import os
+
+    from . import kernels
+
+    here = Path(kernels.__file__).parent
+    roots = [here / "__pycache__"]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        roots.append(Path(os.environ["NUMBA_CACHE_DIR"]))
+    return any(next(r.rglob("*.nbi"), None) is not None for r in roots if r.is_dir())
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -354,12 +367,17 @@ class LLM:
 
     def warmup(self, notice=None, after_s: float = 3.0) -> float:
         """Run the kernels once on a scratch cache so their first-run compilation (Numba, cached
-        on disk afterwards) is not counted in a generation's timings; ``notice`` is told once
-        if it takes longer than ``after_s``.  Returns the seconds it took."""
+        on disk afterwards) is not counted in a generation's timings.  ``notice`` is told at
+        once when Numba's cache holds no blockq kernels yet, else only if the warm-up takes
+        longer than ``after_s`` (a kernel this model's types need for the first time).
+        Returns the seconds it took."""
         timer = None
-        if notice:
-            timer = threading.Timer(after_s, notice, ["compiling the kernels (first run; Numba "
-                                                      "caches them for the next runs) ..."])
+        if notice and not _kernels_cached():
+            notice("compiling the kernels (first run, about half a minute; Numba caches them "
+                   "for the next runs) ...")
+        elif notice:
+            timer = threading.Timer(after_s, notice, ["warming up the kernels (compiling the "
+                                                      "ones this model needs first) ..."])
             timer.daemon = True
             timer.start()
         t0 = time.perf_counter()
@@ -457,6 +475,8 @@ class LLM:
             yield {**head, "choices": [{"index": 0, "text": prefix, "logprobs": None,
                                         "finish_reason": None}]}
         for text, infos in run:
+            if not text and run.logprobs is None:
+                continue  # a token whose text is still held back (UTF-8, a stop string)
             lp = None
             if run.logprobs is not None:
                 acc = _CompletionLogprobs()
@@ -488,6 +508,8 @@ class LLM:
         yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}]}
         for text, infos in run:
+            if not text and run.logprobs is None:
+                continue
             lp = {"content": [_chat_logprob(i) for i in infos]} \
                 if run.logprobs is not None else None
             yield {**head, "choices": [{"index": 0, "delta": {"content": text},

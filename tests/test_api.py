@@ -147,3 +147,8 @@ def test_generate_matches_low_level_generate(llm):
     ids = llm.tokenize("sun")
     low = list(generate(llm.model, ids, n_predict=5, cache=llm.new_cache()))
     assert "".join(llm.generate(ids, max_tokens=5, temperature=0)) == llm.detokenize(low)
+
+
+def test_stream_chunks_carry_text(llm):
+    chunks = list(llm.create_completion("the", max_tokens=10, stream=True, **GREEDY))
+    assert all(c["choices"][0]["text"] for c in chunks[:-1])  # only the last one may be empty

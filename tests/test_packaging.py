@@ -44,7 +44,7 @@ def test_installed_wheel_reads_cuda_sources_and_generates(wheel, tmp_path):
     subprocess.run([py, "-m", "pip", "install", "--no-deps", "--quiet", str(wheel)], check=True)
     work = tmp_path / "elsewhere"  # not the checkout, so the checkout's blockq is not imported
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NUMBA_CACHE_DIR")}
     check = subprocess.run(
         [py, "-c", "import blockq, blockq.gpu.source as s; print(blockq.__file__); "
                    "print(len(s.kernels_source()))"],
@@ -53,11 +53,13 @@ def test_installed_wheel_reads_cuda_sources_and_generates(wheel, tmp_path):
     assert Path(where).is_relative_to(env_dir)  # the wheel's copy, not an editable one
     assert int(n_chars) > len((ROOT / "blockq/gpu/kernels.cu").read_text())
     tiny = write_tiny(work / "tiny.gguf", qtype="Q8_0")
-    res = subprocess.run([env_dir / "bin" / "blockq", "generate", tiny, "-p", "the fox",
+    res = subprocess.run([env_dir / "bin" / "blockq", "generate", "-m", tiny, "-p", "the fox",
                           "-n", "4", "--temp", "0", "-c", "64"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() and "tok/s" in res.stderr
+    # a fresh install has no compiled kernels yet: the first run says so before compiling
+    assert "compiling the kernels (first run" in res.stderr
 
 
 def test_gpu_install_hint_matches_readme():
