@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .run import _model_arg
+
 QUESTION = "What is the capital of France? Answer in one sentence."
 DEMO_TENSOR = "blk.0.ffn_down.weight"
 DEMO_TYPES = ("Q4_K", "Q6_K")
@@ -39,8 +41,7 @@ def quantization_errors(path: Path, name: str = DEMO_TENSOR, types=DEMO_TYPES) -
 
 
 @click.command()
-@click.argument("model", required=False,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_model_arg
 @click.option("-n", "--n-predict", type=int, default=48, show_default=True,
               help="Most tokens in the answer.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads for the kernels.")
