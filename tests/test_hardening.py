@@ -403,3 +403,42 @@ def test_a_file_with_inf_scales_names_the_tensor(tmp_path):
         (path.parent / "t.txt").write_text("the cat sat on the mat " * 20)
         code, err = _cli(cmd)
         assert code == 1 and err[-1].startswith("error: ") and "blk.0.ffn_down" in err[-1], err
+
+
+# --- chat templates: bounded in size, time and recursion; failures are one line -------------------
+@pytest.mark.parametrize("template, words", [
+    ("{{ 'a b ' * 50000000 }}", ["repeating 4 items 50,000,000 times"]),
+    ("{{ messages|tojson(indent=400000000) }}", ["a size of 400,000,000"]),
+    ("{{ [1, 2] * 100000000 }}", ["repeating 2 items"]),
+    ("{{ 'a'|center(1000000000) }}", ["a size of 1,000,000,000"]),
+    ("{{ 'q'.ljust(1000000000) }}", ["a size of 1,000,000,000"]),
+    ("{{ '%999999999d' % 3 }}", ["a format width of 999,999,999"]),
+    ("{{ '{:>999999999}'.format(1) }}", ["a format width of 999,999,999"]),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", ["characters of output"]),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+     ["longer than 0.5 s"]),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", ["recursion too deep"]),
+    ("{{ 1/0 }}", ["ZeroDivisionError"]),
+    ("{{ 10.0 ** 1000 }}", ["OverflowError"]),
+    ("{{ 9 ** 99999 }}", ["integer power 9 ** 99999"]),
+])
+def test_template_is_bounded_and_fails_in_one_line(monkeypatch, template, words):
+    import blockq.chat as chat
+
+    monkeypatch.setattr(chat, "MAX_SECONDS", 0.5)
+    monkeypatch.setattr(chat, "MAX_CHARS", 1 << 20)
+    t0 = time.monotonic()
+    with pytest.raises(chat.TemplateError) as e:
+        chat.render_chat(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert msg.startswith("chat template") and "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_template_nested_too_deeply_to_compile():
+    from blockq.chat import render_chat
+
+    with pytest.raises(FormatError, match="chat template"):
+        render_chat("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", [{"role": "user"}])
