@@ -57,6 +57,7 @@ class ModelArgs:
     rope_base_swa: float = 0.0  # rope base of the local layers (0: rope_base)
     rope_freq_scale_swa: float = 0.0  # their position scale (0: rope_freq_scale)
     final_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (0: none)
+    attn_softcap: float = 0.0  # attention scores, likewise
     # derived in __post_init__
     rope_neox: bool = field(init=False)
     n_gqa: int = field(init=False)  # query heads per key/value head

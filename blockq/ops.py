@@ -36,13 +36,14 @@ F32 = np.float32
 GELU_C = F32(0.7978845608028654)  # sqrt(2 / pi)
 
 
-def attention(q, k, v, p0: int, scale: float, window: int = 0, xp=np):
+def attention(q, k, v, p0: int, scale: float, window: int = 0, xp=np, softcap: float = 0.0):
     """Causal grouped-query attention of n new queries at positions p0.. over T = p0 + n keys.
 
     q (n, n_head, hd); k, v (n_head_kv, T, hd) -> (n, n_head * hd).  Query head h reads key/value
     head h // (n_head / n_head_kv), as in ggml's broadcasting.  ``window`` > 0: query position p
     sees only keys p - window < t <= p (llama.cpp's standard sliding window).  ``xp``: the array
-    module (numpy, or CuPy for the layers offloaded to a GPU).
+    module (numpy, or CuPy for the layers offloaded to a GPU).  ``softcap`` > 0: scores become
+    ``softcap * tanh(score / softcap)`` before the mask (Gemma 2).
     """
     n, n_head, hd = q.shape
     n_kv, T, _ = k.shape
@@ -50,6 +51,8 @@ def attention(q, k, v, p0: int, scale: float, window: int = 0, xp=np):
     qh = q.reshape(n, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * n, hd)
     s = xp.matmul(qh, k.transpose(0, 2, 1))  # (n_kv, g*n, T)
     s *= np.float32(scale)
+    if softcap:
+        s = xp.tanh(s * np.float32(1.0 / softcap)) * np.float32(softcap)
     pos = p0 + xp.arange(n)  # (n,) query positions
     masked = None
     if n > 1:  # query i (position p0 + i) sees keys 0..p0+i
@@ -137,7 +140,7 @@ class ArrayOps:
         kc, vc = self.store(il, step, k, v)
         T = step.p0 + n
         return attention(q, kc[:, :T], vc[:, :T], step.p0, a.attn_scale, step.windows[il],
-                         xp=self.xp)
+                         xp=self.xp, softcap=a.attn_softcap)
 
 
 class CPUOps(ArrayOps):
@@ -172,7 +175,7 @@ class CPUOps(ArrayOps):
         _rope_store_attend(q.reshape(a.n_head, a.head_dim), k.reshape(a.n_head_kv, a.head_dim),
                            v.reshape(a.n_head_kv, a.head_dim), cos[0], sin[0], rope.neox,
                            cache.k[il], cache.v[il], step.p0, F32(a.attn_scale),
-                           cache.cache_type == "f16", step.windows[il], att)
+                           cache.cache_type == "f16", step.windows[il], F32(a.attn_softcap), att)
         return att.reshape(1, -1)
 
 
@@ -186,7 +189,7 @@ class LlamaOps(CPUOps):
         super().__init__()
         self.L = cpu_q8
         a = model.args
-        if a.activation != "silu" or any(r.freq_factors is not None or r.freq_scale != 1
+        if a.activation != "silu" or a.attn_softcap or a.final_softcap or any(r.freq_factors is not None or r.freq_scale != 1
                                          for r in model.ropes) or any(model.windows) \
                 or any(lin.bias is not None for _, lin in model.linears()):
             raise UnsupportedModel("numerics='llama' covers SwiGLU models without biases, rope "
@@ -296,9 +299,10 @@ def _rope_one(x, cos, sin, neox):  # x (heads, head_dim) rotated in place; cos, 
 
 
 @njit(parallel=True, **_JIT)
-def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, out):
+def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap, out):
     """Rotate q, k of one token at ``pos``; store k, v in the layer's cache; attend over the
-    keys it sees (0..pos, or the last ``window`` of them when window > 0).
+    keys it sees (0..pos, or the last ``window`` of them when window > 0), scores soft-capped
+    when softcap > 0.
 
     q, out (n_head, hd); k, v (n_head_kv, hd); kc, vc (n_head_kv, n_ctx, hd).
     """
@@ -322,6 +326,8 @@ def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window,
             for d in range(hd):
                 acc += q[hh, d] * kc[kv, t, d]
             acc *= scale
+            if softcap > 0:
+                acc = np.float32(np.tanh(acc * (np.float32(1.0) / softcap)) * softcap)
             s[t - t0] = acc
             m = max(m, acc)
         total = 0.0

@@ -59,7 +59,7 @@ def test_args_from_metadata(extra, field, expected):
     assert getattr(args, field) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2", "gemma3"])
 def test_neox_rope_archs(arch):
     md = {k.replace("llama.", f"{arch}."): v for k, v in BASE_MD.items()}
     md["general.architecture"] = arch
@@ -123,6 +123,22 @@ def test_gemma3_args_refusals(extra, drop, words):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("extra, field, expected", [
+    ({}, "swa_layers", (True, False) * 13),
+    ({}, "sliding_window", 4096),
+    ({}, "attn_softcap", 50.0),
+    ({}, "final_softcap", 30.0),
+    ({"gemma2.attn_logit_softcapping": 20.0}, "attn_softcap", 20.0),
+    ({}, "rope_base_swa", 10000.0),
+])
+def test_gemma2_args_from_metadata(extra, field, expected):
+    md = {k.replace("gemma3", "gemma2"): v for k, v in GEMMA3_MD.items()
+          if "sliding_window" not in k}
+    md.update({"general.architecture": "gemma2", "gemma2.block_count": 26,
+               "gemma2.rope.freq_base": 10000.0, **extra})
+    assert getattr(ModelArgs.from_metadata(md), field) == expected
+
+
 def test_sliding_window_limits_what_a_local_layer_sees(tiny_dir):
     """Past the window, tokens that fell out of it no longer change the last logits."""
     model = Model.load(_tiny(tiny_dir, "gemma3-swa-2", arch="gemma3", n_layer=2,
@@ -156,6 +172,7 @@ CASES = {  # name -> (write_tiny kwargs, tolerance on logits relative to their s
     "llama-q8_0-mha": (dict(qtype="Q8_0", n_head_kv=4), 1e-4),
     "qwen3-q8_0-hd": (dict(arch="qwen3", qtype="Q8_0", head_dim=96, tied=False), 1e-4),
     "gemma3-f32": (dict(arch="gemma3", n_head=2, n_head_kv=1, head_dim=128), 1e-4),
+    "gemma2-q8_0-swa": (dict(arch="gemma2", qtype="Q8_0", n_layer=3, sliding_window=5), 1e-4),
     # every layer local but the sixth, with a window shorter than the 12 tokens
     "gemma3-q8_0-swa": (dict(arch="gemma3", qtype="Q8_0", n_layer=7, n_head_kv=1,
                              sliding_window=5), 1e-4),
@@ -175,7 +192,7 @@ def test_forward_matches_reference(tiny_dir, case):
 
 
 @pytest.mark.parametrize("case", ["llama-f32-tied", "qwen2-f32-biases", "llama-q4k-q6k-out",
-                                  "qwen3-q8_0-hd", "gemma3-q8_0-swa"])
+                                  "qwen3-q8_0-hd", "gemma3-q8_0-swa", "gemma2-q8_0-swa"])
 @pytest.mark.parametrize("cache_type, tol", [("f32", 1e-5), ("f16", 1e-5)])
 def test_prefill_equals_token_by_token(tiny_dir, case, cache_type, tol):
     """A batch through the cache gives the logits of feeding the same tokens one at a time."""
@@ -263,7 +280,7 @@ def test_unknown_architecture_is_one_line(tiny_dir):
     with pytest.raises(UnsupportedModel) as e:
         Model.load(path)
     assert str(e.value) == ("mamba.gguf: architecture 'mamba' is not supported yet "
-                            "(supported: llama, qwen2, qwen3, gemma3)")
+                            "(supported: llama, qwen2, qwen3, gemma2, gemma3)")
 
 
 @pytest.mark.realfile
@@ -311,3 +328,4 @@ def test_llama_numerics_refuses_what_it_does_not_reproduce(tiny_dir):
     path = _tiny(tiny_dir, "gemma3-f32", arch="gemma3", n_head=2, n_head_kv=1, head_dim=128)
     with pytest.raises(UnsupportedModel, match="numerics='llama' covers SwiGLU models"):
         Model.load(path, numerics="llama")
+

@@ -64,12 +64,12 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
                head_dim: int = 0, sliding_window: int = 0) -> Path:
     """Write a random ``arch`` model; 2-D weights in ``qtype`` (norms and biases stay F32).
 
-    ``arch="qwen3"`` adds q/k norms, ``"gemma3"`` those and its sandwich norms;
-    ``sliding_window`` makes Gemma 3's local layers.
+    ``arch="qwen3"`` adds q/k norms, ``"gemma3"`` those and its sandwich norms, ``"gemma2"``
+    the sandwich norms; ``sliding_window`` sets the Gemmas' local layers' window.
     """
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
-    gemma = arch == "gemma3"
+    gemma = arch in ("gemma2", "gemma3")
     qk_norm = arch in ("gemma3", "qwen3")  # an RMS norm over each head of q and k
     md = {
         "general.architecture": arch,
@@ -177,8 +177,10 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
     eps = float(md[f"{arch}.attention.layer_norm_rms_epsilon"])
     scale = 1.0 / float(md.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
     hd = int(md.get(f"{arch}.attention.key_length", n_embd // n_head))
-    gemma = arch == "gemma3"
-    window = int(md.get(f"{arch}.attention.sliding_window", 0))
+    gemma = arch in ("gemma2", "gemma3")
+    window = int(md.get(f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else 0))
+    # Gemma 2 soft-caps attention scores (50) and logits (30)
+    attn_cap, out_cap = (50.0, 30.0) if arch == "gemma2" else (0.0, 0.0)
     n = len(tokens)
 
     def norm(x, g):
@@ -209,8 +211,11 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
     for i in range(md[f"{arch}.block_count"]):
         p = f"blk.{i}."
         b = lambda name: w.get(p + name + ".bias", 0.0)  # noqa: E731
-        local = gemma and window > 0 and i % 6 != 5  # Gemma 3: 5 local layers, then 1 global
-        rope = rope_local if local else rope_global
+        if arch == "gemma2":  # every other layer local, with the global rope
+            local, rope = window > 0 and i % 2 == 0, rope_global
+        else:  # Gemma 3: 5 local layers, then 1 global one
+            local = gemma and window > 0 and i % 6 != 5
+            rope = rope_local if local else rope_global
         mask = local_mask if local else causal
         h = norm(x, w[p + "attn_norm.weight"])
         wq, wk = w[p + "attn_q.weight"], w[p + "attn_k.weight"]
@@ -231,7 +236,10 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
         out = np.empty((n, n_head, hd))
         for hh in range(n_head):
             kv = hh // (n_head // n_kv)
-            s = q[:, hh] @ k[:, kv].T / np.sqrt(hd) + mask
+            s = q[:, hh] @ k[:, kv].T / np.sqrt(hd)
+            if attn_cap:
+                s = attn_cap * np.tanh(s / attn_cap)
+            s = s + mask
             pr = np.exp(s - s.max(-1, keepdims=True))
             pr /= pr.sum(-1, keepdims=True)
             out[:, hh] = pr @ v[:, kv]
@@ -246,7 +254,8 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
         f = (act * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
         x = x + (norm(f, w[p + "post_ffw_norm.weight"]) if gemma else f)
     out_w = w.get("output.weight", w["token_embd.weight"])
-    return norm(x, w["output_norm.weight"]) @ out_w.T + w.get("output.bias", 0.0)
+    logits = norm(x, w["output_norm.weight"]) @ out_w.T + w.get("output.bias", 0.0)
+    return out_cap * np.tanh(logits / out_cap) if out_cap else logits
 
 
 def greedy_ids(model, prompt: list[int], n: int) -> list[int]:

@@ -39,29 +39,39 @@ class Gemma3Block(Block):
         k = head_norm(ops, ops.linear(self.attn_k, h), self.attn_k_norm, a.n_head_kv,
                       a.head_dim)
         att = ops.attend(il, q, k, ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
-        o = ops.linear(self.attn_output, att)  # (n, n_embd)
-        if step.rows is not None and il == a.n_layer - 1:  # as llama.cpp, see llama.py
-            o, x = ops.rows(o, step.rows), ops.rows(x, step.rows)
-        x = ops.add(x, ops.rms_norm(o, self.post_attention_norm))
-        h = ops.rms_norm(x, self.ffn_norm)
-        g = ops.geglu(ops.linear(self.ffn_gate, h), ops.linear(self.ffn_up, h))  # (n, n_ff)
-        return ops.add(x, ops.rms_norm(ops.linear(self.ffn_down, g), self.post_ffw_norm))
+        return sandwich(self, ops, x, att, il, step)
 
 
-def _args(get, f: dict) -> dict:
-    window = get.integer(SLIDING_WINDOW, 0, lo=0, hi=MAX_CONTEXT)
-    n_layer = f["n_layer"]
-    pattern = get.get(SWA_PATTERN_KEY, SWA_PATTERN)
+def sandwich(b, ops, x, att, il, step):
+    """The rest of a Gemma block after attention: output projection, post-attention norm,
+    residual, GeGLU feed-forward between its two norms, residual."""
+    o = ops.linear(b.attn_output, att)  # (n, n_embd)
+    if step.rows is not None and il == step.args.n_layer - 1:  # as llama.cpp, see llama.py
+        o, x = ops.rows(o, step.rows), ops.rows(x, step.rows)
+    x = ops.add(x, ops.rms_norm(o, b.post_attention_norm))
+    h = ops.rms_norm(x, b.ffn_norm)
+    g = ops.geglu(ops.linear(b.ffn_gate, h), ops.linear(b.ffn_up, h))  # (n, n_ff)
+    return ops.add(x, ops.rms_norm(ops.linear(b.ffn_down, g), b.post_ffw_norm))
+
+
+def swa_layers(get, n_layer: int, window: int, period: int) -> tuple:
+    """Per layer: local (sliding window)?  From ``sliding_window_pattern`` (a period, or one
+    flag per layer), else ``period``; no layer is local without a window."""
+    pattern = get.get(SWA_PATTERN_KEY, period)
     if isinstance(pattern, (list, tuple, np.ndarray)):
         if len(pattern) != n_layer:
             raise FormatError(f"{get.what(SWA_PATTERN_KEY)} has {len(pattern)} flags for "
                               f"{n_layer} layers")
-        swa = tuple(window > 0 and bool(p) for p in pattern)
-    else:
-        # NOTE: as llama.cpp's set_swa_pattern: period p, the last layer of each period global;
-        # 0 makes every layer local
-        p = get.integer(SWA_PATTERN_KEY, SWA_PATTERN, lo=0, hi=MAX_LAYERS)
-        swa = tuple(window > 0 and (p == 0 or il % p < p - 1) for il in range(n_layer))
+        return tuple(window > 0 and bool(p) for p in pattern)
+    # NOTE: as llama.cpp's set_swa_pattern: period p, the last layer of each period global;
+    # 0 makes every layer local
+    p = get.integer(SWA_PATTERN_KEY, period, lo=0, hi=MAX_LAYERS)
+    return tuple(window > 0 and (p == 0 or il % p < p - 1) for il in range(n_layer))
+
+
+def _args(get, f: dict) -> dict:
+    window = get.integer(SLIDING_WINDOW, 0, lo=0, hi=MAX_CONTEXT)
+    swa = swa_layers(get, f["n_layer"], window, SWA_PATTERN)
     head_dim = f["head_dim"] or f["n_embd"] // f["n_head"]
     # NOTE: llama.cpp scales queries by 1/sqrt(n_embd / n_head) for the 27B model (62 layers)
     # and by 1/sqrt(head_dim) otherwise
