@@ -37,6 +37,8 @@ TYPES = [
     ("MXFP4", "nl", 1.0, 0.13, False),  # 0.115
     ("TQ1_0", "nl", 1.0, 0.91, False),  # 0.793: ternary with the absmax scale (BitNet rows
     ("TQ2_0", "nl", 1.0, 0.91, False),  # are ternary already; Gaussian rows are not)
+    ("IQ3_S", "nl", 1.0, 0.19, True),  # 0.166
+    ("IQ3_XXS", "nl", 1.0, 0.25, True),  # 0.215
 ]
 BOUND = {t: b for t, _, _, b, _ in TYPES}
 

@@ -107,7 +107,7 @@ EXPECTED = {
     "Q2_K": ("RDQMG", "Q8_K"), "Q3_K": ("RDQMG", "Q8_K"), "Q4_K": ("RDQMG", "Q8_K"),
     "Q5_K": ("RDQMG", "Q8_K"), "Q6_K": ("RDQMG", "Q8_K"), "Q8_K": ("RDQMG", None),
     "IQ2_XXS": ("RDMG", "Q8_K"), "IQ2_XS": ("RDMG", "Q8_K"), "IQ2_S": ("RDMG", "Q8_K"),
-    "IQ3_XXS": ("RDMG", "Q8_K"), "IQ3_S": ("RDMG", "Q8_K"), "IQ1_S": ("RDMG", "Q8_K"),
+    "IQ3_XXS": ("RDQMG", "Q8_K"), "IQ3_S": ("RDQMG", "Q8_K"), "IQ1_S": ("RDMG", "Q8_K"),
     "IQ1_M": ("RDMG", "Q8_K"), "IQ4_NL": ("RDQMG", "Q8_0"), "IQ4_XS": ("RDQMG", "Q8_K"),
     "TQ1_0": ("RDQMG", "Q8_K"), "TQ2_0": ("RDQMG", "Q8_K"), "MXFP4": ("RDQMG", "Q8_0"),
     "I8": ("RD", None), "I16": ("RD", None), "I32": ("RD", None), "I64": ("RD", None),

@@ -16,8 +16,9 @@ Sources:
 
 ``--write-test-data sym`` also writes ``tests/data/refblocks_sym_*.npz`` (a subset of reference
 rows with llama.cpp's blocks, and edge-case rows quantized by llama.cpp) for the scale-only types,
-``--write-test-data nl`` the same for the non-linear and ternary types (IQ4_NL, IQ4_XS, MXFP4,
-TQ1_0, TQ2_0; the reference files hold no blocks of these: llama.cpp quantizes the rows live).
+``--write-test-data nl`` the same for the non-linear, ternary and i-quant types (IQ4_NL, IQ4_XS,
+MXFP4, TQ1_0, TQ2_0, IQ3_S, IQ3_XXS; the reference files hold no blocks of these: llama.cpp quantizes the
+rows live).
 
     python tools/quant_quality.py [--json] [--types Q4_0,Q6_K] [--rows 64]
                                   [--write-test-data {sym,nl}]
@@ -44,7 +45,7 @@ from blockq.types import ALL, qtype  # noqa: E402
 REFDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "refdata"  # ../shared/refdata
 SMOLLM2 = Path.home() / ".cache/blockq/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYMMETRIC = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K", "Q8_K")
-NONLINEAR = ("IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0")
+NONLINEAR = ("IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0", "IQ3_S", "IQ3_XXS")
 FAMILIES = {"sym": SYMMETRIC, "nl": NONLINEAR}  # test-data family -> its types
 TEST_DATA = ROOT / "tests" / "data"
 

@@ -1,0 +1,261 @@
+"""Quantizers of the i-quants IQ3_S and IQ3_XXS (codebooks of groups of 4), byte-exact with
+llama.cpp.
+
+``quantize_iq3_s`` / ``quantize_iq3_xxs`` in ggml-quants.c (IQ3_XXS's differences are listed
+in ``_iq3_row``).  Each group of 4 magnitudes is a point of the 8^4 lattice
+of odd values 1..15; only the 512 points of the codebook can be stored.  A point off the
+codebook is replaced by the best of its *neighbours*: the codebook points in the three nearest
+distance shells around it (``neighbours``, built once as llama.cpp's ``iq3xs_init_impl`` does).
+Per sub-block of 32: signs split off, 19 candidate scales tried (each magnitude rounded to the
+lattice, mapped to the codebook), the weighted least-squares scale of the best kept and, when a
+group was off the codebook, refitted once; the 8 sub-block scales are then stored as 4-bit
+odd multiples of ``d = max_scale / 31`` (the f16 ``d`` is stored times 1.033, as llama.cpp
+does).  Float32 throughout in the C order, no fma (see :mod:`.symmetric`).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit
+
+from .. import codebooks
+from ..types import QK_K
+from . import split_rows
+from .symmetric import fp32_to_fp16, nearest_int
+
+F32 = np.float32
+_JIT = dict(cache=True, error_model="numpy")
+KMAX = 8  # lattice values 2l + 1, l = 0..7
+BLOCK = 32  # weights per sub-block scale
+
+
+@functools.cache
+def neighbours(name: str = "IQ3_S", nwant: int = 3):
+    """(grid int8 (n, 4), kmap int32 (4096,), table uint16): ``kmap[u]`` is the codebook index of
+    lattice point u (3 bits per coordinate) or ``-(offset + 1)``; at ``table[offset]`` the count
+    of its neighbours, then their indices, nearest first (ties by index)."""
+    # the codebook on the lattice 2l + 1 (l = 0..7), as llama.cpp's quantizer sees it; IQ3_S
+    # stores exactly these values, IQ3_XXS stores 4, 12, ..., 52, 62 for l = 0..7
+    values = codebooks.grid(name)  # (n, 4)
+    grid = (2 * np.searchsorted(np.unique(values), values) + 1).astype(np.int8)
+    n = grid.shape[0]
+    u_of = (((grid.astype(np.int64) - 1) // 2) << (3 * np.arange(4))).sum(axis=1)
+    kmap = np.full(8 ** 4, -1, np.int64)
+    kmap[u_of] = np.arange(n)
+    lattice = 2 * ((np.arange(8 ** 4)[:, None] >> (3 * np.arange(4))) & 7) + 1  # (4096, 4)
+    table = []
+    for u in np.flatnonzero(kmap < 0):
+        d2 = ((grid.astype(np.int64) - lattice[u]) ** 2).sum(axis=1)
+        order = np.lexsort((np.arange(n), d2))  # by distance, then index
+        levels = np.unique(d2[order])[:nwant]
+        keep = order[d2[order] <= levels[-1]]
+        kmap[u] = -(len(table) + 1)
+        table += [len(keep), *keep.tolist()]
+    return grid, kmap.astype(np.int32), np.array(table, np.uint16)
+
+
+@njit("int64(uint16[::1], int64, int8[:, ::1], float32[::1], float32[::1], float32, int8[::1])",
+      **_JIT)
+def _best_neighbour(table, off, grid, xval, weight, scale, L):
+    """llama.cpp's iq3_find_best_neighbour over the neighbour list at ``table[off]``: the
+    codebook point minimising sum w (scale q - x)^2 (first on ties); fills L[0..3]."""
+    best_d2, best = F32(np.inf), -1
+    for j in range(1, np.int64(table[off]) + 1):
+        g = np.int64(table[off + j])
+        d2 = F32(0.0)
+        for i in range(4):
+            diff = scale * F32(grid[g, i]) - xval[i]
+            d2 += weight[i] * diff * diff
+        if d2 < best_d2:
+            best_d2, best = d2, g
+    for i in range(4):
+        L[i] = (grid[best, i] - 1) // 2
+    return best
+
+
+GROUP_MAX_EPS_IQ3_XXS = F32(1e-8)  # below this largest magnitude an IQ3_XXS sub-block is 0
+
+
+@njit("void(float32[::1], float32[::1], boolean, uint8[::1], int8[:, ::1], int32[::1], "
+      "uint16[::1], boolean)", **_JIT)
+def _iq3_row(x, qw, use_qw, out, grid, kmap, table, xxs):
+    # IQ3_S, 110 bytes: 0..1 d | 2..65 qs | 66..73 qh | 74..105 signs | 106..109 scales
+    # IQ3_XXS, 98 bytes: 0..1 d | 2..65 qs | 66..97 per sub-block: 4 x 7-bit signs, scale << 28
+    # NOTE: IQ3_XXS differs from IQ3_S (as in llama.cpp): even sign parity per 8 (the least
+    # important weight of an odd group keeps its sign and gets a negative magnitude), a 1e-8
+    # threshold for empty sub-blocks, 31 candidate scales, refits of off-grid groups only,
+    # 4-bit scales per 32 and the d fudge factor 1.0125 instead of 1.033.
+    ts = 98 if xxs else 110
+    weight = np.empty(BLOCK, F32)
+    waux = np.empty(BLOCK, F32)
+    xval = np.empty(BLOCK, F32)
+    L = np.zeros(BLOCK, np.int8)
+    Laux = np.zeros(BLOCK, np.int8)
+    on_grid = np.zeros(BLOCK // 4, np.bool_)
+    on_grid_aux = np.zeros(BLOCK // 4, np.bool_)
+    signs = np.zeros(BLOCK // 8, np.uint8)
+    scales = np.zeros(QK_K // BLOCK, F32)
+    for b in range(x.size // QK_K):
+        o = ts * b
+        out[o:o + ts] = 0
+        xs = x[b * QK_K:(b + 1) * QK_K]
+        sumx2 = F32(0.0)
+        for i in range(QK_K):
+            sumx2 += xs[i] * xs[i]
+        sigma2 = F32(2.0) * sumx2 / F32(QK_K)
+        qs_at, signs_at = o + 2, o + 74
+        max_scale = F32(0.0)
+        for ib in range(QK_K // BLOCK):
+            xb = xs[ib * BLOCK:(ib + 1) * BLOCK]
+            for i in range(BLOCK):
+                weight[i] = (qw[b * QK_K + ib * BLOCK + i] * np.sqrt(sigma2 + xb[i] * xb[i])
+                             if use_qw else xb[i] * xb[i])
+                waux[i] = np.sqrt(weight[i])
+            for k in range(BLOCK // 8):
+                s, nflip = 0, 0
+                for i in range(8):
+                    v = xb[8 * k + i]
+                    if v >= 0:
+                        xval[8 * k + i] = v
+                    else:
+                        xval[8 * k + i] = -v
+                        s |= 1 << i
+                        nflip += 1
+                if xxs and nflip % 2:
+                    imin = 0
+                    mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
+                    for i in range(1, 8):
+                        ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
+                        if ax < mn:
+                            mn, imin = ax, i
+                    xval[8 * k + imin] = -xval[8 * k + imin]
+                    s ^= 1 << imin
+                signs[k] = s & 127 if xxs else s
+            mx = xval[0]
+            for i in range(1, BLOCK):
+                mx = max(mx, xval[i])
+            L[:] = 0
+            if (mx < GROUP_MAX_EPS_IQ3_XXS) if xxs else (mx == 0):
+                # NOTE: as llama.cpp, an all-zero IQ3_S sub-block does not advance the qs /
+                # signs write positions, so the next sub-block's groups land in its place
+                scales[ib] = 0
+                continue
+            best = F32(0.0)
+            scale = mx / F32(2 * KMAX - 1)
+            on_grid[:] = xxs
+            ntry = 15 if xxs else 9
+            for itry in range(-ntry, ntry + 1):
+                idd = (F32(2 * KMAX - 1) + F32(itry) * F32(0.2)) / mx
+                this_scale = F32(1.0) / idd
+                for k in range(BLOCK // 4):
+                    u = 0
+                    for i in range(4):
+                        l = nearest_int(F32(0.5) * (idd * xval[4 * k + i] - F32(1.0)))
+                        Laux[4 * k + i] = max(0, min(KMAX - 1, l))
+                        u |= np.int64(Laux[4 * k + i]) << (3 * i)
+                    on_grid_aux[k] = kmap[u] >= 0
+                    if kmap[u] < 0:
+                        _best_neighbour(table, -kmap[u] - 1, grid, xval[4 * k:4 * k + 4],
+                                        waux[4 * k:4 * k + 4], this_scale, Laux[4 * k:4 * k + 4])
+                sumqx, sumq2 = F32(0.0), F32(0.0)
+                for i in range(BLOCK):
+                    w, q = weight[i], F32(2 * Laux[i] + 1)
+                    sumqx += w * xval[i] * q
+                    sumq2 += w * q * q
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+                    on_grid[:] = on_grid_aux
+            if not on_grid.all() and scale > 0:
+                idd = F32(1.0) / scale
+                for k in range(BLOCK // 4):
+                    if xxs and on_grid[k]:
+                        continue
+                    u = 0
+                    for i in range(4):
+                        l = nearest_int(F32(0.5) * (idd * xval[4 * k + i] - F32(1.0)))
+                        u |= np.int64(max(0, min(KMAX - 1, l))) << (3 * i)
+                    g = kmap[u]
+                    if g < 0:
+                        g = _best_neighbour(table, -g - 1, grid, xval[4 * k:4 * k + 4],
+                                            waux[4 * k:4 * k + 4], scale, L[4 * k:4 * k + 4])
+                    for i in range(4):
+                        L[4 * k + i] = (grid[g, i] - 1) // 2
+                sumqx, sumq2 = F32(0.0), F32(0.0)
+                for i in range(BLOCK):
+                    w, q = weight[i], F32(2 * L[i] + 1)
+                    sumqx += w * xval[i] * q
+                    sumq2 += w * q * q
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            if scale < 0:  # llama.cpp's guard; a positive-magnitude fit never gets here
+                scale = -scale
+                for k in range(BLOCK // 8):
+                    signs[k] = ~signs[k] & (127 if xxs else 255)
+            for k in range(BLOCK // 4):
+                u = 0
+                for i in range(4):
+                    u |= np.int64(L[4 * k + i]) << (3 * i)
+                g = np.int64(kmap[u])
+                if xxs:
+                    out[o + 2 + 8 * ib + k] = g
+                    continue
+                out[qs_at + k] = g & 255
+                j = ib * (BLOCK // 4) + k
+                out[o + 66 + j // 8] |= (g >> 8) << (j % 8)
+            if xxs:
+                packed = (np.int64(signs[0]) | (np.int64(signs[1]) << 7)
+                          | (np.int64(signs[2]) << 14) | (np.int64(signs[3]) << 21))
+                for m in range(4):
+                    out[o + 66 + 4 * ib + m] = (packed >> (8 * m)) & 255
+            else:
+                qs_at += BLOCK // 4
+                for k in range(BLOCK // 8):
+                    out[signs_at + k] = signs[k]
+                signs_at += BLOCK // 8
+            scales[ib] = scale
+            max_scale = max(max_scale, scale)
+        if max_scale == 0:
+            out[o:o + ts] = 0
+            continue
+        d = max_scale / F32(31.0)
+        h = fp32_to_fp16(d * (F32(1.0125) if xxs else F32(1.033)))
+        out[o], out[o + 1] = h & 0xFF, h >> 8
+        idd = F32(1.0) / d
+        for ib in range(QK_K // BLOCK):
+            l = max(0, min(15, nearest_int(F32(0.5) * (idd * scales[ib] - F32(1.0)))))
+            if xxs:
+                out[o + 66 + 4 * ib + 3] |= l << 4  # bits 28..31 of the sub-block's u32
+            elif ib % 2 == 0:
+                out[o + 106 + ib // 2] = l
+            else:
+                out[o + 106 + ib // 2] |= l << 4
+
+
+@njit("void(float32[:, ::1], float32[::1], boolean, uint8[:, ::1], int8[:, ::1], int32[::1], "
+      "uint16[::1], boolean)", nogil=True, **_JIT)
+def _quantize_rows(x, qw, use_qw, out, grid, kmap, table, xxs):
+    for r in range(x.shape[0]):
+        _iq3_row(x[r], qw, use_qw, out[r], grid, kmap, table, xxs)
+
+
+def _iq3_quantizer(name: str, nwant: int):
+    xxs = name == "IQ3_XXS"
+
+    def quantize_rows(x: np.ndarray, imatrix: np.ndarray | None, out: np.ndarray) -> None:
+        grid, kmap, table = neighbours(name, nwant)
+        use_qw = imatrix is not None
+        qw = imatrix if use_qw else np.zeros(x.shape[1], F32)
+        split_rows(lambda xs, os: _quantize_rows(xs, qw, use_qw, os, grid, kmap, table, xxs),
+                   x, out, 1 << 14)
+
+    quantize_rows.__name__ = quantize_rows.__qualname__ = f"quantize_{name.lower()}"
+    quantize_rows.__doc__ = f"Fill ``out`` (rows, row_bytes) with {name} blocks of ``x``."
+    return quantize_rows
+
+
+# NOTE: llama.cpp's neighbour lists keep 2 distance shells for the 256-point IQ3_XXS codebook,
+# 3 for the 512-point IQ3_S one
+QUANTIZERS = {"IQ3_XXS": _iq3_quantizer("IQ3_XXS", 2), "IQ3_S": _iq3_quantizer("IQ3_S", 3)}
