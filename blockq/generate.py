@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import BadArgument
 from .model import KVCache, Model
+from .validate import check_chunks
 
 N_BATCH = 512  # prompt tokens per forward pass (llama.cpp's default n_ubatch)
 
@@ -158,6 +159,7 @@ def perplexity(model: Model, tokens: Sequence[int], n_ctx: int = 512, n_chunks: 
     ``progress(i, n, ppl_so_far)`` is called after each chunk.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
+    check_chunks(n_chunks)
     if n_ctx < 4:
         raise BadArgument(f"perplexity context must be at least 4 tokens, got {n_ctx}")
     if len(tokens) < 2 * n_ctx:
@@ -230,6 +232,9 @@ def bench(model: Model, n_prompt: int = 128, n_gen: int = 64, reps: int = 3,
     if n_prompt < 0 or n_gen < 0 or reps < 1 or n_prompt + n_gen == 0:
         raise BadArgument(f"bench needs n_prompt, n_gen >= 0 (not both 0) and reps >= 1; got "
                           f"{n_prompt}, {n_gen}, {reps}")
+    if max(n_prompt, n_gen) > model.args.n_ctx_train:
+        raise BadArgument(f"bench of {n_prompt} prompt / {n_gen} generated tokens: the model's "
+                          f"context is {model.args.n_ctx_train:,} tokens")
     rng = np.random.default_rng(seed)
     n_vocab = model.args.n_vocab
     cache = model.new_cache(max(n_prompt, n_gen, 1))

@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import BadArgument, FormatError
 from .outfile import write_atomic
+from .validate import check_chunks, same_vocabulary
 
 GENERAL_TYPE = "general.type"
 DATASETS = "imatrix.datasets"
@@ -337,6 +338,7 @@ def observe_matmuls(model, observe: Callable[[str, np.ndarray], None]) -> Iterat
 def chunks(tokens: list[int], n_ctx: int, n_chunks: int | None, bos: int | None) -> list[list[int]]:
     """Split ``tokens`` like llama-imatrix / llama-perplexity: whole chunks of ``n_ctx`` tokens,
     the first of each replaced by BOS when the model adds one (``bos`` not None)."""
+    check_chunks(n_chunks)
     if n_ctx < 2:
         raise BadArgument(f"context {n_ctx} is too small; use -c 8 or more")
     n_max = len(tokens) // n_ctx
@@ -427,6 +429,7 @@ def kl_divergence_many(base, quants: Sequence, tokens, *, n_ctx: int = 512,
     """:func:`kl_divergence` of several quantized models against one base; the base runs once
     per chunk."""
     for q in quants:
+        same_vocabulary(base.metadata, q.metadata, "kld")
         if base.args.n_vocab != q.args.n_vocab:
             raise BadArgument(f"the models have different vocabularies ({base.args.n_vocab} vs "
                               f"{q.args.n_vocab} tokens); KL divergence needs the same one")

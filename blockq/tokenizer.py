@@ -30,7 +30,7 @@ import numpy as np
 from gguf.constants import Keys
 
 from .errors import BadArgument, FormatError, UnsupportedModel
-from .validate import Fields, show
+from .validate import Fields, clean_text, show
 
 K = Keys.Tokenizer
 
@@ -406,6 +406,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise BadArgument(f"encode takes a str, got {type(text).__name__}")
+        text = clean_text(text)  # lone surrogates -> U+FFFD, as llama.cpp does invalid UTF-8
         out: list[int] = []
         if add_special and self.add_bos:
             if self.bos_id is None:

@@ -174,6 +174,38 @@ class Fields:
         return [check_int(x, f"{self.what(key)}[{i}]", lo, hi) for i, x in enumerate(v)]
 
 
+def check_chunks(n_chunks) -> None:
+    """``--chunks``: -1 (or None) for all, else at least 1."""
+    if n_chunks is not None and (n_chunks == 0 or n_chunks < -1):
+        raise BadArgument(f"chunks {n_chunks}: use -1 for all the text gives, or 1 or more")
+
+
+def same_vocabulary(a: Mapping, b: Mapping, what: str) -> None:
+    """Refuse two models whose token lists (``tokenizer.ggml.tokens``) differ in any string."""
+    ta, tb = a.get("tokenizer.ggml.tokens"), b.get("tokenizer.ggml.tokens")
+    if ta is None or tb is None:
+        return
+    if len(ta) != len(tb):
+        raise BadArgument(f"{what}: the vocabularies differ ({len(ta):,} vs {len(tb):,} tokens)")
+    for i, (x, y) in enumerate(zip(ta, tb)):
+        if x != y:
+            raise BadArgument(f"{what}: the vocabularies differ at token {i} ({show(x)} vs "
+                              f"{show(y)}); the models must share one vocabulary")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD: undecodable bytes of a command-line
+    argument, stdin or file (``surrogateescape``) as invalid UTF-8 is, others one for one."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    text = "".join("\ufffd" if 0xD800 <= ord(c) < 0xDC80 or 0xDD00 <= ord(c) <= 0xDFFF else c
+                   for c in text)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def parse_json(raw: bytes, where: str) -> Any:
     """JSON text -> Python value; undecodable, malformed or too deeply nested -> FormatError."""
     if len(raw) > MAX_JSON_BYTES:

@@ -442,3 +442,63 @@ def test_template_nested_too_deeply_to_compile():
 
     with pytest.raises(FormatError, match="chat template"):
         render_chat("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", [{"role": "user"}])
+
+
+# --- text input and arguments ---------------------------------------------------------------------
+def test_invalid_utf8_and_surrogates_become_replacement_characters():
+    from blockq.validate import clean_text
+
+    tok = Tokenizer.from_metadata(tokenizer_metadata())
+    raw = b"caf\xff \xed\xa0\x80 ok".decode("utf-8", "surrogateescape")  # as argv/stdin give it
+    assert clean_text(raw) == "caf\ufffd \ufffd\ufffd\ufffd ok"
+    assert tok.encode(raw) == tok.encode("caf\ufffd \ufffd\ufffd\ufffd ok")
+    assert tok.encode("a\ud800b") == tok.encode("a\ufffdb")
+
+
+def test_invalid_utf8_in_prompt_system_file_and_stdin(tmp_path):
+    path = write_tiny(tmp_path / "m.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1, n_ff=128)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"the cat \xff\xfe sat " * 40)
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"the cat \xff\xfe sat")
+    env = THIS_CHECKOUT
+    bad_arg = os.fsdecode(b"hi \xff there")
+    for args, stdin in [(["generate", path, "-p", bad_arg, "-n", "2", "--temp", "0"], b""),
+                        (["generate", path, "-p", "x", "-sys", bad_arg, "-n", "2"], b""),
+                        (["generate", path, "-f", short, "-n", "2", "--temp", "0"], b""),
+                        (["perplexity", path, "-f", bad, "-c", "16", "--chunks", "1"], b""),
+                        (["chat", path, "-n", "2", "--temp", "0"], b"hello \xff\xfe\n")]:
+        p = subprocess.run([sys.executable, "-m", "blockq", *map(str, args)], input=stdin,
+                           capture_output=True, env=env, timeout=300)
+        assert p.returncode == 0, (args, p.stderr.decode(errors="replace")[-600:])
+        assert b"Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["perplexity", "{m}", "-f", "{t}", "-c", "16", "--chunks", "0"], ["chunks 0"]),
+    (["kld", "{m}", "{m}", "-f", "{t}", "-c", "16", "--chunks", "0"], ["chunks 0"]),
+    (["perplexity", "{m}", "-f", "{t}", "-c", "16", "--chunks", "-3"], ["chunks -3"]),
+    (["generate", "{m}", "-p", "hi", "-n", "-2"], ["-2 is not in the range x>=-1"]),
+    (["generate", "{m}", "-p", "hi", "--top-k", "-1"], ["-1 is not in the range x>=0"]),
+    (["bench", "{m}", "-p", "100000", "-n", "1", "-r", "1"], ["context is 256 tokens"]),
+])
+def test_bad_numbers_are_clear_errors(tmp_path, args, words):
+    m = _tiny_gguf(tmp_path)
+    t = tmp_path / "t.txt"
+    t.write_text("the cat sat on the mat " * 40)
+    code, err = _cli([a.format(m=m, t=t) for a in args])
+    assert code in (1, 2) and err, err
+    for w in words:
+        assert w in err[-1], err
+
+
+def test_kld_refuses_models_with_different_token_strings(tmp_path):
+    md = tokenizer_metadata()
+    other = dict(md, **{"tokenizer.ggml.tokens": [*md["tokenizer.ggml.tokens"][:-1], "<|zz|>"]})
+    a = write_tiny(tmp_path / "a.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1, n_ff=128)
+    b = write_tiny(tmp_path / "b.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1, n_ff=128,
+                   extra_md=other)
+    t = tmp_path / "t.txt"
+    t.write_text("the cat sat on the mat " * 40)
+    code, err = _cli(["kld", a, b, "-f", t, "-c", "16"])
+    assert code == 1 and "vocabularies differ at token" in err[-1], err

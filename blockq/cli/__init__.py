@@ -52,6 +52,8 @@ def cli():
 
 def main(argv=None):
     """Entry point: blockq's own errors become one clear line on stderr and exit code 1."""
+    if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 typed or piped in: U+FFFD, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

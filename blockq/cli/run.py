@@ -66,7 +66,8 @@ def _sampling_opts(f):
     opts = [
         click.option("--temp", type=float, default=0.8, show_default=True,
                      help="Temperature; 0 = greedy."),
-        click.option("--top-k", type=int, default=40, show_default=True, help="0 = off."),
+        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
+                     help="0 = off."),
         click.option("--top-p", type=float, default=0.95, show_default=True, help="1 = off."),
         click.option("--min-p", type=float, default=0.05, show_default=True, help="0 = off."),
         click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
@@ -131,7 +132,8 @@ def _err(msg: str) -> None:
 @click.option("-sys", "--system-prompt", "system", default=None,
               help="System message: the prompt becomes a chat turn through the model's chat "
                    "template.")
-@click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
+@click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=-1,
+              show_default=True,
               help="Tokens to generate; -1 = until end of generation or a full context "
                    "(without a prompt: at most 256).")
 @_stop_opts
@@ -149,7 +151,8 @@ def generate(model, prompt, prompt_file, system, n_predict, stop, ignore_eos, te
     """
     if prompt is not None and prompt_file is not None:
         raise BadArgument("give the prompt with -p or -f, not both")
-    text = prompt_file.read_text(encoding="utf-8") if prompt_file else (prompt or "")
+    text = prompt_file.read_text(encoding="utf-8", errors="replace") if prompt_file else \
+        (prompt or "")
     llm = load_llm(model, threads, gpu_layers, n_ctx, numerics, cache_type, announce=True)
     if system is not None:
         ids = llm.chat_prompt_ids([{"role": "system", "content": system},
@@ -192,7 +195,8 @@ def _start_token(llm) -> int:
 @click.command()
 @_model_arg
 @click.option("-sys", "--system-prompt", "system", default=None, help="System message.")
-@click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
+@click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=-1,
+              show_default=True,
               help="Most tokens per reply; -1 = until end of generation.")
 @_stop_opts
 @_sampling_opts
@@ -320,7 +324,7 @@ def perplexity(model, text_file, n_ctx, chunks, cache_type, as_json, threads, gp
     from ..generate import perplexity as ppl_fn
 
     m, tok = open_model(model, threads, gpu_layers, n_ctx, numerics)
-    ids = tok.encode(text_file.read_text(encoding="utf-8"), add_special=True)
+    ids = tok.encode(text_file.read_text(encoding="utf-8", errors="replace"), add_special=True)
     bos = tok.bos_id if tok.add_bos else None
     with ChunkProgress("perplexity", "PPL") as bar:
         res = ppl_fn(m, ids, n_ctx=n_ctx, n_chunks=chunks, bos_id=bos, cache_type=cache_type,
