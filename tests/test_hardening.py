@@ -502,3 +502,27 @@ def test_kld_refuses_models_with_different_token_strings(tmp_path):
     t.write_text("the cat sat on the mat " * 40)
     code, err = _cli(["kld", a, b, "-f", t, "-c", "16"])
     assert code == 1 and "vocabularies differ at token" in err[-1], err
+
+
+# --- a mapped model file truncated under a running generate -------------------------------------
+def test_model_truncated_while_generating_is_one_line_and_exit_1(tmp_path):
+    path = write_tiny(tmp_path / "m.gguf", qtype="Q4_0", n_layer=2)
+    size = path.stat().st_size
+    code = ("import os, sys\n"
+            "from blockq.model import Model\n"
+            "orig, calls = Model.forward, []\n"
+            "def forward(self, *a, **k):\n"  # another program truncates the file mid-run
+            "    calls.append(1)\n"
+            "    if len(calls) == 3:\n"
+            "        os.truncate(sys.argv[2], 8192)\n"
+            "    return orig(self, *a, **k)\n"
+            "Model.forward = forward\n"
+            "from blockq.cli import main\n"
+            "main(sys.argv[1:])\n")
+    p = subprocess.run([sys.executable, "-c", code, "generate", str(path), "-p", "hello",
+                        "-n", "20", "--temp", "0"], capture_output=True, env=THIS_CHECKOUT,
+                       timeout=300)
+    err = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 1, p.stderr.decode()[-800:]
+    assert err[-1] == (f"error: {path}: the file shrank from {size:,} to 8,192 bytes while "
+                       "blockq had it mapped; stop other programs writing it, then run again")

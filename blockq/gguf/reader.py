@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from .. import sigbus
 from ..errors import BadArgument, FormatError
 from ..types import BY_ID, QType, undecodable
 from .constants import (DEFAULT_ALIGNMENT, GGUF_MAGIC, HEADER_BYTES, INT64_MAX, MAX_DIMS,
@@ -237,6 +238,7 @@ class GGUFFile:
         if isinstance(buf, mmap.mmap):
             try:
                 buf.close()
+                sigbus.unwatch(getattr(self, "_sigbus", None))
             except BufferError:
                 pass  # numpy views of tensors still use the mapping; it goes when they do
 
@@ -296,7 +298,9 @@ def read_gguf(source) -> GGUFFile:
             return GGUFFile(b"", 0, name, path)  # raises: too short for a header
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return GGUFFile(mm, size, name, path)
+        f = GGUFFile(mm, size, name, path)
+        f._sigbus = sigbus.watch(path, size)  # truncated while mapped: one line, exit 1
+        return f
     except BaseException:
         mm.close()
         raise
