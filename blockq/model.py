@@ -204,7 +204,10 @@ class Rope:
 
 
 CACHE_TYPES = ("f16", "f32")
-NUMERICS = ("default", "llama")  # Model.load(numerics=...)
+# Model.load(numerics=...): "default" dots 8-bit activations with the weights' integer codes, as
+# llama.cpp's CPU backend (where this CPU has int8 kernels: blockq.kernels.cpu_isa), "float"
+# multiplies float32 activations by decoded weights, "llama" reproduces llama.cpp bit for bit
+NUMERICS = ("default", "float", "llama")
 
 
 class KVCache:
@@ -404,12 +407,15 @@ class Model:
         return model
 
     def set_numerics(self, numerics: str) -> None:
-        """Switch between blockq's kernels ("default") and llama.cpp's roundings ("llama")."""
+        """Switch between blockq's int8 ("default") or float kernels and llama.cpp's exact
+        roundings ("llama")."""
         if numerics not in NUMERICS:
             raise BadArgument(f"numerics {numerics!r} is unknown; use one of {NUMERICS}")
         if numerics != "default" and self.device is not None:
             raise BadArgument("GPU offload runs the default numerics, not numerics="
                               f"{numerics!r}")
+        for _, lin in self.linears():
+            lin.weight.set_int8(numerics != "float")
         if numerics == "llama":
             if getattr(self, "_llama_ops", None) is None:
                 self._llama_ops = LlamaOps(self)

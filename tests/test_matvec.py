@@ -26,6 +26,12 @@ RTOL = 1e-5
 TYPES = tuple(t.name for t in ALL if t.has("matvec"))
 
 
+@pytest.fixture(autouse=True)
+def float_kernels(monkeypatch):
+    """These tests hold the float kernels; the int8 ones are tests/test_int8.py's."""
+    monkeypatch.setattr(cpu_matvec, "int8_kernels", lambda: None)
+
+
 def dequantize_ref(name, data, rows, cols):
     """The oracle: gguf-py's numpy dequantization (Q8_K, which gguf-py lacks: d * qs)."""
     if name == "Q8_K":

@@ -113,14 +113,15 @@ def test_llama_numerics_tiny_model(tiny_q, qt):
     the logits of the same tokens one at a time to f16 rounding of the attention orders."""
     path = tiny_q[qt]
     ref = reference_logits(path, TOKENS)
-    default = Model.load(path).forward(TOKENS, Model.load(path).new_cache(32), "all")
+    fm = Model.load(path, numerics="float")
+    default = fm.forward(TOKENS, fm.new_cache(32), "all")
     model = Model.load(path, numerics="llama")
     got = model.forward(TOKENS, model.new_cache(32), "all")
     assert got.dtype == np.float32 and got.shape == ref.shape
     err = np.sqrt(((got - ref) ** 2).mean()) / ref.std()
     err_default = np.sqrt(((default - ref) ** 2).mean()) / ref.std()
     assert 0 < err < 0.05, f"{qt}: RMS error {err:.3g} of the logits' spread"
-    assert err > err_default  # it does round more than the default kernels
+    assert err > err_default  # it does round more than the float kernels
     cache = model.new_cache(32)
     split = [model.forward(TOKENS[:4], cache, "all")]
     split += [model.forward([t], cache) for t in TOKENS[4:]]

@@ -47,11 +47,13 @@ def _gpu_opt(f):
 
 
 def _numerics_opt(f):
-    return click.option("--numerics", type=click.Choice(["default", "llama"]), default="default",
-                        show_default=True,
-                        help="'llama': reproduce llama.cpp's CPU arithmetic bit for bit (8-bit "
-                             "activations; llama models in Q4_0..Q8_0 and Q2_K..Q6_K; slow, for "
-                             "comparisons).")(f)
+    return click.option("--numerics", type=click.Choice(["default", "float", "llama"]),
+                        default="default", show_default=True,
+                        help="'default': 8-bit activations dotted with the weights' integer "
+                             "codes, as llama.cpp (float32 where the CPU lacks AVX2); 'float': "
+                             "float32 activations times decoded weights; 'llama': reproduce "
+                             "llama.cpp's CPU arithmetic bit for bit (llama models in Q4_0..Q8_0 "
+                             "and Q2_K..Q6_K; slow, for comparisons).")(f)
 
 
 def _ctx_opts(f):

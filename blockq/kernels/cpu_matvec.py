@@ -40,6 +40,7 @@ from numba.extending import intrinsic
 
 from ..errors import BadArgument
 from ..types import QType, qtype as _lookup, register
+from .cpu_isa import isa
 from .cpu_simd import (bf16_at, f16_to_f32, f32_at, fma, halves, hsum, lane, lane_bits, load_bf16,
                        load_f16, load_f32, load_i8, load_u8, store_f32, to_f32, u32_at, zeros)
 
@@ -935,6 +936,16 @@ def matmul_into(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> Non
 # the matrix
 
 
+@functools.cache
+def int8_kernels():
+    """:mod:`blockq.kernels.cpu_int8` where this process runs an int8 variant
+    (:func:`blockq.kernels.cpu_isa.isa`), else None: the float kernels above serve."""
+    if isa() == "float":
+        return None
+    from . import cpu_int8
+    return cpu_int8
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     # NOTE: kernels always see read-only arrays so that Numba compiles (and caches) one
     # specialization per type, whether the bytes come from a read-only mmap or from memory.
@@ -969,10 +980,19 @@ class QMatrix:
         self.shape: tuple[int, int] = (rows, cols)
         self.data = _readonly(a.reshape(rows, row_bytes))  # (rows, row_bytes) uint8
         self._f32 = self.data.view(F32) if t.name == "F32" else None  # (rows, cols)
+        # True: products quantize their input to 8 bits and dot integer codes, as llama.cpp
+        # (blockq.kernels.cpu_int8); False: float32 activations times decoded weights.
+        self.int8: bool = False
+        self.set_int8(True)
 
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+    def set_int8(self, on: bool) -> None:
+        """Use the int8 kernels (where this CPU and type have them) or the float ones."""
+        k8 = int8_kernels()
+        self.int8 = bool(on) and k8 is not None and self.qtype in k8.KERNELS
 
     def __repr__(self) -> str:
         return f"QMatrix({self.qtype}, shape={self.shape}, {self.nbytes} bytes)"
@@ -994,6 +1014,10 @@ class QMatrix:
         x = self._vector(x)  # (cols,)
         if self._f32 is not None:
             return self._f32 @ x
+        if self.int8:
+            out = np.empty((1, self.shape[0]), F32)  # (1, rows)
+            int8_kernels().product(self.qtype, self.data, x[None], out)
+            return out[0]
         out = np.empty(self.shape[0], F32)  # (rows,)
         matvec_into(self.qtype, self.data, x, out)
         return out
@@ -1010,6 +1034,10 @@ class QMatrix:
         X = np.ascontiguousarray(X, dtype=F32)  # (n, cols)
         if self._f32 is not None:
             return X @ self._f32.T
+        if self.int8:
+            out = np.empty((X.shape[0], rows), F32)  # (n, rows)
+            int8_kernels().product(self.qtype, self.data, X, out)
+            return out
         if X.shape[0] < MATMUL_MIN_TOKENS:
             return np.stack([self.matvec(x) for x in X])
         if _lookup(self.qtype).impl("matvec")[1] is None:  # F16 / BF16 rows: numpy decodes tiles for BLAS

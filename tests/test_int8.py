@@ -1,0 +1,254 @@
+"""Int8-activation kernels (blockq.kernels.cpu_int8) against the numpy reference, and the ISA
+dispatcher (blockq.kernels.cpu_isa).
+
+The reference of a product is ``dequantize(W) @ dequantize(Q8(x))`` in float64, with Q8(x) from
+the numpy activation quantizers of :mod:`blockq.kernels.cpu_q8` / ``cpu_q8_kquant`` (Q8_1 types
+with a min add ``m * s``, Q8_1's f16 block sum, as llama.cpp does).  Stated tolerance: every
+output within ``1e-5 * (|W| @ |x|)`` of it -- float32 summation order only, the integer parts
+are exact.  The activation quantizers must equal the numpy ones byte for byte.
+"""
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from blockq.dequantize import dequantize
+from blockq.errors import BadArgument
+from blockq.kernels import cpu_isa
+from blockq.kernels.cpu_q8 import quantize_q8
+from blockq.kernels.cpu_q8_kquant import quantize_q8_k
+from blockq.quantize import quantize
+from blockq.testing import random_blocks
+from blockq.types import BY_NAME
+
+AVX2 = dict(avx2=True, fma=True, f16c=True, sse4_2=True)
+RTOL = 1e-5
+
+# ---------------------------------------------------------------------------------------------
+# the dispatcher, on mocked feature sets (runs everywhere)
+
+
+@pytest.mark.parametrize("features, want", [
+    ({}, "float"),  # arm64, or LLVM cannot tell
+    (dict(sse4_2=True, avx=True), "float"),
+    (dict(avx2=True, fma=True), "float"),  # no F16C
+    (AVX2, "avx2"),
+    (dict(AVX2, avx512f=True, avx512bw=True, avx512vnni=True, avxvnni=True), "avx2"),
+])
+def test_dispatcher_picks_only_what_the_cpu_has(features, want):
+    assert cpu_isa.choose(features) == want
+    assert set(cpu_isa.supported(features)) <= {v for v, need in cpu_isa.REQUIRES.items()
+                                                  if all(features.get(f) for f in need)}
+
+
+def test_dispatcher_forcing():
+    assert cpu_isa.choose(AVX2, "float") == "float"
+    assert cpu_isa.choose(AVX2, " AVX2 ") == "avx2"
+    with pytest.raises(BadArgument, match="BLOCKQ_ISA=avx2: this CPU lacks avx2, fma, f16c"):
+        cpu_isa.choose({}, "avx2")
+    with pytest.raises(BadArgument, match="'avx9' is unknown; use one of avx2, float"):
+        cpu_isa.choose(AVX2, "avx9")
+
+
+def _run_forced(isa: str, code: str) -> str:
+    env = dict(os.environ, BLOCKQ_ISA=isa)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_forced_float_never_loads_int8_kernels():
+    out = _run_forced("float", (
+        "import sys, numpy as np\n"
+        "from blockq.kernels.cpu_matvec import QMatrix\n"
+        "m = QMatrix('Q8_0', np.zeros((4, 34), np.uint8), (4, 32))\n"
+        "print(m.int8, m.matvec(np.ones(32, np.float32)).tolist(),\n"
+        "      'blockq.kernels.cpu_int8' in sys.modules)\n"))
+    assert out.split() == ["False", "[0.0,", "0.0,", "0.0,", "0.0]", "False"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels (on CPUs with an int8 variant)
+
+needs_int8 = pytest.mark.skipif(cpu_isa.isa() == "float",
+                                reason="this CPU runs the float kernels only (no AVX2+FMA+F16C)")
+
+
+def _k8():
+    from blockq.kernels import cpu_int8
+    return cpu_int8
+
+
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def q8_reference(name: str, X: np.ndarray):
+    """(dequantized activations (n, cols) float64, Q8_1 block sums s or None) from numpy."""
+    n, cols = X.shape
+    if _k8().activation_type(name) == "Q8_K":
+        q, d, _ = quantize_q8_k(X)
+        return (q.astype(np.float64) * d[..., None]).reshape(n, cols), None, None
+    q, d, s = quantize_q8(X)
+    return (q * d[..., None].astype(np.float64)).reshape(n, cols), s, (q.sum(-1) * d)
+
+
+def product_reference(name, w, X):
+    rows, cols = w.shape[0], X.shape[1]
+    W = dequantize(w.reshape(-1), name, (rows, cols)).astype(np.float64)
+    xd, s, ds = q8_reference(name, X)
+    ref = xd @ W.T  # (n, rows)
+    bound = np.abs(xd) @ np.abs(W).T
+    if s is not None and name in ("Q4_1", "Q5_1"):  # m * s, with s = f16(d * sum q)
+        m = w.reshape(-1).view(BY_NAME[name].dtype)["m"].astype(np.float64).reshape(rows, -1)
+        ref += (s - ds) @ m.T
+        bound += np.abs(s) @ np.abs(m).T
+    return ref, bound
+
+
+def check_product(name, w, X, threads=1):
+    w = w.view()  # (rows, row_bytes)
+    w.flags.writeable = False
+    out = np.full((X.shape[0], w.shape[0]), np.nan, np.float32)
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        _k8().product(name, w, np.ascontiguousarray(X, np.float32), out)
+    finally:
+        numba.set_num_threads(old)
+    ref, bound = product_reference(name, w, X)
+    err = np.abs(out - ref)
+    worst = np.unravel_index(np.argmax(err - RTOL * bound), err.shape)
+    assert np.all(err <= RTOL * bound + 1e-30), \
+        f"{name}: output {worst} is {out[worst]}, reference {ref[worst]}"
+
+
+@needs_int8
+@pytest.mark.parametrize("name", TYPES)
+def test_activation_blocks_equal_numpy_quantizers(name, rng):
+    X = (rng.standard_normal((3, 512)) * rng.uniform(0.01, 100, (3, 1))).astype(np.float32)
+    X[1, :256] = 0  # an all-zero block
+    X[2, 7] = X[2, 9] = -np.abs(X[2]).max() * 2  # ties of the largest magnitude
+    Y = _k8().quantize_activations(name, X)
+    if _k8().activation_type(name) == "Q8_K":
+        q, d, bsums = quantize_q8_k(X)
+        blk = Y.reshape(-1).view(BY_NAME["Q8_K"].dtype).reshape(3, 2)
+        assert np.array_equal(blk["qs"], q) and np.array_equal(blk["d"], d)
+        assert np.array_equal(blk["bsums"], bsums)
+    else:
+        q, d, s = quantize_q8(X)
+        b = Y.reshape(3, 16, 36)
+        assert np.array_equal(b[..., 4:].view(np.int8), q.astype(np.int8))
+        assert np.array_equal(b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32), d)
+        assert np.array_equal(b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32), s)
+
+
+@needs_int8
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows, cols, n, threads", [
+    (1, 256, 1, 1), (37, 512, 1, 1), (37, 512, 3, 1), (70, 768, 17, 2), (300, 256, 1, 2)])
+def test_product_random_blocks(name, rows, cols, n, threads, rng):
+    t = BY_NAME[name]
+    w = random_blocks(name, rows * cols // t.block_size, rng, scales=0.05).reshape(rows, -1)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    check_product(name, w, X, threads)
+
+
+@needs_int8
+@pytest.mark.parametrize("name", TYPES)
+def test_product_extreme_codes(name, rng):
+    """All-ones bytes (largest codes: Q8_0 -1, Q6_K 63, ...) and all-zero bytes, against
+    activations at +-127: no int16 saturation anywhere."""
+    t = BY_NAME[name]
+    for fill in (0xFF, 0x00, 0x80, 0x7F):
+        w = np.full((4, 2 * t.type_size * 256 // t.block_size), fill, np.uint8)
+        rec = w.reshape(-1, t.type_size).view(t.dtype)
+        for f, dt, _ in t.fields:
+            if dt == "<f2":
+                rec[f] = np.float16(0.5)
+        X = np.where(rng.random((2, 512)) < 0.5, -1.0, 1.0).astype(np.float32)
+        check_product(name, w, X)
+
+
+def _embeddings(path, ids, cols):
+    """Token embedding rows of a real file, tiled to ``cols`` values (real activation scales)."""
+    from blockq.gguf.reader import read_gguf
+
+    with read_gguf(path) as f:
+        t = f.tensors["token_embd.weight"]
+        E = dequantize(np.array(t.data).reshape(t.shape[0], -1)[ids].reshape(-1), t.qtype,
+                       (len(ids), t.shape[1]))
+    return np.ascontiguousarray(np.tile(E, (1, cols // E.shape[1] + 1))[:, :cols])
+
+
+@needs_int8
+@pytest.mark.realfile
+@pytest.mark.parametrize("name", TYPES)
+def test_product_real_rows(name, smollm2_file, gemma3_file):
+    """64 rows of every real tensor of this type in both files (SmolLM2: Q4_1, Q8_0; Gemma-3:
+    Q4_K, Q6_K, Q5_0, Q8_0), and real weights (SmolLM2 blk.2.ffn_down, dequantized) quantized
+    to the type; activations are real token embeddings."""
+    from blockq.gguf.reader import read_gguf
+
+    for path in (smollm2_file, gemma3_file):
+        with read_gguf(path) as f:
+            for t in f.tensors.values():
+                if t.qtype == name and len(t.shape) == 2:
+                    w = np.array(t.data).reshape(t.shape[0], -1)[:64]
+                    check_product(name, w, _embeddings(path, [17, 4242], t.shape[1]), threads=2)
+    with read_gguf(smollm2_file) as f:
+        t = f.tensors["blk.2.ffn_down.weight"]
+        W = dequantize(np.array(t.data).reshape(-1), t.qtype, tuple(t.shape))[:48, :1536]
+    X = _embeddings(smollm2_file, [5, 99, 30000], 1536)
+    check_product(name, quantize(np.ascontiguousarray(W), name), X, threads=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# QMatrix and a whole model on both paths
+
+
+@needs_int8
+@pytest.mark.parametrize("name", ["Q4_0", "Q6_K"])
+def test_qmatrix_uses_int8_and_can_switch(name, rng):
+    from blockq.kernels.cpu_matvec import QMatrix
+
+    t = BY_NAME[name]
+    w = random_blocks(name, 8 * 512 // t.block_size, rng, scales=0.05)
+    m = QMatrix(name, w, (8, 512))
+    assert m.int8
+    X = rng.standard_normal((5, 512)).astype(np.float32)
+    ref, bound = product_reference(name, m.data, X)
+    assert np.all(np.abs(m.matmul(X) - ref) <= RTOL * bound)
+    assert np.all(np.abs(m.matvec(X[2]) - ref[2]) <= RTOL * bound[2])
+    m.set_int8(False)
+    W = dequantize(w.reshape(-1), name, (8, 512)).astype(np.float64)
+    assert np.allclose(m.matvec(X[2]), W @ X[2], rtol=0, atol=1e-5 * np.abs(W).sum())
+
+
+@needs_int8
+def test_tiny_model_int8_logits_near_float(tmp_path):
+    """The same tiny Q4_K/Q6_K model on both numerics: logits differ only by the 8-bit
+    rounding of activations (measured: 6.4 % of the logits' spread; bound 15 %), the greedy
+    token is the same, and batch and token-by-token agree on the int8 path."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_model import write_tiny
+
+    from blockq.model import Model
+
+    path = write_tiny(tmp_path / "t.gguf", qtype="Q4_K", tied=False, out_qtype="Q6_K")
+    toks = [1, 5, 9, 30, 2, 77, 100, 3]
+    m8 = Model.load(path)
+    mf = Model.load(path, numerics="float")
+    assert m8.blk[0].attn_q.weight.int8 and not mf.blk[0].attn_q.weight.int8
+    a = m8.forward(toks, m8.new_cache(32), "all")
+    b = mf.forward(toks, mf.new_cache(32), "all")
+    err = np.abs(a - b).max() / b.std()
+    assert 0 < err < 0.15, err
+    assert np.array_equal(a.argmax(-1), b.argmax(-1))
+    cache = m8.new_cache(32)
+    split = np.concatenate([m8.forward(toks[:3], cache, "all")] +
+                           [m8.forward([t], cache) for t in toks[3:]])
+    np.testing.assert_allclose(split, a, rtol=0, atol=1e-4 * np.abs(a).max())
