@@ -54,3 +54,34 @@ def _iq1_m_with_d(words: np.ndarray, d: np.ndarray) -> np.ndarray:
     h = d.astype(np.float16).view(np.uint16).astype(np.uint16)
     top = np.stack([(h << 12), (h << 8), (h << 4), h], axis=1).astype(np.uint16) & 0xF000
     return (words & 0x0FFF) | top
+
+
+def int8_reference(name: str, w: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The numpy reference of an int8-activation product (``blockq.kernels.cpu_int8``):
+    ``dequantize(W) @ dequantize(Q8(x))`` in float64, Q8(x) from the numpy activation
+    quantizers of ``cpu_q8`` / ``cpu_q8_kquant``; types with a min (Q4_1, Q5_1) add ``m * s``
+    with Q8_1's f16 block sum ``s``, as llama.cpp does.
+
+    w uint8 (rows, row_bytes), X float32 (n, cols) -> (reference (n, rows), bound (n, rows)):
+    ``bound = |W| @ |x|``, the scale float32 summation errors are measured against.
+    """
+    from .dequantize import dequantize
+    from .kernels.cpu_q8 import quantize_q8
+    from .kernels.cpu_q8_kquant import quantize_q8_k
+
+    t = _qtype(name)
+    rows, cols = w.shape[0], X.shape[1]
+    W = dequantize(np.ascontiguousarray(w).reshape(-1), name, (rows, cols)).astype(np.float64)
+    if t.dot == "Q8_K":
+        q, d, _ = quantize_q8_k(X)
+        xd = (q.astype(np.float64) * d[..., None]).reshape(X.shape)
+    else:
+        q, d, s = quantize_q8(X)
+        xd = (q * d[..., None].astype(np.float64)).reshape(X.shape)
+    ref, bound = xd @ W.T, np.abs(xd) @ np.abs(W).T  # (n, rows)
+    if t.dot == "Q8_1":  # m * s instead of m * d * sum(q)
+        m = np.ascontiguousarray(w).reshape(-1).view(t.dtype)["m"].astype(np.float64)
+        m = m.reshape(rows, -1)  # (rows, blocks)
+        ref += (s - q.sum(-1) * d) @ m.T
+        bound += np.abs(s) @ np.abs(m).T
+    return ref, bound

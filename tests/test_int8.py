@@ -1,9 +1,10 @@
 """Int8-activation kernels (blockq.kernels.cpu_int8) against the numpy reference, and the ISA
 dispatcher (blockq.kernels.cpu_isa).
 
-The reference of a product is ``dequantize(W) @ dequantize(Q8(x))`` in float64, with Q8(x) from
-the numpy activation quantizers of :mod:`blockq.kernels.cpu_q8` / ``cpu_q8_kquant`` (Q8_1 types
-with a min add ``m * s``, Q8_1's f16 block sum, as llama.cpp does).  Stated tolerance: every
+The reference of a product is :func:`blockq.testing.int8_reference`: ``dequantize(W) @
+dequantize(Q8(x))`` in float64, with Q8(x) from the numpy activation quantizers of
+:mod:`blockq.kernels.cpu_q8` / ``cpu_q8_kquant`` (Q8_1 types with a min add ``m * s``, Q8_1's
+f16 block sum, as llama.cpp does).  Stated tolerance: every
 output within ``1e-5 * (|W| @ |x|)`` of it -- float32 summation order only, the integer parts
 are exact.  The activation quantizers must equal the numpy ones byte for byte.
 """
@@ -21,7 +22,7 @@ from blockq.kernels import cpu_isa
 from blockq.kernels.cpu_q8 import quantize_q8
 from blockq.kernels.cpu_q8_kquant import quantize_q8_k
 from blockq.quantize import quantize
-from blockq.testing import random_blocks
+from blockq.testing import int8_reference, random_blocks
 from blockq.types import BY_NAME
 
 AVX2 = dict(avx2=True, fma=True, f16c=True, sse4_2=True)
@@ -86,29 +87,6 @@ def _k8():
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-def q8_reference(name: str, X: np.ndarray):
-    """(dequantized activations (n, cols) float64, Q8_1 block sums s or None) from numpy."""
-    n, cols = X.shape
-    if _k8().activation_type(name) == "Q8_K":
-        q, d, _ = quantize_q8_k(X)
-        return (q.astype(np.float64) * d[..., None]).reshape(n, cols), None, None
-    q, d, s = quantize_q8(X)
-    return (q * d[..., None].astype(np.float64)).reshape(n, cols), s, (q.sum(-1) * d)
-
-
-def product_reference(name, w, X):
-    rows, cols = w.shape[0], X.shape[1]
-    W = dequantize(w.reshape(-1), name, (rows, cols)).astype(np.float64)
-    xd, s, ds = q8_reference(name, X)
-    ref = xd @ W.T  # (n, rows)
-    bound = np.abs(xd) @ np.abs(W).T
-    if s is not None and name in ("Q4_1", "Q5_1"):  # m * s, with s = f16(d * sum q)
-        m = w.reshape(-1).view(BY_NAME[name].dtype)["m"].astype(np.float64).reshape(rows, -1)
-        ref += (s - ds) @ m.T
-        bound += np.abs(s) @ np.abs(m).T
-    return ref, bound
-
-
 def check_product(name, w, X, threads=1):
     w = w.view()  # (rows, row_bytes)
     w.flags.writeable = False
@@ -119,7 +97,7 @@ def check_product(name, w, X, threads=1):
         _k8().product(name, w, np.ascontiguousarray(X, np.float32), out)
     finally:
         numba.set_num_threads(old)
-    ref, bound = product_reference(name, w, X)
+    ref, bound = int8_reference(name, w, X)
     err = np.abs(out - ref)
     worst = np.unravel_index(np.argmax(err - RTOL * bound), err.shape)
     assert np.all(err <= RTOL * bound + 1e-30), \
@@ -220,7 +198,7 @@ def test_qmatrix_uses_int8_and_can_switch(name, rng):
     m = QMatrix(name, w, (8, 512))
     assert m.int8
     X = rng.standard_normal((5, 512)).astype(np.float32)
-    ref, bound = product_reference(name, m.data, X)
+    ref, bound = int8_reference(name, m.data, X)
     assert np.all(np.abs(m.matmul(X) - ref) <= RTOL * bound)
     assert np.all(np.abs(m.matvec(X[2]) - ref[2]) <= RTOL * bound[2])
     m.set_int8(False)

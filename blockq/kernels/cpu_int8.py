@@ -636,23 +636,26 @@ def _dot_q5_k(w, r, y, t):
 # =============================================================================================
 # the table: weight type -> (its dot kernel, the activation blocks it takes)
 
-_ACT = {"Q8_K": (_quantize_q8_k, QK_K, Q8K), "Q8_1": (_quantize_q8_1, QK, Q8_1)}
+# weight type -> its dot kernel; what the activations are quantized to is the table's ``dot``
+# (llama.cpp's vec_dot_type).  Q8_0 and Q8_1 blocks share d and codes, so the legacy types all
+# take the Q8_1 layout above (Q4_0 / Q5_0 / Q8_0 never read its s).
 KERNELS = {
-    "Q4_0": (_dot_q4_0, "Q8_1"), "Q4_1": (_dot_q4_1, "Q8_1"), "Q5_0": (_dot_q5_0, "Q8_1"),
-    "Q5_1": (_dot_q5_1, "Q8_1"), "Q8_0": (_dot_q8_0, "Q8_1"),
-    "Q2_K": (_dot_q2_k, "Q8_K"), "Q3_K": (_dot_q3_k, "Q8_K"), "Q4_K": (_dot_q4_k, "Q8_K"),
-    "Q5_K": (_dot_q5_k, "Q8_K"), "Q6_K": (_dot_q6_k, "Q8_K"),
+    "Q4_0": _dot_q4_0, "Q4_1": _dot_q4_1, "Q5_0": _dot_q5_0, "Q5_1": _dot_q5_1,
+    "Q8_0": _dot_q8_0, "Q2_K": _dot_q2_k, "Q3_K": _dot_q3_k, "Q4_K": _dot_q4_k,
+    "Q5_K": _dot_q5_k, "Q6_K": _dot_q6_k,
 }
+_ACT = {"Q8_K": (_quantize_q8_k, QK_K, Q8K), "Q8_0": (_quantize_q8_1, QK, Q8_1),
+        "Q8_1": (_quantize_q8_1, QK, Q8_1)}  # dot type -> (quantizer, values per block, bytes)
 
 
 def activation_type(name: str) -> str:
-    """The activation blocks weight type ``name`` is dotted with ("Q8_K" or "Q8_1")."""
-    return KERNELS[name][1]
+    """The activation blocks weight type ``name`` is dotted with ("Q8_K", "Q8_0" or "Q8_1")."""
+    return BY_NAME[name].dot
 
 
 def activation_bytes(name: str, cols: int) -> int:
     """Bytes of one quantized activation row of ``cols`` values for weight type ``name``."""
-    _, per, size = _ACT[KERNELS[name][1]]
+    _, per, size = _ACT[activation_type(name)]
     return cols // per * size
 
 
@@ -718,14 +721,14 @@ def compiled(fn, sig):
 
 @functools.cache
 def _addresses(name: str) -> tuple[int, int]:
-    dot, act = KERNELS[name]
-    return compiled(_ACT[act][0], QUANT_SIG)[1], compiled(dot, DOT_SIG)[1]
+    return (compiled(_ACT[activation_type(name)][0], QUANT_SIG)[1],
+            compiled(KERNELS[name], DOT_SIG)[1])
 
 
 def quantize_activations(name: str, X: np.ndarray) -> np.ndarray:
     """X float32 (n, cols) -> the activation blocks weight type ``name`` dots with, uint8
     (n, activation_bytes(name, cols)): Q8_K or Q8_1 as ggml's CPU quantizes them."""
-    fn = compiled(_ACT[KERNELS[name][1]][0], QUANT_SIG)[0]
+    fn = compiled(_ACT[activation_type(name)][0], QUANT_SIG)[0]
     Y = np.empty((X.shape[0], activation_bytes(name, X.shape[1])), np.uint8)
     fn(X, Y)
     return Y
