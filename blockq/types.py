@@ -53,6 +53,7 @@ class QType:
     description: str = ""
     dot: str | None = None  # llama.cpp's vec_dot_type: what x is quantized to for W @ x
     lacks: tuple[str, ...] = ()  # capabilities this type has no implementation of
+    needs_imatrix: bool = False  # llama.cpp refuses to quantize it without importance vectors
     dtype: np.dtype = field(init=False, repr=False, compare=False)
     _impl: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
@@ -147,17 +148,18 @@ _TYPES = (
           "8-bit activations for k-quant dot products: f32 scale, sums of 16"),
     QType(16, "IQ2_XXS", QK_K, 2 + QK_K // 4, (("d", "<f2", 1), ("qs", "<u2", QK_K // 8)),
           "2.06 bpw i-quant: 8-weight groups from a 256-point E8 lattice codebook, 7-bit signs",
-          dot="Q8_K", lacks=_NEW),
+          dot="Q8_K", needs_imatrix=True, lacks=_NEW_Q),
     QType(17, "IQ2_XS", QK_K, 2 + QK_K // 4 + QK_K // 32,
           (("d", "<f2", 1), ("qs", "<u2", QK_K // 8), ("scales", "u1", QK_K // 32)),
-          "2.31 bpw i-quant: 512-point codebook, 4-bit sub-block scales", dot="Q8_K", lacks=_NEW),
+          "2.31 bpw i-quant: 512-point codebook, 4-bit sub-block scales", dot="Q8_K",
+          needs_imatrix=True, lacks=_NEW),
     QType(18, "IQ3_XXS", QK_K, 2 + 3 * QK_K // 8,
           (("d", "<f2", 1), ("qs", "u1", QK_K // 4), ("scales_signs", "<u4", QK_K // 32)),
           "3.06 bpw i-quant: 4-weight groups from a 256-point codebook", dot="Q8_K", lacks=_NEW_Q),
     QType(19, "IQ1_S", QK_K, 2 + QK_K // 8 + QK_K // 16,
           (("d", "<f2", 1), ("qs", "u1", QK_K // 8), ("qh", "<u2", QK_K // 32)),
           "1.56 bpw i-quant: ternary 8-weight groups (2048-point grid) plus a shift",
-          dot="Q8_K", lacks=_NEW),
+          dot="Q8_K", needs_imatrix=True, lacks=_NEW),
     QType(20, "IQ4_NL", QK, 2 + QK // 2, (("d", "<f2", 1), ("qs", "u1", QK // 2)),
           "4-bit non-linear: w = d * kvalues[q], a fixed 16-value grid", dot="Q8_0", lacks=_NEW_Q),
     QType(21, "IQ3_S", QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 8 + QK_K // 64,

@@ -39,6 +39,7 @@ TYPES = [
     ("TQ2_0", "nl", 1.0, 0.91, False),  # are ternary already; Gaussian rows are not)
     ("IQ3_S", "nl", 1.0, 0.19, True),  # 0.166
     ("IQ3_XXS", "nl", 1.0, 0.25, True),  # 0.215
+    ("IQ2_XXS", "nl", 1.0, 0.42, True),  # 0.341, with unit importance vectors (required)
 ]
 BOUND = {t: b for t, _, _, b, _ in TYPES}
 

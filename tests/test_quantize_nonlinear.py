@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from blockq import codebooks
+from blockq import BadArgument, codebooks
 from blockq.dequantize import dequantize
 from blockq.quantize import quantize
 from blockq.types import qtype
@@ -61,3 +61,10 @@ def test_iq4_xs_largest_sub_block_scale_is_minus_32_times_d(rng):
     assert d[1] == 0
     live = [i for i in range(8) if np.abs(x[i]).max() > 1e-15]
     assert live and all(ls[i].min() == -32 for i in live)
+
+
+def test_iq2_xxs_refuses_to_quantize_without_importance_vectors(rng):
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    with pytest.raises(BadArgument, match="IQ2_XXS needs an importance matrix"):
+        quantize(x, "IQ2_XXS")
+    assert quantize(x, "IQ2_XXS", np.ones(256, np.float32)).shape == (2, 66)

@@ -106,7 +106,7 @@ EXPECTED = {
     "Q5_1": ("RDQMG", "Q8_1"), "Q8_0": ("RDQMG", "Q8_0"),
     "Q2_K": ("RDQMG", "Q8_K"), "Q3_K": ("RDQMG", "Q8_K"), "Q4_K": ("RDQMG", "Q8_K"),
     "Q5_K": ("RDQMG", "Q8_K"), "Q6_K": ("RDQMG", "Q8_K"), "Q8_K": ("RDQMG", None),
-    "IQ2_XXS": ("RDMG", "Q8_K"), "IQ2_XS": ("RDMG", "Q8_K"), "IQ2_S": ("RDMG", "Q8_K"),
+    "IQ2_XXS": ("RDQMG", "Q8_K"), "IQ2_XS": ("RDMG", "Q8_K"), "IQ2_S": ("RDMG", "Q8_K"),
     "IQ3_XXS": ("RDQMG", "Q8_K"), "IQ3_S": ("RDQMG", "Q8_K"), "IQ1_S": ("RDMG", "Q8_K"),
     "IQ1_M": ("RDMG", "Q8_K"), "IQ4_NL": ("RDQMG", "Q8_0"), "IQ4_XS": ("RDQMG", "Q8_K"),
     "TQ1_0": ("RDQMG", "Q8_K"), "TQ2_0": ("RDQMG", "Q8_K"), "MXFP4": ("RDQMG", "Q8_0"),
@@ -148,3 +148,8 @@ def test_undecodable_placeholder_has_nothing():
     assert not any(u.has(c) for c in CAPABILITIES)
     with pytest.raises(BadArgument, match="cannot be decoded"):
         u.impl("reference")
+
+
+def test_types_needing_an_importance_matrix_are_llama_cpps():
+    # ggml_quantize_requires_imatrix: IQ2_XXS, IQ2_XS, IQ1_S
+    assert {t.name for t in ALL if t.needs_imatrix} == {"IQ2_XXS", "IQ2_XS", "IQ1_S"}

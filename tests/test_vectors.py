@@ -10,8 +10,9 @@ from blockq.dequantize import block_fields, dequantize, dequantize_blocks_ref
 from blockq.types import ALL, qtype
 
 VECTORS = Path(__file__).resolve().parents[1] / "formats" / "vectors"
-# every type blockq can quantize has vectors (made from quantized inputs or the real files)
-TYPES = [t.name for t in ALL if t.has("quantize")]
+# every type blockq can quantize has vectors (made from quantized inputs or the real files),
+# but those llama.cpp quantizes only with importance vectors (vectors are made without)
+TYPES = [t.name for t in ALL if t.has("quantize") and not t.needs_imatrix]
 # Types whose vectors come from the llama.cpp-written model files.
 FROM_FILES = {"F32", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "Q5_0"}
 

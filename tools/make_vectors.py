@@ -266,7 +266,7 @@ def main(argv=None) -> None:
     ap.add_argument("--check", action="store_true", help="verify existing files, write nothing")
     ap.add_argument("types", nargs="*", help="type names (default: all)")
     args = ap.parse_args(argv)
-    names = [n.upper() for n in args.types] or [t.name for t in ALL if t.has("quantize")]
+    names = [n.upper() for n in args.types] or [t.name for t in ALL if t.has("quantize") and not t.needs_imatrix]
     if args.check:
         for n in names:
             check(OUT / f"{n}.json")

@@ -17,7 +17,7 @@ Sources:
 ``--write-test-data sym`` also writes ``tests/data/refblocks_sym_*.npz`` (a subset of reference
 rows with llama.cpp's blocks, and edge-case rows quantized by llama.cpp) for the scale-only types,
 ``--write-test-data nl`` the same for the non-linear, ternary and i-quant types (IQ4_NL, IQ4_XS,
-MXFP4, TQ1_0, TQ2_0, IQ3_S, IQ3_XXS; the reference files hold no blocks of these: llama.cpp quantizes the
+MXFP4, TQ1_0, TQ2_0, IQ3_S, IQ3_XXS, IQ2_XXS (with importance vectors only); the reference files hold no blocks of these: llama.cpp quantizes the
 rows live).
 
     python tools/quant_quality.py [--json] [--types Q4_0,Q6_K] [--rows 64]
@@ -45,7 +45,7 @@ from blockq.types import ALL, qtype  # noqa: E402
 REFDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "refdata"  # ../shared/refdata
 SMOLLM2 = Path.home() / ".cache/blockq/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYMMETRIC = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K", "Q8_K")
-NONLINEAR = ("IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0", "IQ3_S", "IQ3_XXS")
+NONLINEAR = ("IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0", "IQ3_S", "IQ3_XXS", "IQ2_XXS")
 FAMILIES = {"sym": SYMMETRIC, "nl": NONLINEAR}  # test-data family -> its types
 TEST_DATA = ROOT / "tests" / "data"
 
@@ -175,6 +175,8 @@ def measure(types, llama: Llama | None, n_rows: int):
             if cols % t.block_size:
                 continue
             for use_im in (False, True):
+                if t.needs_imatrix and not use_im:
+                    continue  # llama.cpp (and blockq) refuse it; ggml would abort the process
                 w = im if use_im else None
                 r = dict(source=src, origin=origin, type=t.name, imatrix=use_im,
                          rows=int(x.shape[0]), cols=int(cols))
@@ -276,7 +278,8 @@ def write_test_data(llama: Llama | None, family: str = "sym") -> None:
                 arrays[k] = v[idx]
         for t in types:
             if t not in ref and x.shape[1] % qtype(t).block_size == 0:
-                arrays[t] = llama.quantize(t, x[idx], None)
+                if not qtype(t).needs_imatrix:  # NOTE: ggml aborts on those without one
+                    arrays[t] = llama.quantize(t, x[idx], None)
                 arrays[t + "_imatrix"] = llama.quantize(t, x[idx], im)
         path = TEST_DATA / f"refblocks_{family}_{name}.npz"
         np.savez_compressed(path, **arrays)
@@ -291,7 +294,8 @@ def write_test_data(llama: Llama | None, family: str = "sym") -> None:
                               rng.random(x.shape[1])).astype(np.float32)}
     arrays = {"x": x, "imatrix": ims["gamma"], "imatrix_sparse": ims["sparse"]}
     for t in types:
-        arrays[t] = llama.quantize(t, x, None)
+        if not qtype(t).needs_imatrix:
+            arrays[t] = llama.quantize(t, x, None)
         if t != "Q8_K":
             arrays[t + "_imatrix"] = llama.quantize(t, x, ims["gamma"])
             arrays[t + "_imatrix_sparse"] = llama.quantize(t, x, ims["sparse"])

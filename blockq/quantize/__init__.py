@@ -11,7 +11,7 @@ family modules and have the signature ``fn(x, imatrix, out)`` where ``x`` is flo
 - ``asymmetric``: scale-and-min types (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
 - ``nonlinear``: non-uniform grids (IQ4_NL, IQ4_XS, MXFP4)
 - ``ternary``: TQ1_0, TQ2_0
-- ``iquant``: lattice-codebook i-quants (IQ3_S, IQ3_XXS)
+- ``iquant``: lattice-codebook i-quants (IQ3_S, IQ3_XXS, IQ2_XXS)
 
 Each family module registers its quantizers in the block-type record (``QUANTIZERS`` dict,
 registered by :func:`load_quantizers`); a new family is one more name in ``_FAMILIES``.
@@ -108,6 +108,9 @@ def quantize(x, qtype: "str | int | QType", imatrix=None) -> np.ndarray:
         raise BadArgument(f"input has {int(bad.sum())} NaN/inf values (first at row {r}, "
                           f"column {c}: {float(a[r, c])}); only finite weights can be quantized")
     w = check_imatrix(imatrix, cols)
+    if w is None and t.needs_imatrix:
+        raise BadArgument(f"{t.name} needs an importance matrix (llama.cpp refuses to quantize "
+                          f"it without one: the result would be garbage); pass imatrix=")
     out = np.empty((rows, row_bytes), dtype=np.uint8)
     if rows:
         fn(a, w, out)

@@ -1,5 +1,5 @@
-"""Quantizers of the i-quants IQ3_S and IQ3_XXS (codebooks of groups of 4), byte-exact with
-llama.cpp.
+"""Quantizers of the i-quants IQ3_S, IQ3_XXS (codebooks of groups of 4) and IQ2_XXS (groups of
+8), byte-exact with llama.cpp.
 
 ``quantize_iq3_s`` / ``quantize_iq3_xxs`` in ggml-quants.c (IQ3_XXS's differences are listed
 in ``_iq3_row``).  Each group of 4 magnitudes is a point of the 8^4 lattice
@@ -22,6 +22,7 @@ from numba import njit
 from .. import codebooks
 from ..types import QK_K
 from . import split_rows
+from .asymmetric import make_qp_quants
 from .symmetric import fp32_to_fp16, nearest_int
 
 F32 = np.float32
@@ -32,21 +33,25 @@ BLOCK = 32  # weights per sub-block scale
 
 @functools.cache
 def neighbours(name: str = "IQ3_S", nwant: int = 3):
-    """(grid int8 (n, 4), kmap int32 (4096,), table uint16): ``kmap[u]`` is the codebook index of
-    lattice point u (3 bits per coordinate) or ``-(offset + 1)``; at ``table[offset]`` the count
-    of its neighbours, then their indices, nearest first (ties by index)."""
-    # the codebook on the lattice 2l + 1 (l = 0..7), as llama.cpp's quantizer sees it; IQ3_S
-    # stores exactly these values, IQ3_XXS stores 4, 12, ..., 52, 62 for l = 0..7
-    values = codebooks.grid(name)  # (n, 4)
+    """(grid int8 (n, group), kmap int32, table uint16) for a codebook of groups of 4 (IQ3_*: 3
+    bits per coordinate, 4096 lattice points) or 8 (IQ2_*: 2 bits, 43692 points, as llama.cpp
+    sizes its map): ``kmap[u]`` is the codebook index of lattice point u or ``-(offset + 1)``;
+    at ``table[offset]`` the count of its neighbours (the codebook points in the ``nwant``
+    nearest distance shells), then their indices, nearest first (ties by index)."""
+    # the codebook on the lattice 2l + 1, as llama.cpp's quantizer sees it (IQ3_S stores these
+    # values; IQ3_XXS stores 4, 12, ..., 52, 62 and IQ2_* 8, 25, 43 for l = 0, 1, 2...)
+    values = codebooks.grid(name)  # (n, group)
     grid = (2 * np.searchsorted(np.unique(values), values) + 1).astype(np.int8)
-    n = grid.shape[0]
-    u_of = (((grid.astype(np.int64) - 1) // 2) << (3 * np.arange(4))).sum(axis=1)
-    kmap = np.full(8 ** 4, -1, np.int64)
-    kmap[u_of] = np.arange(n)
-    lattice = 2 * ((np.arange(8 ** 4)[:, None] >> (3 * np.arange(4))) & 7) + 1  # (4096, 4)
+    n, group = grid.shape
+    bits, size = (3, 4096) if group == 4 else (2, 43692)
+    shifts = bits * np.arange(group)
+    kmap = np.full(size, -1, np.int64)
+    kmap[(((grid.astype(np.int64) - 1) // 2) << shifts).sum(axis=1)] = np.arange(n)
+    lattice = 2 * ((np.arange(size)[:, None] >> shifts) & (2 ** bits - 1)) + 1  # (size, group)
     table = []
+    g64 = grid.astype(np.int64)
     for u in np.flatnonzero(kmap < 0):
-        d2 = ((grid.astype(np.int64) - lattice[u]) ** 2).sum(axis=1)
+        d2 = ((g64 - lattice[u]) ** 2).sum(axis=1)
         order = np.lexsort((np.arange(n), d2))  # by distance, then index
         levels = np.unique(d2[order])[:nwant]
         keep = order[d2[order] <= levels[-1]]
@@ -58,20 +63,59 @@ def neighbours(name: str = "IQ3_S", nwant: int = 3):
 @njit("int64(uint16[::1], int64, int8[:, ::1], float32[::1], float32[::1], float32, int8[::1])",
       **_JIT)
 def _best_neighbour(table, off, grid, xval, weight, scale, L):
-    """llama.cpp's iq3_find_best_neighbour over the neighbour list at ``table[off]``: the
-    codebook point minimising sum w (scale q - x)^2 (first on ties); fills L[0..3]."""
+    """llama.cpp's iq3/iq2_find_best_neighbour over the neighbour list at ``table[off]``: the
+    codebook point minimising sum w (scale q - x)^2 (first on ties); fills L[0..group-1]."""
     best_d2, best = F32(np.inf), -1
     for j in range(1, np.int64(table[off]) + 1):
         g = np.int64(table[off + j])
         d2 = F32(0.0)
-        for i in range(4):
+        for i in range(grid.shape[1]):
             diff = scale * F32(grid[g, i]) - xval[i]
             d2 += weight[i] * diff * diff
         if d2 < best_d2:
             best_d2, best = d2, g
-    for i in range(4):
+    for i in range(grid.shape[1]):
         L[i] = (grid[best, i] - 1) // 2
     return best
+
+
+@njit("void(float32[::1], float32[::1], float32[::1], int64[::1], boolean)", **_JIT)
+def _split_signs(xb, weight, xval, signs, parity):
+    """xval = |xb| and one sign byte per 8 (bit set: negative).  With ``parity`` (IQ3_XXS,
+    IQ2_*: 7-bit codes of even parity) a group with an odd number of negative weights gives
+    back the sign of its least important one (smallest w x^2), whose magnitude turns negative;
+    the codes keep 7 bits."""
+    for k in range(xb.size // 8):
+        s, nflip = 0, 0
+        for i in range(8):
+            v = xb[8 * k + i]
+            if v >= 0:
+                xval[8 * k + i] = v
+            else:
+                xval[8 * k + i] = -v
+                s |= 1 << i
+                nflip += 1
+        if parity and nflip % 2:
+            imin = 0
+            mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
+            for i in range(1, 8):
+                ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
+                if ax < mn:
+                    mn, imin = ax, i
+            xval[8 * k + imin] = -xval[8 * k + imin]
+            s ^= 1 << imin
+        signs[k] = s & 127 if parity else s
+
+
+@njit("UniTuple(float32, 2)(float32[::1], float32[::1], int8[::1])", **_JIT)
+def _fit(weight, xval, L):
+    """(sum w x q, sum w q^2) for lattice levels L (q = 2 L + 1): the least-squares terms."""
+    sumqx, sumq2 = F32(0.0), F32(0.0)
+    for i in range(L.size):
+        w, q = weight[i], F32(2 * L[i] + 1)
+        sumqx += w * xval[i] * q
+        sumq2 += w * q * q
+    return sumqx, sumq2
 
 
 GROUP_MAX_EPS_IQ3_XXS = F32(1e-8)  # below this largest magnitude an IQ3_XXS sub-block is 0
@@ -94,7 +138,7 @@ def _iq3_row(x, qw, use_qw, out, grid, kmap, table, xxs):
     Laux = np.zeros(BLOCK, np.int8)
     on_grid = np.zeros(BLOCK // 4, np.bool_)
     on_grid_aux = np.zeros(BLOCK // 4, np.bool_)
-    signs = np.zeros(BLOCK // 8, np.uint8)
+    signs = np.zeros(BLOCK // 8, np.int64)
     scales = np.zeros(QK_K // BLOCK, F32)
     for b in range(x.size // QK_K):
         o = ts * b
@@ -112,26 +156,7 @@ def _iq3_row(x, qw, use_qw, out, grid, kmap, table, xxs):
                 weight[i] = (qw[b * QK_K + ib * BLOCK + i] * np.sqrt(sigma2 + xb[i] * xb[i])
                              if use_qw else xb[i] * xb[i])
                 waux[i] = np.sqrt(weight[i])
-            for k in range(BLOCK // 8):
-                s, nflip = 0, 0
-                for i in range(8):
-                    v = xb[8 * k + i]
-                    if v >= 0:
-                        xval[8 * k + i] = v
-                    else:
-                        xval[8 * k + i] = -v
-                        s |= 1 << i
-                        nflip += 1
-                if xxs and nflip % 2:
-                    imin = 0
-                    mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
-                    for i in range(1, 8):
-                        ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
-                        if ax < mn:
-                            mn, imin = ax, i
-                    xval[8 * k + imin] = -xval[8 * k + imin]
-                    s ^= 1 << imin
-                signs[k] = s & 127 if xxs else s
+            _split_signs(xb, weight, xval, signs, xxs)
             mx = xval[0]
             for i in range(1, BLOCK):
                 mx = max(mx, xval[i])
@@ -158,11 +183,7 @@ def _iq3_row(x, qw, use_qw, out, grid, kmap, table, xxs):
                     if kmap[u] < 0:
                         _best_neighbour(table, -kmap[u] - 1, grid, xval[4 * k:4 * k + 4],
                                         waux[4 * k:4 * k + 4], this_scale, Laux[4 * k:4 * k + 4])
-                sumqx, sumq2 = F32(0.0), F32(0.0)
-                for i in range(BLOCK):
-                    w, q = weight[i], F32(2 * Laux[i] + 1)
-                    sumqx += w * xval[i] * q
-                    sumq2 += w * q * q
+                sumqx, sumq2 = _fit(weight, xval, Laux)
                 if sumq2 > 0 and sumqx * sumqx > best * sumq2:
                     scale = sumqx / sumq2
                     best = scale * sumqx
@@ -183,11 +204,7 @@ def _iq3_row(x, qw, use_qw, out, grid, kmap, table, xxs):
                                             waux[4 * k:4 * k + 4], scale, L[4 * k:4 * k + 4])
                     for i in range(4):
                         L[4 * k + i] = (grid[g, i] - 1) // 2
-                sumqx, sumq2 = F32(0.0), F32(0.0)
-                for i in range(BLOCK):
-                    w, q = weight[i], F32(2 * L[i] + 1)
-                    sumqx += w * xval[i] * q
-                    sumq2 += w * q * q
+                sumqx, sumq2 = _fit(weight, xval, L)
                 if sumq2 > 0:
                     scale = sumqx / sumq2
             if scale < 0:  # llama.cpp's guard; a positive-magnitude fit never gets here
@@ -234,6 +251,127 @@ def _iq3_row(x, qw, use_qw, out, grid, kmap, table, xxs):
                 out[o + 106 + ib // 2] |= l << 4
 
 
+GROUP_MAX_EPS = F32(1e-15)
+
+
+@njit("void(float32[::1], float32[::1], uint8[::1], int8[:, ::1], int32[::1], uint16[::1])",
+      **_JIT)
+def _iq2_xxs_row(x, qw, out, grid, kmap, table):
+    # block, 66 bytes: 0..1 d | per sub-block s, at 2 + 8s: u32 of 4 grid indices, u32 of 4 x
+    # 7-bit sign codes | 4-bit scale << 28.  Needs the importance vector (llama.cpp asserts it).
+    kmaxq = 3
+    weight = np.empty(BLOCK, F32)
+    waux = np.empty(BLOCK, F32)
+    xval = np.empty(BLOCK, F32)
+    L = np.zeros(BLOCK, np.uint8)
+    Laux = np.zeros(BLOCK, np.int8)
+    Lg = np.zeros(BLOCK, np.int8)
+    signs = np.zeros(4, np.int64)
+    scales = np.zeros(QK_K // BLOCK, F32)
+    for b in range(x.size // QK_K):
+        o = 66 * b
+        out[o:o + 66] = 0
+        xs = x[b * QK_K:(b + 1) * QK_K]
+        sumx2 = F32(0.0)
+        for i in range(QK_K):
+            sumx2 += xs[i] * xs[i]
+        sigma2 = sumx2 / F32(QK_K)
+        max_scale = F32(0.0)
+        for ib in range(QK_K // BLOCK):
+            xb = xs[ib * BLOCK:(ib + 1) * BLOCK]
+            for i in range(BLOCK):
+                weight[i] = qw[b * QK_K + ib * BLOCK + i] * np.sqrt(sigma2 + xb[i] * xb[i])
+                waux[i] = np.sqrt(weight[i])
+            _split_signs(xb, weight, xval, signs, True)
+            mx = xval[0]
+            for i in range(1, BLOCK):
+                mx = max(mx, xval[i])
+            if mx < GROUP_MAX_EPS:
+                scales[ib] = 0
+                continue
+            scale = make_qp_quants(kmaxq + 1, xval, L, weight)
+            eff_max = scale * F32(kmaxq)
+            if eff_max <= 0:
+                scales[ib] = 0
+                continue
+            best = F32(0.0)
+            for i in range(BLOCK):
+                Lg[i] = np.int8(L[i])
+            for itry in range(-6, 7):
+                idd = (F32(2 * kmaxq - 1) + F32(itry) * F32(0.1)) / eff_max
+                this_scale = F32(1.0) / idd
+                for k in range(4):
+                    u = 0
+                    for i in range(8):
+                        l = nearest_int(F32(0.5) * (idd * xval[8 * k + i] - F32(1.0)))
+                        Laux[8 * k + i] = max(0, min(kmaxq - 1, l))
+                        u |= np.int64(Laux[8 * k + i]) << (2 * i)
+                    if kmap[u] < 0:
+                        _best_neighbour(table, -kmap[u] - 1, grid, xval[8 * k:8 * k + 8],
+                                        waux[8 * k:8 * k + 8], this_scale, Laux[8 * k:8 * k + 8])
+                sumqx, sumq2 = _fit(weight, xval, Laux)
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    Lg[:] = Laux
+            if scale > 0:
+                idd = F32(1.0) / scale
+                for k in range(4):
+                    u = 0
+                    for i in range(8):
+                        l = nearest_int(F32(0.5) * (idd * xval[8 * k + i] - F32(1.0)))
+                        u |= np.int64(max(0, min(kmaxq - 1, l))) << (2 * i)
+                    g = kmap[u]
+                    if g < 0:
+                        g = _best_neighbour(table, -g - 1, grid, xval[8 * k:8 * k + 8],
+                                            waux[8 * k:8 * k + 8], scale, Lg[8 * k:8 * k + 8])
+                    for i in range(8):
+                        Lg[8 * k + i] = (grid[g, i] - 1) // 2
+                sumqx, sumq2 = _fit(weight, xval, Lg)
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            if scale < 0:  # llama.cpp's guard
+                scale = -scale
+                for k in range(4):
+                    signs[k] = ~signs[k] & 127
+            packed = 0
+            for k in range(4):
+                u = 0
+                for i in range(8):
+                    u |= np.int64(Lg[8 * k + i]) << (2 * i)
+                out[o + 2 + 8 * ib + k] = kmap[u]
+                packed |= signs[k] << (7 * k)
+            for m in range(4):
+                out[o + 6 + 8 * ib + m] = (packed >> (8 * m)) & 255
+            scales[ib] = scale
+            max_scale = max(max_scale, scale)
+        if max_scale == 0:
+            out[o:o + 66] = 0
+            continue
+        d = max_scale / F32(31.0)
+        h = fp32_to_fp16(d)
+        out[o], out[o + 1] = h & 0xFF, h >> 8
+        idd = F32(1.0) / d
+        for ib in range(QK_K // BLOCK):
+            l = max(0, min(15, nearest_int(F32(0.5) * (idd * scales[ib] - F32(1.0)))))
+            out[o + 9 + 8 * ib] |= l << 4  # bits 28..31 of the sub-block's sign word
+
+
+@njit("void(float32[:, ::1], float32[::1], uint8[:, ::1], int8[:, ::1], int32[::1], uint16[::1])",
+      nogil=True, **_JIT)
+def _quantize_rows_iq2_xxs(x, qw, out, grid, kmap, table):
+    for r in range(x.shape[0]):
+        _iq2_xxs_row(x[r], qw, out[r], grid, kmap, table)
+
+
+def quantize_iq2_xxs(x: np.ndarray, imatrix: np.ndarray | None, out: np.ndarray) -> None:
+    """Fill ``out`` (rows, row_bytes) with IQ2_XXS blocks of ``x``; ``imatrix`` is required
+    (``quantize`` refuses None for a type that ``needs_imatrix``)."""
+    grid, kmap, table = neighbours("IQ2_XXS", 2)
+    split_rows(lambda xs, os: _quantize_rows_iq2_xxs(xs, imatrix, os, grid, kmap, table), x,
+               out, 1 << 14)
+
+
 @njit("void(float32[:, ::1], float32[::1], boolean, uint8[:, ::1], int8[:, ::1], int32[::1], "
       "uint16[::1], boolean)", nogil=True, **_JIT)
 def _quantize_rows(x, qw, use_qw, out, grid, kmap, table, xxs):
@@ -258,4 +396,5 @@ def _iq3_quantizer(name: str, nwant: int):
 
 # NOTE: llama.cpp's neighbour lists keep 2 distance shells for the 256-point IQ3_XXS codebook,
 # 3 for the 512-point IQ3_S one
-QUANTIZERS = {"IQ3_XXS": _iq3_quantizer("IQ3_XXS", 2), "IQ3_S": _iq3_quantizer("IQ3_S", 3)}
+QUANTIZERS = {"IQ3_XXS": _iq3_quantizer("IQ3_XXS", 2), "IQ3_S": _iq3_quantizer("IQ3_S", 3),
+              "IQ2_XXS": quantize_iq2_xxs}
