@@ -264,8 +264,12 @@ def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     first key stored in each (layer, head) slab would fault in 2 MiB, and a 4096-token cache
     became fully resident (+180 MiB on SmolLM2) after one token.
     """
-    n = int(np.prod(shape)) * 4
-    buf = mmap.mmap(-1, max(n, 1))  # anonymous: zero-filled on first touch
+    n = math.prod(shape) * 4
+    try:
+        buf = mmap.mmap(-1, max(n, 1))  # anonymous: zero-filled on first touch
+    except (OSError, OverflowError, MemoryError):
+        raise BadArgument(f"a KV cache of shape {shape} ({n / 2**30:.1f} GiB) cannot be "
+                          "reserved here; use a smaller context (-c / n_ctx)") from None
     return np.frombuffer(buf, np.float32, count=n // 4).reshape(shape)
 
 
