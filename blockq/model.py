@@ -480,10 +480,13 @@ class Model:
         """Run ``tokens`` at positions ``cache.n_past``.. and append them to the cache.
 
         ``outputs``: "last" (logits of the last token), "all", or indices into ``tokens``.
-        Returns logits (n_outputs, n_vocab) float32.  NaN/inf on the way (a damaged block)
-        raises a FormatError naming the tensor.
+        Returns logits (n_outputs, n_vocab) float32.  A damaged block (NaN/inf scale or value,
+        checked on the first call) raises a FormatError naming the tensor.
         """
         p0 = cache.n_past
+        if not getattr(self, "_weights_checked", False):  # once: ~1 GB/s, as the pass reads all
+            self.check_weights()
+            self._weights_checked = True
         try:
             logits = self._forward(tokens, cache, outputs)
         except ZeroDivisionError:  # a Numba kernel divided by an inf/NaN norm
