@@ -197,9 +197,13 @@ def test_forward_matches_reference(tiny_dir, case):
                                   "qwen3-q8_0-hd", "gemma3-q8_0-swa", "gemma2-q8_0-swa"])
 @pytest.mark.parametrize("cache_type, tol", [("f32", 1e-5), ("f16", 1e-5)])
 def test_prefill_equals_token_by_token(tiny_dir, case, cache_type, tol):
-    """A batch through the cache gives the logits of feeding the same tokens one at a time."""
+    """A batch through the cache gives the logits of feeding the same tokens one at a time.
+
+    NOTE: with float activations; rounded to 8 bits (the default numerics) a last-bit
+    difference between the batch and the one-token kernels can flip a code a layer later
+    (tests/test_int8.py bounds that)."""
     kw, _ = CASES[case]
-    model = Model.load(_tiny(tiny_dir, case, **kw))
+    model = Model.load(_tiny(tiny_dir, case, **kw), numerics="float")
     batch = model.forward(TOKENS, model.new_cache(64, cache_type), "all")
     cache = model.new_cache(64, cache_type)
     split = [model.forward(TOKENS[:5], cache, "all")]  # a batch, then single tokens

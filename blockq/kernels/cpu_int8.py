@@ -372,6 +372,19 @@ def _quantize_q8_1(X, Y):
             put_f16(Y, t, yo + 2, F32(d * F32(s)))
 
 
+@njit(**EXACT)
+def _dequantize_q8(Y, X, per, size, scale_f32):
+    """X = the values of the activation blocks Y (``d * q``): Q8_K (scale_f32) or Q8_1."""
+    n, cols = X.shape
+    qs = Q8K_QS if scale_f32 else Q8_1_QS
+    for t in range(n):
+        for b in range(cols // per):
+            yo = b * size
+            d = f32_at(Y, t, yo) if scale_f32 else f16_to_f32(Y, t, yo)
+            for j in range(per):
+                X[t, b * per + j] = F32(np.int8(Y[t, yo + qs + j])) * d
+
+
 # =============================================================================================
 # legacy 32-weight blocks x Q8_1 (layouts as in blockq.types; see cpu_matvec for drawings)
 
@@ -732,6 +745,19 @@ def quantize_activations(name: str, X: np.ndarray) -> np.ndarray:
     Y = np.empty((X.shape[0], activation_bytes(name, X.shape[1])), np.uint8)
     fn(X, Y)
     return Y
+
+
+def round_trip(name: str, X: np.ndarray) -> np.ndarray:
+    """X float32 (n, cols) -> the values of its activation blocks for weight type ``name``
+    (``dequantize(Q8(X))``, float32): for products of many tokens that multiply decoded weight
+    tiles in float (see :meth:`blockq.kernels.cpu_matvec.QMatrix.matmul`)."""
+    act = activation_type(name)
+    fn, per, size = _ACT[act]
+    Y = np.empty((X.shape[0], activation_bytes(name, X.shape[1])), np.uint8)
+    compiled(fn, QUANT_SIG)[0](X, Y)
+    out = np.empty_like(X)
+    _dequantize_q8(Y, out, per, size, act == "Q8_K")
+    return out
 
 
 def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:

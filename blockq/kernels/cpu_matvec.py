@@ -1,7 +1,11 @@
 """Numba CPU products with block-quantized weights, decoded on the fly: ``QMatrix``.
 
 A :class:`QMatrix` holds a weight matrix as the GGUF file's own bytes (zero-copy when the file is
-mmapped) and multiplies without ever materializing it in float32:
+mmapped) and multiplies without ever materializing it in float32.  Where the CPU has them
+(:mod:`blockq.kernels.cpu_isa`) and ``QMatrix.int8`` is on (the default), products round their
+input to llama.cpp's 8-bit activation blocks first: fewer than 4 tokens go through the integer
+dot kernels of :mod:`blockq.kernels.cpu_int8`, more through the float tiles below fed with the
+rounded activations (the same numerics).  Otherwise, the float kernels of this module:
 
 - ``matvec(x)`` (decoding one token) streams each row's blocks once, decodes them in 8-lane
   registers (:mod:`blockq.kernels.cpu_simd`) and multiplies-accumulates in float32.
@@ -11,9 +15,7 @@ mmapped) and multiplies without ever materializing it in float32:
   flops, so decoding costs a few percent.  Handing tiles to BLAS instead was measured and
   dropped: numpy's OpenBLAS threads and Numba's OpenMP threads spin-wait for each other when
   calls alternate (on 2 cores a 1 ms product took 8-20 ms), and single-threaded BLAS on a tile
-  was no faster than this kernel.  Quantizing X to 8 bits for integer dots, as llama.cpp does,
-  needs ``pmaddubsw``-class instructions that Numba cannot emit portably.  Fewer than 4 tokens
-  run as matvecs.
+  was no faster than this kernel.  Fewer than 4 tokens run as matvecs.
 - ``take_rows(ids)`` decodes whole rows (embedding lookup), bit-exact with gguf-py.
 
 How a block's dot product is computed: ``w = d * q + m`` (or ``d * (q - z)``) is folded as
@@ -1034,10 +1036,16 @@ class QMatrix:
         X = np.ascontiguousarray(X, dtype=F32)  # (n, cols)
         if self._f32 is not None:
             return X @ self._f32.T
-        if self.int8:
+        if self.int8 and X.shape[0] < MATMUL_MIN_TOKENS:
             out = np.empty((X.shape[0], rows), F32)  # (n, rows)
             int8_kernels().product(self.qtype, self.data, X, out)
             return out
+        if self.int8:
+            # NOTE: the int8 numerics (dequantized weights . dequantized 8-bit activations), with
+            # the activations rounded to their 8-bit blocks and the product taken by the float
+            # tile kernel below: one int8 dot per row and token was measured 2x slower than the
+            # tiles (pp128 on SmolLM2 Q4_K_M), which reuse each decoded weight for every token.
+            X = int8_kernels().round_trip(self.qtype, X)  # (n, cols)
         if X.shape[0] < MATMUL_MIN_TOKENS:
             return np.stack([self.matvec(x) for x in X])
         if _lookup(self.qtype).impl("matvec")[1] is None:  # F16 / BF16 rows: numpy decodes tiles for BLAS
