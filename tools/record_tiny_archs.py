@@ -28,12 +28,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tiny_model import N_VOCAB, write_tiny  # noqa: E402
 
 # name -> write_tiny arguments; the same table is read back by the test
+# (untied outputs where llama.cpp allows them: a random tied model just repeats its last token)
 CASES = {
     "llama": dict(arch="llama", n_layer=2, tied=False),
-    "qwen2": dict(arch="qwen2", n_layer=2, biases=True),
-    "qwen3": dict(arch="qwen3", n_layer=2, head_dim=96),
+    "qwen2": dict(arch="qwen2", n_layer=2, biases=True, tied=False),
+    "qwen3": dict(arch="qwen3", n_layer=2, head_dim=96, tied=False),
+    # every other layer local, with a window shorter than prompt + continuation (Gemma 2's
+    # output is always the embedding table)
+    "gemma2": dict(arch="gemma2", n_layer=2, sliding_window=8),
     # 7 layers: 6 local ones with a window shorter than prompt + continuation, 1 global
-    "gemma3": dict(arch="gemma3", n_layer=7, n_head_kv=1, sliding_window=8),
+    "gemma3": dict(arch="gemma3", n_layer=7, n_head_kv=1, sliding_window=8, tied=False),
 }
 N_PROMPTS, PROMPT_LEN, N_GREEDY = 5, 6, 32
 
