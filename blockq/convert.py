@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -772,13 +772,23 @@ class Result:
 
 def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequence[str] = (),
             threads: int | None = None, progress: Callable[[Progress], None] | None = None,
-            warn: Callable[[str], None] | None = None) -> Result:
+            warn: Callable[[str], None] | None = None, hessians=None,
+            type_plan: Mapping[str, str] | None = None,
+            extra_metadata: Mapping[str, Any] | None = None) -> Result:
     """Convert ``src`` (HF folder or GGUF file) into a GGUF file at ``out`` with ``preset``.
 
     ``imatrix``: a path or an :class:`blockq.imatrix.Imatrix`.  ``overrides``: ``REGEX=TYPE``
     strings, as llama-quantize's ``--tensor-type``.  ``threads``: Numba threads.  ``warn``
     receives one line per warning (default: printed to stderr).
+
+    ``hessians``: a path or :class:`blockq.calibrate.Hessians` (``blockq calibrate``): every
+    matrix whose input statistics it holds is quantized with error-compensated rounding
+    (:mod:`blockq.quantize.gptq`), and its diagonal serves as the imatrix where none is given.
+    ``type_plan``: tensor name -> block type, replacing the preset's choice for those tensors (the
+    budgeted allocation of :mod:`blockq.optimize` passes its plan here).  ``extra_metadata``:
+    keys added after the copied ones.
     """
+    from .calibrate import Hessians, for_tensors, read_hessians
     from .gguf.constants import ValueType
     from .gguf.reader import Value
     from .imatrix import Imatrix, read_imatrix, vectors_for
@@ -803,6 +813,9 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
             im = read_imatrix(imatrix)
         if not im.entries:
             raise FormatError(f"imatrix {im_path or ''} has no entries")
+    hs = None
+    if hessians is not None:
+        hs = hessians if isinstance(hessians, Hessians) else read_hessians(hessians)
     if threads is not None:
         _set_threads(threads)
 
@@ -814,14 +827,20 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
         if len(set(names)) != len(names):
             raise FormatError(f"{src}: tensor names repeat")
         fell_back: dict = {}
-        types = _presets.plan(((t.name, t.shape, t.qtype) for t in ck.tensors), p,
-                              n_layer=ck.n_layer, n_head=ck.n_head, n_head_kv=ck.n_head_kv,
-                              arch=ck.arch, n_expert=ck.n_expert, has_imatrix=im is not None,
-                              overrides=rules, fell_back=fell_back)
+        types = preset_plan(ck, p, im is not None or hs is not None, rules, fell_back)
         for (cols, wanted, used), n in sorted(fell_back.items()):
             block = _qtype(wanted).block_size
             warn(f"{cols} columns are not a multiple of {block}: {used} instead of {wanted} for "
                  f"{n} tensor{'s' if n > 1 else ''} (as llama-quantize)")
+        if type_plan is not None:
+            unknown = sorted(set(type_plan) - set(names))
+            if unknown:
+                raise BadArgument(f"type plan names tensors the source lacks: {unknown[:3]}")
+            for n, tp in type_plan.items():
+                _qtype(tp)  # a known type name
+                types[n] = tp
+        if hs is not None:
+            for_tensors(hs, names)
         vectors: dict[str, np.ndarray] = {}
         if im is not None:
             targets = {t.name: t.cols for t in ck.tensors
@@ -829,6 +848,8 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
             vectors, warns = vectors_for(im, targets)
             for w in warns:
                 warn(w)
+        elif hs is not None:
+            vectors = {n: v for n in types if (v := hs.importance(n)) is not None}
         requant = sorted({t.stored for t in ck.tensors if _qtype(t.stored).is_quantized
                           and types[t.name] != t.stored})
         if requant:
@@ -848,19 +869,35 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
             md["quantize.imatrix.entries_count"] = Value(ValueType.UINT32, len(im.entries))
             if im.chunk_count > 0:
                 md["quantize.imatrix.chunks_count"] = Value(ValueType.UINT32, im.chunk_count)
+        if hs is not None:
+            md["quantize.blockq.rounding"] = "error-compensated (GPTQ) under calibration Hessians"
+            if hs.datasets:
+                md["quantize.blockq.calibration"] = hs.datasets[0]
+        md.update(extra_metadata or {})
         tensors = sorted(ck.tensors, key=lambda t: _presets.order_key(t.name))
         total = sum(t.nbytes for t in tensors)
         state = {"done": 0}
         items = []
         for i, t in enumerate(tensors):
+            H = hs.hessian(t.name) if hs is not None else None
             items.append((t.name, types[t.name], t.shape,
                           _producer(t, types[t.name], vectors.get(t.name), i, len(tensors),
-                                    total, state, progress, watch)))
+                                    total, state, progress, watch, H)))
         from .gguf.writer import write_gguf
         path = write_gguf(out, md, items, file_type=p.ftype)
     n_params = sum(math.prod(t.shape) for t in tensors)
     return Result(path, {t.name: types[t.name] for t in tensors}, path.stat().st_size, n_params,
                   said)
+
+
+def preset_plan(ck: Checkpoint, p, has_imatrix: bool, rules=(), fell_back=None
+                ) -> dict[str, str]:
+    """llama-quantize's type for every tensor of ``ck`` under preset ``p`` (``fell_back``
+    collects (cols, wanted, used) -> count of the legacy fallbacks)."""
+    return _presets.plan(((t.name, t.shape, t.qtype) for t in ck.tensors), _presets.preset(p),
+                         n_layer=ck.n_layer, n_head=ck.n_head, n_head_kv=ck.n_head_kv,
+                         arch=ck.arch, n_expert=ck.n_expert, has_imatrix=has_imatrix,
+                         overrides=rules, fell_back=fell_back)
 
 
 def _set_threads(n: int) -> None:
@@ -871,9 +908,15 @@ def _set_threads(n: int) -> None:
 
 
 def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: int, total: int,
-              state: dict, progress, watch: SourceWatch) -> Callable[[], np.ndarray]:
-    """A callable the writer calls when this tensor's turn comes: returns its encoded bytes."""
+              state: dict, progress, watch: SourceWatch, hessian: np.ndarray | None = None
+              ) -> Callable[[], np.ndarray]:
+    """A callable the writer calls when this tensor's turn comes: returns its encoded bytes.
+
+    With ``hessian`` (the tensor's input statistics) and a target with an integer grid, the
+    whole matrix is read and quantized with error-compensated rounding."""
     from .quantize import quantize
+    from .quantize.codes import supported
+    from .quantize.gptq import gptq_quantize
 
     def report():
         if progress is not None:
@@ -891,6 +934,13 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
                 report()
                 return raw
             tt = _qtype(target)
+            if hessian is not None and supported(tt.name) and hessian.shape[0] == t.cols:
+                x = t.read_rows(0, t.rows)  # (rows, cols) float32
+                _check_finite(t, x, 0)
+                out = gptq_quantize(x, tt, hessian, imatrix=imp, name=t.name)
+                state["done"] += t.nbytes
+                report()
+                return out
             out = np.empty((t.rows, tt.row_bytes(t.cols)), dtype=np.uint8)  # (rows, row_bytes)
             step = max(1, SLAB_BYTES // (4 * t.cols))
             src_row = t.nbytes // t.rows

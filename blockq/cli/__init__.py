@@ -24,6 +24,7 @@ COMMANDS = {
     "serve": ("blockq.cli.serve", "serve"),
     "convert": ("blockq.cli.convert", "convert"),
     "imatrix": ("blockq.cli.convert", "imatrix"),
+    "calibrate": ("blockq.cli.convert", "calibrate"),
     "kld": ("blockq.cli.convert", "kld"),
 }
 

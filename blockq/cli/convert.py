@@ -45,26 +45,62 @@ def _threads(threads):
               help="Importance matrix: llama-imatrix's GGUF or legacy .dat format.")
 @click.option("--tensor-type", "overrides", multiple=True, metavar="REGEX=TYPE",
               help="Force a type on tensors whose name matches REGEX (repeatable).")
+@click.option("--calib", "calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Calibration text: SRC is run over it and every matrix is quantized with "
+                   "error-compensated rounding under its input statistics.")
+@click.option("--hessians", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Calibration statistics from 'blockq calibrate' (instead of --calib).")
+@click.option("--optimize", is_flag=True,
+              help="Choose each tensor's type from measured errors within the preset's size "
+                   "(never larger than llama-quantize's file), or within --bpw/--size.")
+@click.option("--bpw", type=float, default=None, help="Size budget in bits per weight "
+                                                       "(implies --optimize).")
+@click.option("--size", "size", default=None, help="Size budget of the matrices, e.g. 100MiB "
+                                                    "(implies --optimize).")
+@click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True,
+              help="Tokens per calibration chunk.")
+@click.option("--calib-chunks", type=int, default=-1, show_default=True,
+              help="Calibration chunks to use; -1 = all the text gives.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads for quantizing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, out, type_arg, preset, imatrix, overrides, threads, as_json, quiet):
+def convert(src, out, type_arg, preset, imatrix, overrides, calib, hessians, optimize, bpw, size,
+            n_ctx, calib_chunks, threads, as_json, quiet):
     """Convert SRC (a Hugging Face model folder or a GGUF file) to a GGUF file OUT.
 
     Every tensor gets the type llama-quantize gives it for the preset (TYPE or --type); tensors
     are read, quantized and written one at a time, and OUT appears only once it is complete.
+    With --calib/--hessians the matrices are rounded with error compensation; with --optimize
+    (or --bpw/--size) the types are chosen from measured errors within the size budget.
     """
     from ..convert import convert as convert_fn
     from ..errors import BadArgument
+    from ..optimize import convert_optimized
 
     if type_arg and preset and type_arg.upper() != preset.upper():
         raise BadArgument(f"two types given ({type_arg} and --type {preset}): give one")
     preset = type_arg or preset or "Q4_K_M"
 
     _threads(threads)
-    with signals_as_interrupt(), _ConvertBar(quiet) as bar:
-        res = convert_fn(src, out, preset.upper(), imatrix=imatrix, overrides=overrides,
-                         progress=bar, warn=bar.warn)
+    if calib is not None and hessians is not None:
+        raise BadArgument("give --calib TEXT or --hessians FILE, not both")
+    if (calib is not None or hessians is not None) and imatrix is not None:
+        raise BadArgument("--calib/--hessians already provide the importance vectors; "
+                          "drop --imatrix")
+    optimize = optimize or bpw is not None or size is not None
+    with signals_as_interrupt():
+        if optimize or calib is not None or hessians is not None:
+            with ChunkProgress("calibrate", "PPL") as cbar:
+                note = cbar.note
+                res = convert_optimized(src, out, preset.upper(), text=calib, hessians=hessians,
+                                        optimize=optimize, bpw=bpw, size=size, n_ctx=n_ctx,
+                                        n_chunks=calib_chunks, imatrix=imatrix,
+                                        overrides=overrides, calib_progress=cbar, note=note,
+                                        warn=lambda s: note(f"warning: {s}"))
+        else:
+            with _ConvertBar(quiet) as bar:
+                res = convert_fn(src, out, preset.upper(), imatrix=imatrix, overrides=overrides,
+                                 progress=bar, warn=bar.warn)
     kinds = Counter(res.types.values())
     if as_json:
         click.echo(json.dumps({"path": str(res.path), "preset": preset.upper(),
@@ -113,6 +149,37 @@ class _ConvertBar:
             self._task = self._p.add_task("", total=ev.bytes_total, tensors="")
         self._p.update(self._task, completed=ev.bytes_done, description=ev.tensor,
                        tensors=f"[{ev.i_tensor + 1}/{ev.n_tensors}]")
+
+
+# -- calibrate ----------------------------------------------------------------------------------
+
+@click.command()
+@_model_arg
+@click.option("-f", "--file", "text_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Calibration text.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("calibration.gguf"), show_default=True)
+@click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True,
+              help="Tokens per chunk.")
+@click.option("--chunks", type=int, default=-1, show_default=True,
+              help="Chunks to process; -1 = all the text gives.")
+@click.option("-t", "--threads", type=int, default=None)
+def calibrate(model, text_file, out, n_ctx, chunks, threads):
+    """Collect the input Hessians (sums of x x^T) of MODEL's matrices over a text, for
+    'blockq convert --hessians' (one calibration serves many conversions)."""
+    from ..calibrate import calibrate as calibrate_fn, write_hessians
+    from .run import open_model
+
+    out = check_output(out, [model, text_file], "calibration output")
+    m, tok = open_model(model, threads, None, n_ctx)
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    with signals_as_interrupt(), ChunkProgress("calibrate", "PPL") as bar:
+        h = calibrate_fn(m, tok, text, n_ctx=n_ctx, n_chunks=chunks, dataset=str(text_file),
+                         progress=bar)
+    write_hessians(out, h)
+    click.echo(f"wrote {out}: {len(h.sums)} inputs of {len(h.weights)} matrices, "
+               f"{h.chunk_count} chunks of {h.chunk_size} tokens, {h.nbytes() / 2**20:.1f} MiB")
 
 
 # -- imatrix ------------------------------------------------------------------------------------

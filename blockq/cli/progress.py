@@ -22,6 +22,10 @@ class ChunkProgress:
     def __exit__(self, *exc):
         return self._p.__exit__(*exc)
 
+    def note(self, text: str) -> None:
+        """One line on stderr above the bar."""
+        self._p.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     def __call__(self, done: int, total: int, value: float) -> None:
         if self._task is None:
             self._task = self._p.add_task("", total=total, info="")

@@ -1,0 +1,257 @@
+"""Calibration statistics beyond the diagonal: the input Hessian ``H = X^T X`` of every matrix.
+
+One pass of blockq's runtime over a text (chunked exactly like ``blockq imatrix``) sums, for each
+*distinct* matrix input, ``X^T X`` over all tokens (``X`` (n_tokens, n_in)).  Matrices that read
+the same activations share one sum: q/k/v read the attention norm's output, gate/up the FFN
+norm's; a tied output head reads the final norm's.  The diagonal of a sum divided by its token
+count is exactly llama-imatrix's importance vector, so one calibration serves both the
+importance-weighted searches and error-compensated rounding (:mod:`blockq.quantize.gptq`).
+
+Side file (``formats/hessian.md``): a GGUF file with ``general.type = "hessian"``; per distinct
+input one F32 tensor ``<first weight>.hessian`` of shape (n_in, n_in) holding the sum of
+``x x^T``, the key ``hessian.count.<first weight>`` (tokens summed) and the string array
+``hessian.users.<first weight>`` (every weight that reads that input).
+
+Memory: one float32 (n_in, n_in) sum per distinct input — for a llama-shaped model
+4 * n_layer * (3 * n_embd^2 + n_ff^2) bytes (SmolLM2-135M: 0.40 GB; a 1 B Llama (2048/8192,
+16 layers): 4.6 GB; an 8 B Llama (4096/14336, 32 layers): 32 GB, beyond a laptop — use
+``layers=`` to calibrate a range of blocks per pass).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from .errors import BadArgument, FormatError
+
+GENERAL_TYPE = "general.type"
+KIND = "hessian"
+SUFFIX = ".hessian"
+COUNT = "hessian.count."
+USERS = "hessian.users."
+DATASETS = "hessian.datasets"
+CHUNK_SIZE = "hessian.chunk_size"
+CHUNK_COUNT = "hessian.chunk_count"
+MIN_BATCH = 16  # like llama-imatrix, products over fewer tokens are not counted
+
+
+@dataclass
+class Hessians:
+    """Sums of ``x x^T`` per distinct matrix input, and which weights read each input."""
+
+    sums: dict[str, np.ndarray]  # group (its first weight) -> float32 (n_in, n_in)
+    counts: dict[str, int]  # group -> tokens summed
+    users: dict[str, list[str]]  # group -> weight names reading that input
+    datasets: list[str] = field(default_factory=list)
+    chunk_size: int = 0
+    chunk_count: int = 0
+
+    def group_of(self, weight: str) -> str | None:
+        for g, names in self.users.items():
+            if weight in names:
+                return g
+        return None
+
+    def hessian(self, weight: str) -> np.ndarray | None:
+        """The mean ``E[x x^T]`` (float64) of the input of ``weight``, or None."""
+        g = self.group_of(weight)
+        if g is None or not self.counts.get(g):
+            return None
+        return self.sums[g].astype(np.float64) / self.counts[g]
+
+    def importance(self, weight: str) -> np.ndarray | None:
+        """llama-imatrix's importance vector (mean squared input per column), float32."""
+        g = self.group_of(weight)
+        if g is None or not self.counts.get(g):
+            return None
+        return (np.diag(self.sums[g]).astype(np.float64) / self.counts[g]).astype(np.float32)
+
+    @property
+    def weights(self) -> list[str]:
+        return sorted(n for names in self.users.values() for n in names)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.sums.values())
+
+
+def _fingerprint(x: np.ndarray) -> tuple:
+    """Shape and a few values: tells a reused buffer with new contents from the same input."""
+    return (x.shape, float(x[0, :8].sum()), float(x[-1, -8:].sum()), float(x[x.shape[0] // 2].sum()))
+
+
+class HessianCollector:
+    """``add(weight, x)`` with ``x`` (n_tokens, n_in) the input of ``weight``.
+
+    Consecutive calls with the very same array (q, k, v after one norm) are one input: its
+    ``x^T x`` is summed once and the weights are recorded as its users.
+    """
+
+    def __init__(self, chunk_size: int, wanted: Callable[[str], bool] | None = None):
+        self.chunk_size = chunk_size
+        self.wanted = wanted or (lambda n: n.startswith("blk.") or n == "output.weight")
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.users: dict[str, list[str]] = {}
+        self._group_of: dict[str, str] = {}
+        self._last: tuple[tuple, str] | None = None  # (fingerprint of the last input, group)
+        self._last_ref = None
+
+    def add(self, name: str, x: np.ndarray) -> None:
+        if not self.wanted(name) or x.shape[0] < MIN_BATCH:
+            return
+        print_ = _fingerprint(x)
+        g = self._group_of.get(name)
+        if self._last is not None and self._last_ref is x and self._last[0] == print_ \
+                and (g is None or g == self._last[1]):
+            g = self._last[1]  # the same activations as the previous matrix: one input
+            if self._group_of.get(name) is None:
+                self._group_of[name] = g
+                self.users[g].append(name)
+            return
+        if g is None:
+            g = self._group_of[name] = name
+            self.users[g] = [name]
+        a = np.ascontiguousarray(x, dtype=np.float32)  # (n_tokens, n_in)
+        xtx = a.T @ a  # (n_in, n_in)
+        if not np.isfinite(xtx).all():
+            raise BadArgument(f"non-finite activations entering {name}; the model overflows on "
+                              "this text")
+        prev = self.sums.get(g)
+        if prev is None:
+            self.sums[g] = xtx
+            self.counts[g] = a.shape[0]
+        else:
+            if prev.shape != xtx.shape:
+                raise BadArgument(f"{name}: inputs of {xtx.shape[0]} columns after "
+                                  f"{prev.shape[0]}; one matrix has one width")
+            prev += xtx
+            self.counts[g] += a.shape[0]
+        self._last, self._last_ref = (print_, g), x
+
+    def result(self, datasets: Iterable[str] = ()) -> Hessians:
+        n = max(self.counts.values(), default=0)
+        return Hessians(self.sums, self.counts, self.users, list(datasets), self.chunk_size,
+                        n // self.chunk_size if self.chunk_size else 0)
+
+
+def calibrate(model, tokenizer, text: str, *, n_ctx: int = 512, n_chunks: int | None = None,
+              dataset: str = "", progress: Callable[[int, int, float], None] | None = None
+              ) -> Hessians:
+    """Run ``model`` over ``text`` in chunks of ``n_ctx`` tokens and sum every input's ``x x^T``.
+
+    Needs at least two chunks of text (as ``blockq imatrix``).  ``progress(i, n, ppl)`` is
+    called after each chunk with the running perplexity over the second halves of the chunks.
+    """
+    from .imatrix import chunks, log_softmax, observe_matmuls
+
+    toks = tokenizer.encode(text, add_special=True)
+    if len(toks) < 2 * n_ctx:
+        raise BadArgument(f"calibration text gives {len(toks)} tokens; a context of {n_ctx} "
+                          f"needs at least {2 * n_ctx} (more text, or a smaller -c)")
+    bos = tokenizer.bos_id if getattr(tokenizer, "add_bos", False) else None
+    work = chunks(toks, n_ctx, n_chunks, bos)
+    col = HessianCollector(n_ctx)
+    nll, count = 0.0, 0
+    with observe_matmuls(model, col.add):
+        for i, c in enumerate(work):
+            cache = model.new_cache(n_ctx)
+            logits = model.forward(c, cache, outputs="all")  # (n_ctx, n_vocab)
+            first = n_ctx // 2
+            lp = log_softmax(logits[first:n_ctx - 1])
+            tgt = np.asarray(c[first + 1:n_ctx])
+            nll -= float(lp[np.arange(len(tgt)), tgt].sum())
+            count += len(tgt)
+            if progress is not None:
+                progress(i + 1, len(work), math.exp(nll / count))
+    return col.result([dataset] if dataset else [])
+
+
+def _tied_output(h: Hessians, tensors: Iterable[str]) -> None:
+    """A model without ``output.weight`` multiplies by ``token_embd.weight``: the head's input
+    statistics belong to the embedding matrix then."""
+    names = set(tensors)
+    if "output.weight" not in names and "token_embd.weight" in names:
+        for g, users in h.users.items():
+            if "output.weight" in users:
+                users.append("token_embd.weight")
+
+
+def for_tensors(h: Hessians, tensors: Iterable[str]) -> Hessians:
+    """``h`` with the tied-head alias added for a file holding ``tensors``."""
+    _tied_output(h, tensors)
+    return h
+
+
+# --- side file ------------------------------------------------------------------------------
+def write_hessians(path, h: Hessians) -> Path:
+    """Write ``h`` as a GGUF side file (atomically)."""
+    from .gguf.constants import ValueType
+    from .gguf.reader import Value
+    from .gguf.writer import write_gguf
+
+    md: dict = {GENERAL_TYPE: KIND,
+                DATASETS: Value(ValueType.ARRAY, list(h.datasets), elem_type=ValueType.STRING),
+                CHUNK_SIZE: Value(ValueType.UINT32, int(h.chunk_size)),
+                CHUNK_COUNT: Value(ValueType.UINT32, int(h.chunk_count))}
+    tensors = []
+    for g in sorted(h.sums):
+        md[COUNT + g] = Value(ValueType.UINT64, int(h.counts[g]))
+        md[USERS + g] = Value(ValueType.ARRAY, list(h.users[g]), elem_type=ValueType.STRING)
+        s = h.sums[g]
+        tensors.append((g + SUFFIX, "F32", s.shape,
+                        lambda s=s: np.ascontiguousarray(s, dtype=np.float32)))
+    return write_gguf(path, md, tensors)
+
+
+def read_hessians(path) -> Hessians:
+    """Read a side file written by :func:`write_hessians`; every value is checked."""
+    from .gguf.reader import read_gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadArgument(f"calibration file {path} does not exist")
+    with read_gguf(path) as f:
+        md = f.metadata
+        if md.get(GENERAL_TYPE) != KIND:
+            raise FormatError(f"{path}: general.type is {md.get(GENERAL_TYPE)!r}, not "
+                              f"{KIND!r} (write one with 'blockq calibrate')")
+        sums, counts, users = {}, {}, {}
+        for name, t in f.tensors.items():
+            if not name.endswith(SUFFIX):
+                continue
+            g = name[:-len(SUFFIX)]
+            if t.qtype != "F32" or len(t.shape) != 2 or t.shape[0] != t.shape[1]:
+                raise FormatError(f"{path}: {name} is {t.qtype} {tuple(t.shape)}; a Hessian is "
+                                  "a square F32 matrix")
+            a = np.array(t.data.view("<f4"), dtype=np.float32).reshape(t.shape)
+            if not np.isfinite(a).all():
+                raise FormatError(f"{path}: {name} has {int((~np.isfinite(a)).sum())} NaN/inf "
+                                  "entries; recalibrate")
+            if (np.diag(a) < 0).any():
+                raise FormatError(f"{path}: {name} has negative diagonal entries (sums of "
+                                  "squares are >= 0)")
+            n = md.get(COUNT + g)
+            u = md.get(USERS + g)
+            if n is None or u is None:
+                raise FormatError(f"{path}: {name} has no {COUNT + g} / {USERS + g} key")
+            if int(n) < 1:
+                raise FormatError(f"{path}: {COUNT + g} is {int(n)}; it counts tokens, >= 1")
+            sums[g], counts[g], users[g] = a, int(n), [str(x) for x in u]
+        if not sums:
+            raise FormatError(f"{path}: no '<weight>{SUFFIX}' tensors")
+        return Hessians(sums, counts, users, [str(d) for d in md.get(DATASETS, [])],
+                        int(md.get(CHUNK_SIZE, 0)), int(md.get(CHUNK_COUNT, 0)))
+
+
+def importance_vectors(h: Hessians, names: Mapping[str, int] | Iterable[str]) -> dict[str, np.ndarray]:
+    """Importance vectors for the given weight names (those the calibration saw)."""
+    out = {}
+    for n in names:
+        v = h.importance(n)
+        if v is not None:
+            out[n] = v
+    return out

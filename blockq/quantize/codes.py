@@ -1,0 +1,146 @@
+"""Every quantized grid as ``w = a * q + b``: the affine view of a block and its integer codes.
+
+Error-compensated rounding (:mod:`blockq.quantize.gptq`) and the refining searches
+(:mod:`blockq.quantize.refine`) pick the integers of a block themselves once its scales are set.
+They need two things per type, both here:
+
+- :func:`affine` — for blocks already holding scales (and mins): per weight the step ``a`` and
+  offset ``b`` of its sub-block and the integer range, so that the weight decodes as ``a*q + b``
+  with ``q`` in ``qmin..qmax`` (the same integers :func:`blockq.dequantize.quant_ints` returns);
+- :func:`pack_codes` — write chosen integers ``q`` into blocks, leaving their scales untouched.
+  It is the exact inverse of ``quant_ints``: ``pack_codes(b, t, quant_ints(b, t)) == b``.
+
+The bit layouts are drawn beside their unpackers in :mod:`blockq.dequantize`; the packers below
+follow the same index names (``w = 128*h + 32*j + l`` etc.).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..dequantize import _records, unpack_q3k_scales, unpack_scale_min_k4
+from ..errors import BadArgument
+from ..types import QK_K, QType, qtype as _qtype
+
+F32 = np.float32
+
+# integer range of each grid, as quant_ints returns it
+RANGES = {
+    "Q4_0": (-8, 7), "Q4_1": (0, 15), "Q5_0": (-16, 15), "Q5_1": (0, 31),
+    # NOTE: llama.cpp's Q8_0 quantizer never writes -128 (it rounds to -127..127); we keep to
+    # the same range so every kernel that assumes it stays safe.
+    "Q8_0": (-127, 127),
+    "Q2_K": (0, 3), "Q3_K": (-4, 3), "Q4_K": (0, 15), "Q5_K": (0, 31), "Q6_K": (-32, 31),
+}
+# weights that share one (a, b) pair: the sub-block length of each grid
+SUB_BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
+             "Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
+
+
+def supported(name: str) -> bool:
+    return name in RANGES
+
+
+def _need(t: QType) -> None:
+    if t.name not in RANGES:
+        raise BadArgument(f"{t.name} has no integer grid to pick codes on (grids: "
+                          + ", ".join(RANGES) + ")")
+
+
+def _f(a) -> np.ndarray:
+    return np.asarray(a).astype(F32)[:, None]  # (n, 1)
+
+
+def affine(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per sub-block step and offset of uint8 blocks ``(n, type_size)``:
+    ``a, b`` float32 ``(n, n_sub)`` so that weight ``i`` decodes as
+    ``a[:, i // sub] * q + b[:, i // sub]``."""
+    t = _qtype(qtype)
+    _need(t)
+    r = _records(blocks, t)
+    n = len(r)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if t.name in ("Q4_0", "Q5_0", "Q8_0"):
+            return _f(r["d"]), np.zeros((n, 1), F32)
+        if t.name in ("Q4_1", "Q5_1"):
+            return _f(r["d"]), _f(r["m"])
+        if t.name == "Q2_K":
+            a = _f(r["d"]) * (r["scales"] & 0xF).astype(F32)
+            b = -(_f(r["dmin"]) * (r["scales"] >> 4).astype(F32))
+            return a, b
+        if t.name == "Q3_K":
+            return _f(r["d"]) * unpack_q3k_scales(r["scales"]).astype(F32), np.zeros((n, 16), F32)
+        if t.name in ("Q4_K", "Q5_K"):
+            sc, mn = unpack_scale_min_k4(r["scales"])
+            return _f(r["d"]) * sc.astype(F32), -(_f(r["dmin"]) * mn.astype(F32))
+        # Q6_K
+        return _f(r["d"]) * r["scales"].astype(F32), np.zeros((n, 16), F32)
+
+
+def _pairs(u: np.ndarray, n: int) -> np.ndarray:
+    """Q2_K/Q3_K low bits: weight w = 128*h + 32*j + l -> bits 2j..2j+1 of byte 32*h + l."""
+    v = u.reshape(n, 2, 4, 32).astype(np.uint8)
+    return (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(n, 64)
+
+
+def _nibble_pack(u: np.ndarray) -> np.ndarray:
+    """Legacy 32-blocks: weight j in the low nibble of byte j, weight j+16 in the high one."""
+    u = u.astype(np.uint8)
+    return (u[:, :16] & 0xF) | ((u[:, 16:] & 0xF) << 4)
+
+
+def pack_codes(blocks: np.ndarray, qtype, q: np.ndarray) -> np.ndarray:
+    """A copy of ``blocks`` (uint8 ``(n, type_size)``) with their integers replaced by ``q``
+    (``(n, block_size)``, in the grid's range), scales and mins kept."""
+    t = _qtype(qtype)
+    _need(t)
+    lo, hi = RANGES[t.name]
+    q = np.asarray(q)
+    n = blocks.shape[0]
+    if q.shape != (n, t.block_size):
+        raise BadArgument(f"{t.name}: codes have shape {q.shape}, blocks need ({n}, {t.block_size})")
+    if q.size and (q.min() < lo or q.max() > hi):
+        raise BadArgument(f"{t.name}: codes must lie in {lo}..{hi}, got {int(q.min())}..{int(q.max())}")
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    r = out.view(t.dtype)[:, 0]
+    q = q.astype(np.int16)
+    name = t.name
+    if name in ("Q4_0", "Q4_1"):
+        r["qs"] = _nibble_pack(q - lo)
+    elif name in ("Q5_0", "Q5_1"):
+        u = q - lo  # 0..31
+        r["qs"] = _nibble_pack(u)
+        r["qh"] = np.packbits((u >> 4).astype(np.uint8), axis=-1, bitorder="little")
+    elif name == "Q8_0":
+        r["qs"] = q.astype(np.int8)
+    elif name == "Q2_K":
+        r["qs"] = _pairs(q, n)
+    elif name == "Q3_K":
+        u = q + 4  # 0..7: low 2 bits, and the (inverted) high bit set when q >= 0
+        r["qs"] = _pairs(u & 3, n)
+        high = (u >> 2).reshape(n, 8, 32).astype(np.uint8)  # (n, 4*h + j, l)
+        r["hmask"] = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None],
+                                          axis=1)
+    elif name in ("Q4_K", "Q5_K"):
+        v = q.reshape(n, 4, 2, 32).astype(np.uint8)  # (n, j, k, l), w = 64*j + 32*k + l
+        r["qs"] = ((v[:, :, 0] & 0xF) | ((v[:, :, 1] & 0xF) << 4)).reshape(n, 128)
+        if name == "Q5_K":
+            high = (v >> 4).reshape(n, 8, 32)  # (n, 2*j + k, l)
+            r["qh"] = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None],
+                                           axis=1)
+    else:  # Q6_K: w = 128*h + 32*c + l
+        u = (q + 32).reshape(n, 2, 4, 32).astype(np.uint8)  # (n, h, c, l)
+        low, high = u & 0xF, u >> 4
+        # ql[64*h + 32*(c%2) + l] holds nibble c//2
+        ql = low[:, :, 0:2] | (low[:, :, 2:4] << 4)  # (n, h, c%2, l)
+        r["ql"] = ql.reshape(n, 128)
+        r["qh"] = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4)
+                   | (high[:, :, 3] << 6)).reshape(n, 64)
+    return out
+
+
+def expand(a: np.ndarray, t: QType) -> np.ndarray:
+    """Per-sub-block values ``(n, n_sub)`` -> per weight ``(n, block_size)``."""
+    return np.repeat(a, SUB_BLOCK[t.name], axis=1)
+
+
+assert QK_K == 256
