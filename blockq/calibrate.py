@@ -49,6 +49,7 @@ class Hessians:
     datasets: list[str] = field(default_factory=list)
     chunk_size: int = 0
     chunk_count: int = 0
+    _mean: tuple = field(default=(None, None), repr=False, compare=False)
 
     def group_of(self, weight: str) -> str | None:
         for g, names in self.users.items():
@@ -57,11 +58,14 @@ class Hessians:
         return None
 
     def hessian(self, weight: str) -> np.ndarray | None:
-        """The mean ``E[x x^T]`` (float64) of the input of ``weight``, or None."""
+        """The mean ``E[x x^T]`` (float64) of the input of ``weight``, or None.  The weights
+        of one input get the very same array (the last one asked for is kept)."""
         g = self.group_of(weight)
         if g is None or not self.counts.get(g):
             return None
-        return self.sums[g].astype(np.float64) / self.counts[g]
+        if self._mean[0] != g:
+            self._mean = (g, self.sums[g].astype(np.float64) / self.counts[g])
+        return self._mean[1]
 
     def importance(self, weight: str) -> np.ndarray | None:
         """llama-imatrix's importance vector (mean squared input per column), float32."""
@@ -146,14 +150,43 @@ def calibrate(model, tokenizer, text: str, *, n_ctx: int = 512, n_chunks: int | 
     Needs at least two chunks of text (as ``blockq imatrix``).  ``progress(i, n, ppl)`` is
     called after each chunk with the running perplexity over the second halves of the chunks.
     """
-    from .imatrix import chunks, log_softmax, observe_matmuls
+    from .imatrix import chunks
 
     toks = tokenizer.encode(text, add_special=True)
     if len(toks) < 2 * n_ctx:
         raise BadArgument(f"calibration text gives {len(toks)} tokens; a context of {n_ctx} "
                           f"needs at least {2 * n_ctx} (more text, or a smaller -c)")
     bos = tokenizer.bos_id if getattr(tokenizer, "add_bos", False) else None
-    work = chunks(toks, n_ctx, n_chunks, bos)
+    return _run(model, chunks(toks, n_ctx, n_chunks, bos), n_ctx, [dataset] if dataset else [],
+                progress)
+
+
+def calibrate_random(model, tokenizer=None, *, n_ctx: int = 512, n_chunks: int = 8,
+                     seed: int = 0, progress: Callable[[int, int, float], None] | None = None
+                     ) -> Hessians:
+    """Calibration without any text: chunks of token ids drawn uniformly from the vocabulary
+    (seeded, so a conversion is reproducible).  The model's own activations on them still show
+    which input channels are loud and how they correlate, which is what the Hessians need."""
+    if n_chunks < 1 or n_ctx < MIN_BATCH:
+        raise BadArgument(f"random calibration needs >= 1 chunk of >= {MIN_BATCH} tokens")
+    rng = np.random.default_rng(seed)
+    n_vocab = int(model.args.n_vocab)
+    bos = getattr(tokenizer, "bos_id", None) if getattr(tokenizer, "add_bos", False) else None
+    work = []
+    for _ in range(n_chunks):
+        c = rng.integers(0, n_vocab, n_ctx).tolist()
+        if bos is not None:
+            c[0] = bos
+        work.append(c)
+    return _run(model, work, n_ctx, [f"random tokens (seed {seed})"], progress)
+
+
+def _run(model, work: list[list[int]], n_ctx: int, datasets: list[str], progress) -> Hessians:
+    """Forward every chunk with the collector observing each matrix input."""
+    from .api import _set_blas_threads
+    from .imatrix import log_softmax, observe_matmuls
+
+    _set_blas_threads(1)  # OpenBLAS workers fighting Numba's made a chunk 5x slower
     col = HessianCollector(n_ctx)
     nll, count = 0.0, 0
     with observe_matmuls(model, col.add):
@@ -167,7 +200,7 @@ def calibrate(model, tokenizer, text: str, *, n_ctx: int = 512, n_chunks: int | 
             count += len(tgt)
             if progress is not None:
                 progress(i + 1, len(work), math.exp(nll / count))
-    return col.result([dataset] if dataset else [])
+    return col.result(datasets)
 
 
 def _tied_output(h: Hessians, tensors: Iterable[str]) -> None:

@@ -29,6 +29,7 @@ from .types import qtype as _qtype
 
 # Grids the allocator may pick, cheapest first.  F16/F32 are never chosen for a matrix.
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+RANDOM_CHUNKS = 8  # chunks of random token ids when --optimize has no calibration text
 ALIGN = 32  # GGUF tensor data alignment: every tensor occupies a multiple of this
 
 # NOTE: relative errors of different matrices do not hurt the model equally.  These weights
@@ -212,14 +213,15 @@ def parse_size(text: str) -> int:
 
 
 # --- the whole job: statistics, allocation, conversion ----------------------------------------
-def calibrate_source(src, text: str, *, n_ctx: int = 512, n_chunks: int | None = -1,
+def calibrate_source(src, text: str | None, *, n_ctx: int = 512, n_chunks: int | None = -1,
                      dataset: str = "", progress=None):
     """Input Hessians of the model ``src`` (GGUF file, or HF folder: converted to a temporary
-    F16 GGUF next to nothing the user has) over ``text``."""
+    F16 GGUF next to nothing the user has) over ``text``; without text, over seeded random
+    token ids (:func:`blockq.calibrate.calibrate_random`, ``n_chunks`` of them, default 8)."""
     import tempfile
     from pathlib import Path
 
-    from .calibrate import calibrate
+    from .calibrate import calibrate, calibrate_random
     from .model import Model
     from .tokenizer import Tokenizer
 
@@ -232,6 +234,9 @@ def calibrate_source(src, text: str, *, n_ctx: int = 512, n_chunks: int | None =
             convert(src, path, "F16", warn=lambda s: None)
         with Model.load(path) as m:
             tok = Tokenizer.from_metadata(m.metadata)
+            if text is None:
+                n = RANDOM_CHUNKS if n_chunks is None or n_chunks < 1 else n_chunks
+                return calibrate_random(m, tok, n_ctx=n_ctx, n_chunks=n, progress=progress)
             return calibrate(m, tok, text, n_ctx=n_ctx, n_chunks=n_chunks, dataset=dataset,
                              progress=progress)
 
@@ -317,6 +322,12 @@ def convert_optimized(src, out, preset: str = "Q4_K_M", *, text=None, hessians=N
         hs = calibrate_source(src, body, n_ctx=n_ctx, n_chunks=n_chunks, dataset=str(path),
                               progress=calib_progress)
         note(f"calibrated on {hs.chunk_count} chunks of {n_ctx} tokens of {path.name}")
+    elif optimize:
+        # no text: the model's own activations on seeded random token ids (data-free)
+        hs = calibrate_source(src, None, n_ctx=n_ctx, n_chunks=n_chunks,
+                              progress=calib_progress)
+        note(f"no calibration text: calibrated on {hs.chunk_count} chunks of {n_ctx} random "
+             "token ids (seeded)")
     md = {}
     type_plan = None
     if optimize:

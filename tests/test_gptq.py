@@ -15,6 +15,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
 import blockq
+from blockq.convert import convert
+from blockq.model import Model
 from blockq.calibrate import (HessianCollector, Hessians, calibrate, read_hessians,
                               write_hessians)
 from blockq.dequantize import dequantize_blocks_ref, quant_ints
@@ -71,7 +73,10 @@ def test_gptq_lowers_the_output_error_below_plain_rounding(name):
 def test_gptq_with_an_identity_hessian_is_plain_rounding_on_the_same_scales():
     W = RNG.standard_normal((16, 256)).astype(np.float32)
     g = gptq_quantize(W, "Q4_0", np.eye(256), damp=0.0).reshape(-1, 18)
-    p = blockq.quantize(W, "Q4_0", imatrix=np.ones(256, np.float32)).reshape(-1, 18)
+    # NOTE: each block's scale search sees that block only (its sigma^2 is the block's)
+    one = np.ones(32, np.float32)
+    p = np.concatenate([blockq.quantize(W[:, c:c + 32], "Q4_0", imatrix=one)
+                        for c in range(0, 256, 32)], axis=1).reshape(-1, 18)
     assert np.array_equal(g[:, :2], p[:, :2])  # the same scales
     qg, qp = quant_ints(g, "Q4_0"), quant_ints(p, "Q4_0")
     # the same integers, but for ties that x/d and x*(1/d) round apart
@@ -119,8 +124,6 @@ class _Tok:
 
 
 def test_calibration_equals_xtx_on_a_tiny_model_and_round_trips(tmp_path):
-    from blockq.model import Model
-
     path = write_tiny(tmp_path / "m.gguf", n_layer=2)
     m = Model.load(path)
     toks = RNG.integers(0, 260, 64)
@@ -166,7 +169,7 @@ def test_allocation_fits_the_budget_and_prefers_the_sensitive_matrix():
     assert tight.used <= 10048 and tight.types["a"] == "Q5_0" and tight.types["b"] == "Q4_0"
     with pytest.raises(BadArgument, match="below the smallest possible file"):
         allocate([curve("a", 1.0)], budget=100)
-    assert budget_of_plan({"a": "Q4_0"}, {"a": (2, 64)}) == 64  # 2 rows x 36 bytes, aligned
+    assert budget_of_plan({"a": "Q4_0"}, {"a": (2, 64)}) == 96  # 2 x 2 blocks x 18 B -> 96
     assert parse_size("1.5MiB") == 1572864 and parse_size("100") == 100
     with pytest.raises(BadArgument, match="--size"):
         parse_size("-3GB")
@@ -191,11 +194,11 @@ def test_optimized_and_calibrated_files_read_back_in_gguf_py(tmp_path):
     src = write_tiny(tmp_path / "m.gguf", n_layer=2, n_embd=256, n_ff=512, tied=False)
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(map(str, RNG.integers(0, 260, 256))))
-    h = calibrate(blockq.model.Model.load(src), _Tok(), text.read_text(), n_ctx=64)
+    h = calibrate(Model.load(src), _Tok(), text.read_text(), n_ctx=64)
     out = tmp_path / "o.gguf"
     res = convert_optimized(src, out, "Q4_K_M", hessians=h, note=lambda s: None,
                             warn=lambda s: None)
-    plain = blockq.convert.convert(src, tmp_path / "p.gguf", "Q4_K_M", warn=lambda s: None)
+    plain = convert(src, tmp_path / "p.gguf", "Q4_K_M", warn=lambda s: None)
     assert res.nbytes <= plain.nbytes
     ours = _read_all(out)
     with blockq.read_gguf(out) as f:
@@ -207,11 +210,13 @@ def test_optimized_and_calibrated_files_read_back_in_gguf_py(tmp_path):
 
 
 def test_an_interrupted_conversion_leaves_no_file(tmp_path, monkeypatch):
-    import blockq.quantize.gptq as gq
+    import importlib
+
+    gq = importlib.import_module("blockq.quantize.gptq")
     from blockq.optimize import convert_optimized
 
     src = write_tiny(tmp_path / "m.gguf", n_layer=1, tied=False)
-    h = calibrate(blockq.model.Model.load(src), _Tok(),
+    h = calibrate(Model.load(src), _Tok(),
                   " ".join(map(str, RNG.integers(0, 260, 128))), n_ctx=64)
     calls = {"n": 0}
     real = gq.gptq_quantize

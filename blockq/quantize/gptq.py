@@ -66,6 +66,18 @@ def inverse_cholesky(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
                           f"({damp:g} x mean diagonal); recalibrate with more text") from None
 
 
+_FACTOR: list = []  # [(H, scale, damp, U)]: q/k/v (gate/up) share one input's factor
+
+
+def _cached_factor(H: np.ndarray, scale: float, damp: float) -> np.ndarray:
+    for h, s, d, U in _FACTOR:
+        if h is H and s == scale and d == damp:
+            return U
+    U = inverse_cholesky(H / scale, damp)
+    _FACTOR[:] = [(H, scale, damp, U)]
+    return U
+
+
 @njit(nogil=True, cache=True)
 def _round_block(W, U, c0, c1, a, b, lo, hi, Q, E, e0):  # pragma: no cover - compiled
     """Round columns c0..c1 of W (in place, float64 (rows, cols)) onto a*q + b per column
@@ -99,7 +111,7 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
     weights the scale search of each block (default: the diagonal of ``H``).  Returns uint8
     ``(rows, row_bytes)`` exactly like :func:`blockq.quantize.quantize`.
     """
-    from ..threads import set_blas_threads
+    from ..api import _set_blas_threads as set_blas_threads
     from . import quantize  # the plain quantizers (scales search)
 
     set_blas_threads(1)
@@ -115,7 +127,7 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
     diag = np.diag(H).astype(np.float64)
     scale = float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
     imp = (diag / scale).astype(np.float32) if imatrix is None else np.asarray(imatrix, np.float32)
-    U = inverse_cholesky(H / scale, damp)
+    U = _cached_factor(H, scale, damp)
     lo, hi = RANGES[t.name]
     B = t.block_size
     nb = cols // B
