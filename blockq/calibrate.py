@@ -19,7 +19,6 @@ Memory: one float32 (n_in, n_in) sum per distinct input — for a llama-shaped m
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -150,15 +149,10 @@ def calibrate(model, tokenizer, text: str, *, n_ctx: int = 512, n_chunks: int | 
     Needs at least two chunks of text (as ``blockq imatrix``).  ``progress(i, n, ppl)`` is
     called after each chunk with the running perplexity over the second halves of the chunks.
     """
-    from .imatrix import chunks
+    from .imatrix import text_chunks
 
-    toks = tokenizer.encode(text, add_special=True)
-    if len(toks) < 2 * n_ctx:
-        raise BadArgument(f"calibration text gives {len(toks)} tokens; a context of {n_ctx} "
-                          f"needs at least {2 * n_ctx} (more text, or a smaller -c)")
-    bos = tokenizer.bos_id if getattr(tokenizer, "add_bos", False) else None
-    return _run(model, chunks(toks, n_ctx, n_chunks, bos), n_ctx, [dataset] if dataset else [],
-                progress)
+    work = text_chunks(tokenizer, text, n_ctx, n_chunks)
+    return _run(model, work, n_ctx, [dataset] if dataset else [], progress)
 
 
 def calibrate_random(model, tokenizer=None, *, n_ctx: int = 512, n_chunks: int = 8,
@@ -184,22 +178,11 @@ def calibrate_random(model, tokenizer=None, *, n_ctx: int = 512, n_chunks: int =
 def _run(model, work: list[list[int]], n_ctx: int, datasets: list[str], progress) -> Hessians:
     """Forward every chunk with the collector observing each matrix input."""
     from .api import _set_blas_threads
-    from .imatrix import log_softmax, observe_matmuls
+    from .imatrix import run_observed
 
     _set_blas_threads(1)  # OpenBLAS workers fighting Numba's made a chunk 5x slower
     col = HessianCollector(n_ctx)
-    nll, count = 0.0, 0
-    with observe_matmuls(model, col.add):
-        for i, c in enumerate(work):
-            cache = model.new_cache(n_ctx)
-            logits = model.forward(c, cache, outputs="all")  # (n_ctx, n_vocab)
-            first = n_ctx // 2
-            lp = log_softmax(logits[first:n_ctx - 1])
-            tgt = np.asarray(c[first + 1:n_ctx])
-            nll -= float(lp[np.arange(len(tgt)), tgt].sum())
-            count += len(tgt)
-            if progress is not None:
-                progress(i + 1, len(work), math.exp(nll / count))
+    run_observed(model, work, col.add, progress)
     return col.result(datasets)
 
 

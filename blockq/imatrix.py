@@ -352,24 +352,25 @@ def chunks(tokens: list[int], n_ctx: int, n_chunks: int | None, bos: int | None)
     return out
 
 
-def compute_imatrix(model, tokenizer, text: str, *, n_ctx: int = 512, n_chunks: int | None = None,
-                    dataset: str = "", process_output: bool = False,
-                    progress: Callable[[int, int, float], None] | None = None) -> Imatrix:
-    """Run ``model`` over ``text`` in chunks of ``n_ctx`` tokens and collect its imatrix.
-
-    Needs at least two chunks of text (as llama-imatrix).  ``progress(i, n, ppl)`` is called
-    after each chunk with the running perplexity over the second halves of the chunks.
-    """
+def text_chunks(tokenizer, text: str, n_ctx: int, n_chunks: int | None) -> list[list[int]]:
+    """``text`` tokenized and cut into calibration chunks (at least two, as llama-imatrix)."""
     toks = tokenizer.encode(text, add_special=True)
     if len(toks) < 2 * n_ctx:
         raise BadArgument(f"calibration text gives {len(toks)} tokens; a context of {n_ctx} "
                           f"needs at least {2 * n_ctx} (more text, or a smaller -c)")
     bos = tokenizer.bos_id if getattr(tokenizer, "add_bos", False) else None
-    work = chunks(toks, n_ctx, n_chunks, bos)
-    col = Collector(n_ctx, process_output)
+    return chunks(toks, n_ctx, n_chunks, bos)
+
+
+def run_observed(model, work: list[list[int]], observe: Callable[[str, np.ndarray], None],
+                 progress: Callable[[int, int, float], None] | None = None) -> None:
+    """Forward every chunk of ``work`` with ``observe`` seeing each matrix input;
+    ``progress(i, n, ppl)`` after each chunk with the running perplexity over the second
+    halves of the chunks."""
     nll, count = 0.0, 0
-    with observe_matmuls(model, col.add):
+    with observe_matmuls(model, observe):
         for i, c in enumerate(work):
+            n_ctx = len(c)
             cache = model.new_cache(n_ctx)
             logits = model.forward(c, cache, outputs="all")  # (n_ctx, n_vocab)
             first = n_ctx // 2
@@ -379,6 +380,19 @@ def compute_imatrix(model, tokenizer, text: str, *, n_ctx: int = 512, n_chunks: 
             count += len(tgt)
             if progress is not None:
                 progress(i + 1, len(work), math.exp(nll / count))
+
+
+def compute_imatrix(model, tokenizer, text: str, *, n_ctx: int = 512, n_chunks: int | None = None,
+                    dataset: str = "", process_output: bool = False,
+                    progress: Callable[[int, int, float], None] | None = None) -> Imatrix:
+    """Run ``model`` over ``text`` in chunks of ``n_ctx`` tokens and collect its imatrix.
+
+    Needs at least two chunks of text (as llama-imatrix).  ``progress(i, n, ppl)`` is called
+    after each chunk with the running perplexity over the second halves of the chunks.
+    """
+    work = text_chunks(tokenizer, text, n_ctx, n_chunks)
+    col = Collector(n_ctx, process_output)
+    run_observed(model, work, col.add, progress)
     return col.result([dataset] if dataset else [])
 
 

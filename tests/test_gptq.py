@@ -26,6 +26,7 @@ from blockq.quantize.codes import RANGES, affine, expand, pack_codes
 from blockq.quantize.gptq import gptq_quantize, inverse_cholesky, output_error
 from blockq.types import qtype
 
+from test_imatrix import _Tok
 from tiny_model import write_tiny
 
 GRIDS = list(RANGES)
@@ -114,13 +115,6 @@ def test_hessian_collector_sums_xtx_once_per_shared_input():
     assert h.counts["blk.0.attn_q.weight"] == 64
     np.testing.assert_allclose(h.importance("blk.0.attn_k.weight"),
                                (x1 * x1 + x2 * x2).sum(0) / 64, rtol=1e-5)
-
-
-class _Tok:
-    add_bos, bos_id = False, None
-
-    def encode(self, text, add_special=True):
-        return [int(t) for t in text.split()]
 
 
 def test_calibration_equals_xtx_on_a_tiny_model_and_round_trips(tmp_path):

@@ -25,7 +25,6 @@ All files are scored by one KLD tool (blockq's ``kl_divergence_many``) against t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from kld_table import LICENSES, digest, log  # noqa: E402
+
 from blockq import fetch  # noqa: E402
 from blockq.convert import convert  # noqa: E402
 from blockq.imatrix import (compute_imatrix, kl_divergence_many, read_imatrix,  # noqa: E402
@@ -46,19 +47,6 @@ from blockq.model import Model  # noqa: E402
 from blockq.tokenizer import Tokenizer  # noqa: E402
 
 PRESETS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
-LICENSES = Path("/usr/share/common-licenses")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while b := fh.read(1 << 24):
-            h.update(b)
-    return h.hexdigest()
 
 
 def run_blockq(args: list[str]) -> tuple[float, float]:

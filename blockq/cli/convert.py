@@ -153,17 +153,27 @@ class _ConvertBar:
 
 # -- calibrate ----------------------------------------------------------------------------------
 
-@click.command()
-@_model_arg
-@click.option("-f", "--file", "text_file", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Calibration text.")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("calibration.gguf"), show_default=True)
-@click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True,
-              help="Tokens per chunk.")
-@click.option("--chunks", type=int, default=-1, show_default=True,
-              help="Chunks to process; -1 = all the text gives.")
+def _calibration_opts(default_out: str):
+    """MODEL, -f TEXT, -o OUT, -c, --chunks: what calibrate and imatrix both take."""
+    def wrap(f):
+        for deco in reversed((
+                click.command(), _model_arg,
+                click.option("-f", "--file", "text_file", required=True,
+                             type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                             help="Calibration text."),
+                click.option("-o", "--output", "out",
+                             type=click.Path(dir_okay=False, path_type=Path),
+                             default=Path(default_out), show_default=True),
+                click.option("-c", "--ctx-size", "n_ctx", type=int, default=512,
+                             show_default=True, help="Tokens per chunk."),
+                click.option("--chunks", type=int, default=-1, show_default=True,
+                             help="Chunks to process; -1 = all the text gives."))):
+            f = deco(f)
+        return f
+    return wrap
+
+
+@_calibration_opts("calibration.gguf")
 @click.option("-t", "--threads", type=int, default=None)
 def calibrate(model, text_file, out, n_ctx, chunks, threads):
     """Collect the input Hessians (sums of x x^T) of MODEL's matrices over a text, for
@@ -184,17 +194,7 @@ def calibrate(model, text_file, out, n_ctx, chunks, threads):
 
 # -- imatrix ------------------------------------------------------------------------------------
 
-@click.command()
-@_model_arg
-@click.option("-f", "--file", "text_file", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Calibration text.")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("imatrix.gguf"), show_default=True)
-@click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True,
-              help="Tokens per chunk.")
-@click.option("--chunks", type=int, default=-1, show_default=True,
-              help="Chunks to process; -1 = all the text gives.")
+@_calibration_opts("imatrix.gguf")
 @click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default=None,
               help="File format (default: dat for a .dat name, else gguf).")
 @click.option("--process-output", is_flag=True, help="Collect output.weight too.")
