@@ -13,8 +13,9 @@ measured by the caller) and the sum over tensors is minimised under the budget:
 2. Greedy fill: the bytes left under the budget go to the upgrades with the best error drop
    per byte, as long as they fit.
 
-The budget is either a number of bytes or a preset (``budget_of_plan``): llama-quantize's type
-plan for that preset, so the optimized file is never larger than llama-quantize's.
+The budget is a number of bytes (``--bpw`` / ``--size``) or a preset's plan
+(``budget_of_plan``).  ``convert --optimize`` alone keeps the preset's types (see the NOTE in
+:func:`convert_optimized`).
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ CANDIDATES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q
 RANDOM_CHUNKS = 8  # chunks of random token ids when --optimize has no calibration text
 ALIGN = 32  # GGUF tensor data alignment: every tensor occupies a multiple of this
 
-# NOTE: relative errors of different matrices do not hurt the model equally.  These weights
-# were fitted on SmolLM2-135M (tools/quality_table.py --fit-roles): the KLD that quantizing one
-# role alone costs, per unit of summed relative error of that role.
+# NOTE: relative errors of different matrices do not hurt the model equally; these per-role
+# weights are where measured sensitivities (the KLD that quantizing one role alone costs, per
+# unit of its summed relative error) belong.  They are not fitted yet: all 1.
 ROLE_WEIGHT = {"attn_q": 1.0, "attn_k": 1.0, "attn_v": 1.0, "attn_output": 1.0,
                "ffn_gate": 1.0, "ffn_up": 1.0, "ffn_down": 1.0, "output": 1.0,
                "token_embd": 1.0}
@@ -295,8 +296,10 @@ def convert_optimized(src, out, preset: str = "Q4_K_M", *, text=None, hessians=N
                       optimize: bool = True, bpw: float | None = None, size=None,
                       n_ctx: int = 512, n_chunks: int | None = -1, imatrix=None, overrides=(),
                       calib_progress=None, note=None, warn=None, threads: int | None = None):
-    """``blockq convert --calib/--hessians/--optimize``: statistics, then the allocation, then
-    the conversion with error-compensated rounding.  Returns :class:`blockq.convert.Result`."""
+    """``blockq convert --calib/--hessians/--optimize/--bpw/--size``: calibration statistics
+    (from the text, the side file, or — ``optimize`` without either — seeded random token ids),
+    the allocation when a budget (``bpw``/``size``) is given, then the conversion with
+    error-compensated rounding.  Returns :class:`blockq.convert.Result`."""
     import sys
     from pathlib import Path
 
@@ -330,7 +333,12 @@ def convert_optimized(src, out, preset: str = "Q4_K_M", *, text=None, hessians=N
              "token ids (seeded)")
     md = {}
     type_plan = None
-    if optimize:
+    if bpw is not None or size is not None:
+        # NOTE: only an explicit budget re-allocates types.  Within the preset's own budget on
+        # SmolLM2 the allocator, weighting every matrix's relative error alike (ROLE_WEIGHT is
+        # not fitted yet), moved 210 of 211 matrices and left 6.8 of 98.7 MiB unused, starving
+        # the large output head; --optimize keeps llama.cpp's types and gains through the
+        # rounding alone until the weights are measured.
         plan = plan_budget(src, preset, hs, bpw=bpw, size=size, overrides=overrides, note=note)
         type_plan = plan.types
         md["quantize.blockq.allocation"] = Value(

@@ -12,10 +12,11 @@ For every preset four files are made from the same base:
   ``llama_cpp.llama_model_quantize``).  Without llama-cpp-python installed, blockq's plain
   ``convert`` stands in: its files are byte-identical to llama-quantize's (README), and the
   table says ``stand-in``.
-- ``blockq convert BASE OUT --type P --optimize`` (no text) and
-  ``blockq convert BASE OUT --type P --optimize --calib calib.txt``, run as commands; the calib
-  command is timed with its peak RSS for the first preset, later presets reuse its statistics
-  through ``--hessians`` (the same numbers, without recalibrating).
+- ``blockq convert BASE OUT --type P --optimize`` (no text) and, with the text,
+  ``blockq calibrate BASE -f calib.txt -o H`` once then ``blockq convert BASE OUT --type P
+  --optimize --hessians H`` per preset: the same file as ``--optimize --calib calib.txt`` (which
+  runs that calibration inside), without recalibrating for every preset.  Each command is timed
+  with its peak RSS.
 
 All files are scored by one KLD tool (blockq's ``kl_divergence_many``) against the base.
 
@@ -130,18 +131,16 @@ def main() -> None:
             t_llama = time.perf_counter() - t0
             args = ["convert", str(base_path), str(bq), "--type", preset, "--optimize",
                     "--quiet"]
-            if calib and not hs_path.exists():
-                wall, rss = run_blockq(args + ["--calib", str(calib_path),
-                                               "--calib-chunks", str(a.calib_chunks)])
-                timing["calib+convert"] = (preset, wall, rss)
-                # keep the statistics for the other presets (same numbers, no recalibration)
-                run_blockq(["calibrate", str(base_path), "-f", str(calib_path), "-o",
-                            str(hs_path), "--chunks", str(a.calib_chunks)])
-            elif calib:
+            if calib:
+                if not hs_path.exists():
+                    w, r = run_blockq(["calibrate", str(base_path), "-f", str(calib_path), "-o",
+                                       str(hs_path), "--chunks", str(a.calib_chunks)])
+                    timing["calibrate"] = (preset, w, r)
                 wall, rss = run_blockq(args + ["--hessians", str(hs_path)])
+                timing.setdefault("convert --hessians", (preset, wall, rss))
             else:
                 wall, rss = run_blockq(args)
-                timing.setdefault("convert (no text)", (preset, wall, rss))
+                timing.setdefault("convert --optimize (no text)", (preset, wall, rss))
             log(f"{tag}: blockq {wall:.1f} s ({rss:.0f} MiB peak), llama ({who}) {t_llama:.1f} s")
             dl, db = digest(lq), digest(bq)
             files.setdefault(dl, lq)

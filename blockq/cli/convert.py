@@ -51,12 +51,15 @@ def _threads(threads):
 @click.option("--hessians", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration statistics from 'blockq calibrate' (instead of --calib).")
 @click.option("--optimize", is_flag=True,
-              help="Choose each tensor's type from measured errors within the preset's size "
-                   "(never larger than llama-quantize's file), or within --bpw/--size.")
-@click.option("--bpw", type=float, default=None, help="Size budget in bits per weight "
+              help="Lose less at the preset's size (its types, so never larger than "
+                   "llama-quantize's file): error-compensated rounding under calibration "
+                   "statistics, from --calib/--hessians or, without them, from seeded random "
+                   "token ids.")
+@click.option("--bpw", type=float, default=None, help="Size budget in bits per weight: types "
+                                                       "allocated from measured errors "
                                                        "(implies --optimize).")
 @click.option("--size", "size", default=None, help="Size budget of the matrices, e.g. 100MiB "
-                                                    "(implies --optimize).")
+                                                    "(as --bpw).")
 @click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True,
               help="Tokens per calibration chunk.")
 @click.option("--calib-chunks", type=int, default=-1, show_default=True,
@@ -70,8 +73,8 @@ def convert(src, out, type_arg, preset, imatrix, overrides, calib, hessians, opt
 
     Every tensor gets the type llama-quantize gives it for the preset (TYPE or --type); tensors
     are read, quantized and written one at a time, and OUT appears only once it is complete.
-    With --calib/--hessians the matrices are rounded with error compensation; with --optimize
-    (or --bpw/--size) the types are chosen from measured errors within the size budget.
+    With --calib/--hessians/--optimize the matrices are rounded with error compensation; with
+    --bpw/--size the types are chosen from measured errors within that budget.
     """
     from ..convert import convert as convert_fn
     from ..errors import BadArgument
