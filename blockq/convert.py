@@ -869,10 +869,8 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
             md["quantize.imatrix.entries_count"] = Value(ValueType.UINT32, len(im.entries))
             if im.chunk_count > 0:
                 md["quantize.imatrix.chunks_count"] = Value(ValueType.UINT32, im.chunk_count)
-        if hs is not None:
-            md["quantize.blockq.rounding"] = "error-compensated (GPTQ) under calibration Hessians"
-            if hs.datasets:
-                md["quantize.blockq.calibration"] = hs.datasets[0]
+        # NOTE: no key says how the blocks were rounded: the file stays byte for byte the size
+        # of llama-quantize's for the same plan (a reader needs no such key to decode them)
         md.update(extra_metadata or {})
         tensors = sorted(ck.tensors, key=lambda t: _presets.order_key(t.name))
         total = sum(t.nbytes for t in tensors)

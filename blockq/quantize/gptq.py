@@ -131,18 +131,20 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
     lo, hi = RANGES[t.name]
     B = t.block_size
     nb = cols // B
-    Wc = W0.astype(np.float64)  # corrected weights, updated in place
+    # float32 like GPTQ itself: halves the memory of a vocabulary-sized head
+    U = U.astype(np.float32)
+    Wc = W0.copy()  # corrected weights, updated in place
     Q = np.zeros((rows, cols), dtype=np.int16)
     out = np.empty((rows, nb, t.type_size), dtype=np.uint8)
     step = max(B, (batch // B) * B)
     for s0 in range(0, cols, step):
         s1 = min(cols, s0 + step)
-        E = np.zeros((rows, s1 - s0))
+        E = np.zeros((rows, s1 - s0), dtype=np.float32)
         for c0 in range(s0, s1, B):
             c1 = c0 + B
             blk = quantize(Wc[:, c0:c1].astype(np.float32), t.name, imatrix=imp[c0:c1])
             a, b = affine(blk, t)
-            a, b = expand(a, t).astype(np.float64), expand(b, t).astype(np.float64)
+            a, b = expand(a, t), expand(b, t)  # float32 (rows, B)
             _round_block(Wc, U, c0, c1, a, b, lo, hi, Q, E, c0 - s0)
             # the rest of this batch sees this block's errors now
             if c1 < s1:
