@@ -104,6 +104,8 @@ class HessianCollector:
         self._last_ref = None
 
     def add(self, name: str, x: np.ndarray) -> None:
+        from .imatrix import accumulate
+
         if not self.wanted(name) or x.shape[0] < MIN_BATCH:
             return
         print_ = _fingerprint(x)
@@ -123,16 +125,7 @@ class HessianCollector:
         if not np.isfinite(xtx).all():
             raise BadArgument(f"non-finite activations entering {name}; the model overflows on "
                               "this text")
-        prev = self.sums.get(g)
-        if prev is None:
-            self.sums[g] = xtx
-            self.counts[g] = a.shape[0]
-        else:
-            if prev.shape != xtx.shape:
-                raise BadArgument(f"{name}: inputs of {xtx.shape[0]} columns after "
-                                  f"{prev.shape[0]}; one matrix has one width")
-            prev += xtx
-            self.counts[g] += a.shape[0]
+        accumulate(self.sums, self.counts, g, name, xtx, a.shape[0])
         self._last, self._last_ref = (print_, g), x
 
     def result(self, datasets: Iterable[str] = ()) -> Hessians:

@@ -272,6 +272,21 @@ def write_imatrix(path, im: Imatrix, fmt: str | None = None) -> Path:
 
 
 # --- the accumulator ------------------------------------------------------------------------
+def accumulate(sums: dict, counts: dict, key: str, name: str, value: np.ndarray, n: int) -> None:
+    """Add one product's statistics ``value`` over ``n`` tokens to ``sums[key]`` (checked: an
+    input keeps one width); shared by the imatrix and Hessian collectors."""
+    prev = sums.get(key)
+    if prev is None:
+        sums[key] = value
+        counts[key] = n
+        return
+    if prev.shape != value.shape:
+        raise BadArgument(f"{name}: inputs of {value.shape[0]} columns after "
+                          f"{prev.shape[0]}; one matrix has one width")
+    prev += value
+    counts[key] += n
+
+
 class Collector:
     """Sums squared input activations per column of every matrix the model multiplies.
 
@@ -300,16 +315,7 @@ class Collector:
         if not np.isfinite(sq).all():
             raise BadArgument(f"non-finite activations entering {name}; the model overflows "
                               "on this text")
-        prev = self._sums.get(name)
-        if prev is None:
-            self._sums[name] = sq
-            self._counts[name] = x.shape[0]
-        else:
-            if prev.shape != sq.shape:
-                raise BadArgument(f"{name}: inputs of {sq.shape[0]} columns after "
-                                  f"{prev.shape[0]}; one matrix has one width")
-            prev += sq
-            self._counts[name] += x.shape[0]
+        accumulate(self._sums, self._counts, name, name, sq, x.shape[0])
 
     @property
     def chunk_count(self) -> int:
