@@ -35,6 +35,7 @@ USERS = "hessian.users."
 DATASETS = "hessian.datasets"
 CHUNK_SIZE = "hessian.chunk_size"
 CHUNK_COUNT = "hessian.chunk_count"
+RANDOM_DATASET = "random tokens"  # dataset name prefix of data-free calibration
 MIN_BATCH = 16  # like llama-imatrix, products over fewer tokens are not counted
 
 
@@ -49,6 +50,11 @@ class Hessians:
     chunk_size: int = 0
     chunk_count: int = 0
     _mean: tuple = field(default=(None, None), repr=False, compare=False)
+
+    @property
+    def data_free(self) -> bool:
+        """Collected on random token ids (:func:`calibrate_random`), not on text."""
+        return bool(self.datasets) and all(d.startswith(RANDOM_DATASET) for d in self.datasets)
 
     def group_of(self, weight: str) -> str | None:
         for g, names in self.users.items():
@@ -165,7 +171,7 @@ def calibrate_random(model, tokenizer=None, *, n_ctx: int = 512, n_chunks: int =
         if bos is not None:
             c[0] = bos
         work.append(c)
-    return _run(model, work, n_ctx, [f"random tokens (seed {seed})"], progress)
+    return _run(model, work, n_ctx, [f"{RANDOM_DATASET} (seed {seed})"], progress)
 
 
 def _run(model, work: list[list[int]], n_ctx: int, datasets: list[str], progress) -> Hessians:

@@ -880,7 +880,8 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
             H = hs.hessian(t.name) if hs is not None else None
             items.append((t.name, types[t.name], t.shape,
                           _producer(t, types[t.name], vectors.get(t.name), i, len(tensors),
-                                    total, state, progress, watch, H)))
+                                    total, state, progress, watch, H,
+                                    data_free=hs is not None and hs.data_free)))
         from .gguf.writer import write_gguf
         path = write_gguf(out, md, items, file_type=p.ftype)
     n_params = sum(math.prod(t.shape) for t in tensors)
@@ -906,15 +907,16 @@ def _set_threads(n: int) -> None:
 
 
 def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: int, total: int,
-              state: dict, progress, watch: SourceWatch, hessian: np.ndarray | None = None
-              ) -> Callable[[], np.ndarray]:
+              state: dict, progress, watch: SourceWatch, hessian: np.ndarray | None = None,
+              data_free: bool = False) -> Callable[[], np.ndarray]:
     """A callable the writer calls when this tensor's turn comes: returns its encoded bytes.
 
     With ``hessian`` (the tensor's input statistics) and a target with an integer grid, the
-    whole matrix is read and quantized with error-compensated rounding."""
+    whole matrix is read and quantized with error-compensated rounding (``data_free``: the
+    statistics came from random token ids, see :func:`blockq.quantize.gptq.settings`)."""
     from .quantize import quantize
     from .quantize.codes import supported
-    from .quantize.gptq import gptq_quantize
+    from .quantize.gptq import gptq_quantize, settings as gptq_settings
 
     def report():
         if progress is not None:
@@ -935,7 +937,8 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
             if hessian is not None and supported(tt.name) and hessian.shape[0] == t.cols:
                 x = t.read_rows(0, t.rows)  # (rows, cols) float32
                 _check_finite(t, x, 0)
-                out = gptq_quantize(x, tt, hessian, imatrix=imp, name=t.name)
+                out = gptq_quantize(x, tt, hessian, imatrix=imp, name=t.name,
+                                    **gptq_settings(data_free))
                 state["done"] += t.nbytes
                 report()
                 return out
