@@ -23,7 +23,8 @@ from blockq.dequantize import dequantize_blocks_ref, quant_ints
 from blockq.errors import BadArgument, FormatError
 from blockq.optimize import Curve, allocate, budget_of_plan, candidates, measure, parse_size
 from blockq.quantize.codes import RANGES, affine, expand, pack_codes
-from blockq.quantize.gptq import gptq_quantize, inverse_cholesky, output_error
+from blockq.quantize.gptq import (DATA_FREE_DAMP, DEFAULT_DAMP, column_order, gptq_quantize,
+                                  inverse_cholesky, output_error, refit_scales)
 from blockq.types import qtype
 
 from test_imatrix import _Tok
@@ -82,6 +83,85 @@ def test_gptq_with_an_identity_hessian_is_plain_rounding_on_the_same_scales():
     qg, qp = quant_ints(g, "Q4_0"), quant_ints(p, "Q4_0")
     # the same integers, but for ties that x/d and x*(1/d) round apart
     assert np.abs(qg - qp).max() <= 1 and (qg == qp).mean() > 0.995
+
+
+def test_act_order_keeps_blocks_together_and_packs_each_code_in_its_place():
+    d = np.exp(RNG.standard_normal(512))
+    order = column_order(np.diag(d), 32)
+    assert sorted(order) == list(range(512))
+    blocks = order.reshape(16, 32) // 32
+    assert (blocks == blocks[:, :1]).all()  # each run of 32 is one block of the file
+    sums = d.reshape(16, 32).sum(1)[blocks[:, 0]]
+    assert (np.diff(sums) <= 0).all() and (np.diff(d[order].reshape(16, 32), axis=1) <= 0).all()
+    # a diagonal H propagates nothing: in any rounding order every block gets plain
+    # rounding's scales (diag(H) as the importance) and each weight its nearest code on them,
+    # so a misplaced code or scale would show here
+    W = RNG.standard_normal((8, 512)).astype(np.float32)
+    for name in ("Q4_1", "Q6_K"):
+        t = qtype(name)
+        g = gptq_quantize(W, name, np.diag(d), damp=0.0, refit=False).reshape(-1, t.type_size)
+        imp = (d / d.mean()).astype(np.float32)  # as gptq_quantize scales it
+        B = t.block_size  # each block's search sees that block only (as in the identity test)
+        p = np.concatenate([blockq.quantize(W[:, c:c + B], name, imatrix=imp[c:c + B])
+                            for c in range(0, 512, B)], axis=1).reshape(-1, t.type_size)
+        a, b = affine(p, name)
+        a, b = expand(a, t), expand(b, t)
+        assert np.array_equal(a, expand(affine(g, name)[0], t))  # the same scales
+        lo, hi = RANGES[name]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            near = np.clip(np.rint((W.reshape(a.shape) - b) / a), lo, hi)
+        qg = quant_ints(g, name)
+        ok = a != 0
+        assert (qg[ok] == near[ok]).mean() > 0.999, name  # ties of x/d against x*(1/d) aside
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_scale_refit_changes_only_the_fp16_fields_and_never_raises_the_error(name):
+    t = qtype(name)
+    X = _correlated(1024, 256, seed=3)
+    H = (X.T @ X / len(X)).astype(np.float32)
+    W = RNG.standard_normal((32, 256)).astype(np.float32)
+    g = gptq_quantize(W, name, H, refit=False)
+    q = quant_ints(g.reshape(-1, t.type_size), name).reshape(32, 256).astype(np.float32)
+    r = refit_scales(g, t, W, H, q)
+    assert r.shape == g.shape and r.dtype == np.uint8
+    # the codes and the sub-block scale codes are kept: only d (and dmin / m) move
+    assert np.array_equal(quant_ints(r.reshape(-1, t.type_size), name).reshape(q.shape), q)
+    a0, _ = affine(g.reshape(-1, t.type_size), name)
+    a1, _ = affine(r.reshape(-1, t.type_size), name)
+    assert np.array_equal(a0 == 0, a1 == 0)
+    e0 = output_error(W, blockq.dequantize(g, name, W.shape), H)
+    e1 = output_error(W, blockq.dequantize(r, name, W.shape), H)
+    assert e1 < e0, (name, e1 / e0)  # row by row never worse, here better overall
+    rows0 = [output_error(W[i:i + 1], blockq.dequantize(g[i:i + 1], name, (1, 256)), H)
+             for i in range(32)]
+    rows1 = [output_error(W[i:i + 1], blockq.dequantize(r[i:i + 1], name, (1, 256)), H)
+             for i in range(32)]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(rows0, rows1))
+
+
+def test_data_free_statistics_get_the_heavier_damping_and_no_refit(tmp_path, monkeypatch):
+    import importlib
+
+    from blockq.calibrate import calibrate_random
+    from blockq.optimize import convert_optimized
+
+    gq = importlib.import_module("blockq.quantize.gptq")
+    src = write_tiny(tmp_path / "m.gguf", n_layer=1, n_embd=256, n_ff=512, tied=False)
+    seen = []
+    real = gq.gptq_quantize
+    monkeypatch.setattr(gq, "gptq_quantize", lambda *a, **k: seen.append(k) or real(*a, **k))
+    m = Model.load(src)
+    hr = calibrate_random(m, _Tok(), n_ctx=64, n_chunks=2)
+    ht = calibrate(m, _Tok(), " ".join(map(str, RNG.integers(0, 260, 256))), n_ctx=64)
+    assert hr.data_free and not ht.data_free
+    write_hessians(tmp_path / "r.gguf", hr)
+    assert read_hessians(tmp_path / "r.gguf").data_free  # the side file keeps it
+    for h, damp, refit in ((hr, DATA_FREE_DAMP, False), (ht, DEFAULT_DAMP, True)):
+        seen.clear()
+        convert_optimized(src, tmp_path / "o.gguf", "Q4_K_M", hessians=h, note=lambda s: None,
+                          warn=lambda s: None)
+        assert seen and all(k["damp"] == damp and k["refit"] == refit for k in seen)
 
 
 def test_bad_hessians_are_refused_in_one_line():

@@ -1,8 +1,7 @@
 """Every quantized grid as ``w = a * q + b``: the affine view of a block and its integer codes.
 
-Error-compensated rounding (:mod:`blockq.quantize.gptq`) and the refining searches
-(:mod:`blockq.quantize.refine`) pick the integers of a block themselves once its scales are set.
-They need two things per type, both here:
+Error-compensated rounding (:mod:`blockq.quantize.gptq`) picks the integers of a block itself
+once its scales are set.  It needs two things per type, both here:
 
 - :func:`affine` — for blocks already holding scales (and mins): per weight the step ``a`` and
   offset ``b`` of its sub-block and the integer range, so that the weight decodes as ``a*q + b``

@@ -13,6 +13,12 @@ first column is reached, from blockq's importance-weighted search (llama.cpp's a
 the *already corrected* weights of that block; they are then frozen and the block's columns are
 rounded onto ``a*q + b`` (:mod:`blockq.quantize.codes`).  The bytes are standard blocks of the
 type; any GGUF reader decodes them.
+
+Order: whole blocks are taken by falling input energy and, inside a block, columns by falling
+energy (:func:`column_order`): GPTQ's act-order, kept block-contiguous so each block's scales
+are still fitted when its first column comes.  Refit: once every code is fixed, each block's
+fp16 step (and offset) is refitted by least squares under ``H`` (:func:`refit_scales`), the
+sub-block scale codes kept.
 """
 from __future__ import annotations
 
