@@ -219,6 +219,10 @@ def refit_scales(blocks: np.ndarray, qtype, W, H, Q: np.ndarray, ridge: float = 
     t = _qtype(qtype)
     W = np.asarray(W, np.float32)
     rows, cols = W.shape
+    slab = max(1, (32 << 20) // (4 * cols))  # rows at a time: bounded memory for a large head
+    if rows > slab:
+        return np.concatenate([refit_scales(blocks[r:r + slab], t, W[r:r + slab], H,
+                                            Q[r:r + slab], ridge) for r in range(0, rows, slab)])
     B = t.block_size
     nb = cols // B
     fd, fm = _SCALE_FIELDS[t.name]
