@@ -191,12 +191,14 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
         if s1 < cols:
             Wc[:, s1:] -= E @ U[s0:s1, s1:]
     out = out.reshape(rows, nb * t.type_size)
+    del Wc, E  # before the refit's own arrays: peak memory on a vocabulary-sized head
     if refit:
         Qo = np.empty_like(Q)
         Qo[:, order] = Q
+        del Q
         Hd = np.array(H, np.float32) / np.float32(scale)
         Hd[np.arange(cols), np.arange(cols)] += np.float32(damp * float(np.diag(Hd).mean()))
-        out = refit_scales(out, t, W0, Hd, Qo.astype(np.float32))
+        out = refit_scales(out, t, W0, Hd, Qo)
     return out
 
 
@@ -219,10 +221,11 @@ def refit_scales(blocks: np.ndarray, qtype, W, H, Q: np.ndarray, ridge: float = 
     t = _qtype(qtype)
     W = np.asarray(W, np.float32)
     rows, cols = W.shape
-    slab = max(1, (32 << 20) // (4 * cols))  # rows at a time: bounded memory for a large head
+    slab = max(1, (8 << 20) // (4 * cols))  # rows at a time: bounded memory for a large head
     if rows > slab:
         return np.concatenate([refit_scales(blocks[r:r + slab], t, W[r:r + slab], H,
                                             Q[r:r + slab], ridge) for r in range(0, rows, slab)])
+    Q = np.asarray(Q, np.float32)
     B = t.block_size
     nb = cols // B
     fd, fm = _SCALE_FIELDS[t.name]
