@@ -61,11 +61,14 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
                n_head_kv: int = 2, n_ff: int = 512, rope_freqs: bool = False,
                rope_scale: float = 0.0, seed: int = 0, drop: str | None = None,
                out_qtype: str | None = None, extra_md: dict | None = None,
-               head_dim: int = 0, sliding_window: int = 0) -> Path:
+               head_dim: int = 0, sliding_window: int = 0,
+               rope_factors: bool = False) -> Path:
     """Write a random ``arch`` model; 2-D weights in ``qtype`` (norms and biases stay F32).
 
     ``arch="qwen3"`` adds q/k norms, ``"gemma3"`` those and its sandwich norms, ``"gemma2"``
-    the sandwich norms; ``sliding_window`` sets the Gemmas' local layers' window.
+    the sandwich norms; ``sliding_window`` sets the Gemmas' local layers' window.  ``"phi3"``
+    fuses q/k/v into ``attn_qkv`` and gate/up into ``ffn_up``; ``rope_factors`` adds Phi-3's
+    ``rope_factors_long`` / ``_short`` tensors.
     """
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
@@ -116,9 +119,20 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
     if rope_freqs:
         tensors.append(("rope_freqs.weight", "F32", (hd // 2,),
                         np.linspace(1.0, 8.0, hd // 2).astype(np.float32)))
+    if rope_factors:
+        for name, hi in (("rope_factors_long", 16.0), ("rope_factors_short", 2.0)):
+            tensors.append((name + ".weight", "F32", (hd // 2,),
+                            np.geomspace(1.0, hi, hd // 2).astype(np.float32)))
     for i in range(n_layer):
         p = f"blk.{i}."
         vec(p + "attn_norm.weight", n_embd)
+        if arch == "phi3":
+            mat(p + "attn_qkv.weight", (n_head + 2 * n_head_kv) * hd, n_embd)
+            mat(p + "attn_output.weight", n_embd, n_head * hd)
+            vec(p + "ffn_norm.weight", n_embd)
+            mat(p + "ffn_up.weight", 2 * n_ff, n_embd)
+            mat(p + "ffn_down.weight", n_embd, n_ff)
+            continue
         mat(p + "attn_q.weight", n_head * hd, n_embd)
         mat(p + "attn_k.weight", n_head_kv * hd, n_embd)
         mat(p + "attn_v.weight", n_head_kv * hd, n_embd)

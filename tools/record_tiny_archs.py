@@ -1,13 +1,14 @@
 """llama.cpp's outputs on tiny random models of every architecture blockq runs, for
 tests/test_archs_llama_cpp.py.
 
-    python tools/record_tiny_archs.py [-t THREADS]
+    python tools/record_tiny_archs.py [-t THREADS] [--cases NAME,...]
 
 Each case is written by blockq's writer in llama.cpp's layout (tests/tiny_model.py's
 ``write_tiny``, fixed seed), loaded by llama.cpp (llama-cpp-python), and fed 5 prompts of random
 token ids: the last position's logits and 32 greedy tokens (prompt in one batch, then one token
 at a time, logits of the last token only) are saved to tests/data/llama_cpp_tiny_archs.json with
 the file's sha256, so the test can check it rebuilt the same file before replaying.
+``--cases`` re-records only those cases and keeps the others as recorded.
 llama-cpp-python is needed here only, never by the tests.
 """
 from __future__ import annotations
@@ -38,6 +39,32 @@ CASES = {
     "gemma2": dict(arch="gemma2", n_layer=2, sliding_window=8),
     # 7 layers: 6 local ones with a window shorter than prompt + continuation, 1 global
     "gemma3": dict(arch="gemma3", n_layer=7, n_head_kv=1, sliding_window=8, tied=False),
+    # Phi-3 long-context rope: the 64-token context (256 once llama.cpp rounds it up) is beyond
+    # the original 128, so the long factors apply; cos and sin times attn_factor.  (A name
+    # with "phi3" in it makes llama.cpp's vocabulary look up Phi-3's own special tokens.)
+    "phi3": dict(arch="phi3", n_layer=2, tied=False, rope_factors=True,
+                 extra_md={"general.name": "tiny-p3", "phi3.rope.scaling.attn_factor": 1.19,
+                           "phi3.rope.scaling.original_context_length": 128}),
+    # ... and within the original context (256), the short factors
+    "phi3-short": dict(arch="phi3", n_layer=2, tied=False, rope_factors=True, seed=1,
+                       extra_md={"general.name": "tiny-p3",
+                                 "phi3.rope.scaling.original_context_length": 256}),
+    # llama 3.x: rope_freqs.weight frequency factors
+    "llama-rope-freqs": dict(arch="llama", n_layer=2, tied=False, rope_freqs=True, seed=2),
+    # YaRN: 4x context extension of an original 64-token context, attn_factor on top
+    "llama-yarn": dict(arch="llama", n_layer=2, tied=False, seed=3,
+                       extra_md={"llama.rope.scaling.type": "yarn",
+                                 "llama.rope.scaling.factor": 4.0,
+                                 "llama.rope.scaling.original_context_length": 64,
+                                 "llama.rope.scaling.attn_factor": 0.9}),
+    "qwen3-yarn": dict(arch="qwen3", n_layer=2, tied=False, seed=4,
+                       extra_md={"qwen3.rope.scaling.type": "yarn",
+                                 "qwen3.rope.scaling.factor": 2.0,
+                                 "qwen3.rope.scaling.original_context_length": 32}),
+    # Mistral-style sliding window on arch llama: llama.cpp's llama reads no window (every
+    # layer sees all keys), and neither does blockq; the window is shorter than the prompts
+    "llama-swa": dict(arch="llama", n_layer=2, tied=False, seed=5,
+                      extra_md={"llama.attention.sliding_window": 4}),
 }
 N_PROMPTS, PROMPT_LEN, N_GREEDY = 5, 6, 32
 
@@ -69,11 +96,21 @@ def llama_cpp_run(path: Path, prompt: list[int], threads: int) -> tuple[np.ndarr
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-t", "--threads", type=int, default=1)
+    ap.add_argument("--cases", help="comma-separated case names to re-record (default: all)")
     a = ap.parse_args(argv)
+    out = ROOT / "tests" / "data" / "llama_cpp_tiny_archs.json"
     rec = {"note": "llama.cpp on blockq-written tiny models (tools/record_tiny_archs.py)",
            "n_vocab": N_VOCAB, "cases": {}}
+    names = list(CASES)
+    if a.cases:
+        names = a.cases.split(",")
+        unknown = [n for n in names if n not in CASES]
+        if unknown:
+            ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+        rec = json.loads(out.read_text())
     with tempfile.TemporaryDirectory() as d:
-        for name, kw in CASES.items():
+        for name in names:
+            kw = CASES[name]
             path = write_tiny(Path(d) / f"{name}.gguf", **kw)
             runs = []
             for p in prompts():
@@ -83,7 +120,7 @@ def main(argv=None) -> None:
             rec["cases"][name] = {"write_tiny": kw, "runs": runs,
                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
             print(f"{name}: greedy {[r['greedy'][:8] for r in runs]}")
-    out = ROOT / "tests" / "data" / "llama_cpp_tiny_archs.json"
+    rec["cases"] = {n: rec["cases"][n] for n in CASES if n in rec["cases"]}
     out.write_text(json.dumps(rec))
     print(f"recorded {out}")
 

@@ -9,9 +9,10 @@ from .base import Architecture, Block, Linear, RMSNorm  # noqa: F401
 from .gemma2 import GEMMA2
 from .gemma3 import GEMMA3
 from .llama import LLAMA, QWEN2
+from .phi3 import PHI3
 from .qwen3 import QWEN3
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3)}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3)}
 
 
 def architecture(name, what: str = "") -> Architecture:

@@ -96,7 +96,7 @@ class Architecture:
     rope_neox: bool  # rotate (x[i], x[i + d/2]) pairs; False: adjacent (x[2i], x[2i+1]) pairs
     # (metadata reader: a blockq.validate.Fields, fields read so far) -> further ModelArgs fields
     extra_args: Callable[[Callable, dict], dict] = lambda get, fields: {}
-    rope_scalings: tuple[str, ...] = ("none", "linear")
+    rope_scalings: tuple[str, ...] = ("none", "linear", "yarn")
     # Hugging Face conversion (blockq.convert): class name -> whether q/k rows are permuted for
     # adjacent-pair rope; HF tensor name (regex, layer captured) -> GGUF name
     hf_classes: tuple[tuple[str, bool], ...] = ()
