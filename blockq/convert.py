@@ -4,10 +4,11 @@ Two sources:
 
 - a Hugging Face model folder (``config.json``, one or more ``*.safetensors`` shards, with
   ``model.safetensors.index.json`` when sharded, ``tokenizer.json`` / ``tokenizer_config.json``)
-  of a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
-  ``Qwen3ForCausalLM`` (the HF classes and tensor names of each architecture module in
-  :mod:`blockq.models`).  Metadata, tensor
-  names, the q/k row permutation of llama and the byte-level BPE vocabulary are written the way
+  of a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+  ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` or ``Phi3ForCausalLM`` (the HF classes, tensor
+  names, extra keys and derived tensors of each architecture module in :mod:`blockq.models`).
+  Metadata, tensor names, the q/k row permutation of llama, Gemma's ``1 + w`` norms, Phi-3's
+  rope factors and the byte-level BPE vocabulary are written the way
   llama.cpp's ``convert_hf_to_gguf.py`` writes them, so the result runs in llama.cpp and blockq;
 - a GGUF file (requantize: each tensor is dequantized, then quantized to its new type; tensors
   whose type does not change are copied byte for byte; metadata is copied as stored).
@@ -235,6 +236,8 @@ class HFConfig:
     head_dim: int | None  # only when config.json states it
     tied: bool
     rope_scaling: dict
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # config.json
+    where: str = "config.json"
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> "HFConfig":
@@ -250,9 +253,13 @@ class HFConfig:
         rope = dict(f.obj("rope_parameters", None) or f.obj("rope_scaling", None) or {})
         r = Fields(rope, f"{where}: rope_scaling")
         kind = r.text("rope_type", r.text("type", "default")).lower()
-        if kind not in ("default", "linear", "llama3"):
-            raise UnsupportedModel(f"{where}: rope scaling {kind!r} is not supported "
-                                   "(none, linear, llama3)")
+        kinds = _models.architecture(arch).hf_rope_types
+        if kind not in kinds:
+            raise UnsupportedModel(f"{where}: rope scaling {kind!r} is not supported for "
+                                   f"{arch_name} ({', '.join(kinds)})")
+        if kind == "yarn":
+            r.number("factor", lo=0.0, lo_open=True, hi=MAX_CONTEXT)
+            r.integer("original_max_position_embeddings", hi=MAX_CONTEXT)
         for key in ("factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings"):
             r.number(key, None, lo=0.0, lo_open=True, hi=MAX_CONTEXT)
@@ -277,7 +284,7 @@ class HFConfig:
                    f.integer("intermediate_size"),
                    f.integer("max_position_embeddings", None, hi=MAX_CONTEXT),
                    f.number("rms_norm_eps", 1e-6, lo=0.0, lo_open=True, hi=1.0), theta,
-                   head_dim, f.flag("tie_word_embeddings", False), rope)
+                   head_dim, f.flag("tie_word_embeddings", False), rope, dict(c), where)
 
     @property
     def hd(self) -> int:
@@ -317,10 +324,14 @@ class HFConfig:
         md.update({f"{a}.embedding_length": self.n_embd, f"{a}.feed_forward_length": self.n_ff,
                    f"{a}.attention.head_count": self.n_head,
                    f"{a}.attention.head_count_kv": self.n_head_kv})
-        kind = str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", ""))).lower()
-        if kind == "linear" and self.rope_scaling.get("factor") is not None:
-            md[f"{a}.rope.scaling.type"] = "linear"
-            md[f"{a}.rope.scaling.factor"] = float(self.rope_scaling["factor"])
+        r = self.rope_scaling
+        kind = str(r.get("rope_type", r.get("type", ""))).lower()
+        if kind in ("linear", "yarn") and r.get("factor") is not None:
+            md[f"{a}.rope.scaling.type"] = kind
+            md[f"{a}.rope.scaling.factor"] = float(r["factor"])
+        if kind == "yarn":
+            md[f"{a}.rope.scaling.original_context_length"] = \
+                int(r["original_max_position_embeddings"])
         md[f"{a}.rope.freq_base"] = self.rope_theta
         md[f"{a}.attention.layer_norm_rms_epsilon"] = self.rms_eps
         if self.head_dim is not None:
@@ -329,7 +340,9 @@ class HFConfig:
         if a == "llama":  # NOTE: LlamaModel adds these two; Qwen2Model does not
             md[f"{a}.vocab_size"] = self.n_vocab
             md[f"{a}.rope.dimension_count"] = self.hd
-        return md
+        extra = _models.architecture(a).hf_metadata(Fields(self.config, self.where), self)
+        md.update({k.format(arch=a): v for k, v in extra.items()})
+        return {k: v for k, v in md.items() if v is not None}
 
     def rope_freqs(self) -> np.ndarray | None:
         """llama3 long-context frequency factors (the ``rope_freqs.weight`` tensor), or None."""
@@ -626,16 +639,29 @@ def _hf_tensors(ck: Checkpoint, cfg: HFConfig, entries: dict[str, _StEntry]) -> 
                    and b not in by_gguf]
         if lacking:
             raise FormatError(f"Qwen2 checkpoint lacks q/k/v bias {lacking[0]}")
+    spec = _models.architecture(cfg.arch)
     for g, (hf, e) in by_gguf.items():
         perm = None
         if cfg.permute_qk and (".attn_q." in g or ".attn_k." in g):
             perm = qk_permutation(e.shape[0], cfg.n_head if ".attn_q." in g else cfg.n_head_kv)
-        ck.tensors.append(_st_source(g, hf, e, perm))
+        t = _st_source(g, hf, e, perm)
+        if spec.hf_norm_shift and hf.endswith("norm.weight"):  # NOTE: as the converter: 1 + w
+            t = _vector_source(g, t.read_rows(0, 1)[0] + np.float32(spec.hf_norm_shift),
+                               t.origin + f" + {spec.hf_norm_shift:g}")
+        ck.tensors.append(t)
+    extra = dict(spec.hf_extra_tensors(Fields(cfg.config, cfg.where), cfg))
     freqs = cfg.rope_freqs()
     if freqs is not None:
-        ck.tensors.append(SourceTensor("rope_freqs.weight", freqs.shape, "F32",
-                                       lambda r0, r1, f=freqs: f[None, :].copy(),
-                                       origin="rope_scaling (llama3)"))
+        extra["rope_freqs.weight"] = freqs
+    for g, v in extra.items():
+        ck.tensors.append(_vector_source(g, np.asarray(v, np.float32), "config.json rope"))
+
+
+def _vector_source(g: str, v: np.ndarray, origin: str) -> SourceTensor:
+    """An F32 vector computed here (shifted norms, rope factors) as a tensor to write."""
+    v = np.ascontiguousarray(v, dtype="<f4")  # (n,)
+    return SourceTensor(g, v.shape, "F32", lambda r0, r1: v[None, :].astype(np.float32),
+                        lambda: v.view(np.uint8).copy(), origin=origin)
 
 
 def _hf_name_hint(g: str, arch: str) -> str:

@@ -213,7 +213,7 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
             return x * cos + half * sin
         return rope
 
-    rope_global = rotary(float(md[f"{arch}.rope.freq_base"]), scale)
+    rope_global = rotary(float(md.get(f"{arch}.rope.freq_base", 10000.0)), scale)
     rope_local = rotary(10000.0, 1.0)  # Gemma 3's local layers (rope_local_base_freq)
     x = w["token_embd.weight"][tokens]  # (n, n_embd)
     if gemma:

@@ -7,7 +7,9 @@ Each case is written by blockq's writer in llama.cpp's layout (tests/tiny_model.
 ``write_tiny``, fixed seed), loaded by llama.cpp (llama-cpp-python), and fed 5 prompts of random
 token ids: the last position's logits and 32 greedy tokens (prompt in one batch, then one token
 at a time, logits of the last token only) are saved to tests/data/llama_cpp_tiny_archs.json with
-the file's sha256, so the test can check it rebuilt the same file before replaying.
+the file's sha256, so the test can check it rebuilt the same file before replaying.  The
+``CONVERTED`` cases are tiny Hugging Face folders (tests/test_convert.py's ``make_hf``) that
+blockq converts first: llama.cpp loading them checks the keys and tensor names convert writes.
 ``--cases`` re-records only those cases and keeps the others as recorded.
 llama-cpp-python is needed here only, never by the tests.
 """
@@ -66,7 +68,30 @@ CASES = {
     "llama-swa": dict(arch="llama", n_layer=2, tied=False, seed=5,
                       extra_md={"llama.attention.sliding_window": 4}),
 }
+# name -> tests/test_convert.py make_hf arguments: tiny Hugging Face folders converted by blockq
+# (F32) and then loaded by llama.cpp.  The folder's name becomes general.name ("p3", not
+# "phi3": see above)
+CONVERTED = {
+    "hf-p3": dict(arch="Phi3ForCausalLM", config="PHI3_CFG"),
+    "hf-gemma2": dict(arch="Gemma2ForCausalLM", tied=True, n_layer=3, config="GEMMA2_CFG"),
+    # (Gemma 2's output is always the embedding table: a random one repeats the last token)
+    "hf-gemma3": dict(arch="Gemma3ForCausalLM", tied=False, n_layer=7, n_head=2, n_head_kv=1,
+                      head_dim=128, config="GEMMA3_CFG"),
+    "hf-qwen3": dict(arch="Qwen3ForCausalLM", head_dim=96),
+}
 N_PROMPTS, PROMPT_LEN, N_GREEDY = 5, 6, 32
+
+
+def convert_hf(d: Path, name: str, kw: dict) -> Path:
+    """Write case ``name``'s HF folder under ``d`` and convert it to F32 GGUF."""
+    import test_convert
+    from blockq.convert import convert
+
+    kw = dict(kw)
+    if "config" in kw:  # the config.json additions, by their name in test_convert
+        kw["config"] = getattr(test_convert, kw["config"])
+    test_convert.make_hf(d / name, **kw)
+    return convert(d / name, d / f"{name}.gguf", "F32", warn=lambda s: None).path
 
 
 def prompts() -> list[list[int]]:
@@ -96,31 +121,38 @@ def llama_cpp_run(path: Path, prompt: list[int], threads: int) -> tuple[np.ndarr
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-t", "--threads", type=int, default=1)
-    ap.add_argument("--cases", help="comma-separated case names to re-record (default: all)")
+    ap.add_argument("--cases", help="comma-separated case names to re-record (default: all, "
+                    "converted ones included)")
     a = ap.parse_args(argv)
     out = ROOT / "tests" / "data" / "llama_cpp_tiny_archs.json"
     rec = {"note": "llama.cpp on blockq-written tiny models (tools/record_tiny_archs.py)",
            "n_vocab": N_VOCAB, "cases": {}}
-    names = list(CASES)
+    names = list(CASES) + list(CONVERTED)
     if a.cases:
         names = a.cases.split(",")
-        unknown = [n for n in names if n not in CASES]
+        unknown = [n for n in names if n not in CASES and n not in CONVERTED]
         if unknown:
             ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
         rec = json.loads(out.read_text())
     with tempfile.TemporaryDirectory() as d:
         for name in names:
-            kw = CASES[name]
-            path = write_tiny(Path(d) / f"{name}.gguf", **kw)
+            kw = CASES.get(name) or CONVERTED[name]
+            path = (write_tiny(Path(d) / f"{name}.gguf", **kw) if name in CASES
+                    else convert_hf(Path(d), name, kw))
             runs = []
             for p in prompts():
                 logits, greedy = llama_cpp_run(path, p, a.threads)
                 runs.append({"prompt_ids": p, "last_logits": [float(x) for x in logits],
                              "greedy": greedy})
-            rec["cases"][name] = {"write_tiny": kw, "runs": runs,
-                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            if name in CASES:
+                rec["cases"][name] = {"write_tiny": kw, "runs": runs, "sha256": sha}
+            else:
+                rec.setdefault("converted", {})[name] = {"make_hf": kw, "runs": runs,
+                                                         "sha256": sha}
             print(f"{name}: greedy {[r['greedy'][:8] for r in runs]}")
     rec["cases"] = {n: rec["cases"][n] for n in CASES if n in rec["cases"]}
+    rec["converted"] = {n: rec["converted"][n] for n in CONVERTED if n in rec.get("converted", {})}
     out.write_text(json.dumps(rec))
     print(f"recorded {out}")
 

@@ -101,6 +101,13 @@ class Architecture:
     # adjacent-pair rope; HF tensor name (regex, layer captured) -> GGUF name
     hf_classes: tuple[tuple[str, bool], ...] = ()
     hf_tensors: tuple[tuple[str, str], ...] = ()
+    hf_rope_types: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
+    # (config.json Fields, blockq.convert.HFConfig) -> GGUF keys beyond the common ones that
+    # llama.cpp's converter writes for this class (None: a common key it does not write)
+    hf_metadata: Callable = lambda f, cfg: {}
+    # (config.json Fields, HFConfig) -> extra float32 tensors the converter derives, by name
+    hf_extra_tensors: Callable = lambda f, cfg: {}
+    hf_norm_shift: float = 0.0  # added to every HF ``*norm.weight`` (Gemma's ``1 + w``)
 
 
 def head_norm(ops, x, norm, n_heads: int, head_dim: int):

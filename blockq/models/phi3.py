@@ -9,6 +9,13 @@ frequencies Phi-3's long-context models divide by ``rope_factors_long`` or ``_sh
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
+from ..errors import FormatError
+from ..gguf.constants import Keys
+from ..validate import MAX_CONTEXT, Fields, check_number, show
 from .base import Architecture, Block, linear, norm
 
 # NOTE: llama.cpp ignores phi3's attention.sliding_window (its Phi SWA is disabled), so
@@ -51,4 +58,63 @@ class Phi3Block(Block):
         return ops.add(x, ops.linear(self.ffn_down, g))
 
 
-PHI3 = Architecture("phi3", Phi3Block, rope_neox=True, hf_tensors=HF_TENSORS)
+def _rope_dims(f, cfg) -> int:
+    return int(_rope(f).number("partial_rotary_factor", f.number("partial_rotary_factor", 1.0,
+                                                                  lo=0.0, lo_open=True, hi=1.0),
+                               lo=0.0, lo_open=True, hi=1.0) * cfg.n_embd) // cfg.n_head
+
+
+def _rope(f):
+    return Fields(f.get("rope_parameters") or f.get("rope_scaling") or {},
+                  f"{f.where}: rope_scaling")
+
+
+def _original_ctx(f) -> int:
+    return _rope(f).integer("original_max_position_embeddings",
+                            f.integer("original_max_position_embeddings", hi=MAX_CONTEXT),
+                            hi=MAX_CONTEXT)
+
+
+def _hf_metadata(f, cfg) -> dict:
+    """Phi3MiniModel's keys: the original context, the rotated dimensions, the window (0 when
+    none: llama.cpp ignores it), and with long/short factors the attention factor they imply."""
+    md = {Keys.Rope.SCALING_ORIG_CTX_LEN: _original_ctx(f),
+          Keys.Rope.DIMENSION_COUNT: _rope_dims(f, cfg),
+          Keys.Attention.SLIDING_WINDOW: f.integer("sliding_window", 0, lo=0, hi=MAX_CONTEXT)}
+    if _rope(f).get("long_factor") is not None:
+        scale = (cfg.n_ctx or 0) / md[Keys.Rope.SCALING_ORIG_CTX_LEN]
+        kind = _rope(f).text("rope_type", _rope(f).text("type", "longrope")).lower()
+        # NOTE: as convert_hf_to_gguf's Phi-3: sqrt(1 + ln s / ln orig) for su/longrope,
+        # 0.1 ln s + 1 for yarn, 1 within the original context
+        if scale <= 1.0:
+            attn = 1.0
+        elif kind == "yarn":
+            attn = 0.1 * math.log(scale) + 1.0
+        else:
+            attn = math.sqrt(1 + math.log(scale) / math.log(md[Keys.Rope.SCALING_ORIG_CTX_LEN]))
+        md[Keys.Rope.SCALING_ATTN_FACTOR] = attn
+    return md
+
+
+def _hf_factors(f, cfg) -> dict:
+    """``rope_factors_long`` / ``_short`` from rope_scaling's long_factor / short_factor."""
+    r = _rope(f)
+    if r.get("long_factor") is None:
+        return {}
+    n = _rope_dims(f, cfg) // 2
+    out = {}
+    for key, name in (("long_factor", "rope_factors_long.weight"),
+                      ("short_factor", "rope_factors_short.weight")):
+        v = r.get(key)
+        if not isinstance(v, list) or len(v) != n:
+            raise FormatError(f"{r.what(key)} must be a list of {n} numbers (half the rotated "
+                              f"dimensions), got {show(v)}")
+        out[name] = np.array([check_number(x, f"{r.what(key)}[{i}]", lo=0.0, lo_open=True)
+                              for i, x in enumerate(v)], dtype=np.float32)
+    return out
+
+
+PHI3 = Architecture("phi3", Phi3Block, rope_neox=True,
+                    hf_classes=(("Phi3ForCausalLM", False),), hf_tensors=HF_TENSORS,
+                    hf_rope_types=("default", "longrope", "su"), hf_metadata=_hf_metadata,
+                    hf_extra_tensors=_hf_factors)
