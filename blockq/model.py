@@ -106,6 +106,12 @@ class ModelArgs:
         arch = f.text(Keys.General.ARCHITECTURE)
         spec = architecture(arch, where)
         f = Fields(md, where, arch)
+        n_expert = f.integer(Keys.LLM.EXPERT_COUNT, 0, lo=0)
+        if n_expert:  # e.g. Mixtral, stored as arch llama
+            raise UnsupportedModel(f"{where}: {arch} with {n_expert} experts "
+                                   f"({f.key(Keys.LLM.EXPERT_COUNT)}): mixture-of-experts models "
+                                   f"are not supported yet (supported: dense "
+                                   f"{', '.join(ARCHITECTURES)})")
 
         n_embd = f.integer(Keys.LLM.EMBEDDING_LENGTH)
         n_head = f.integer(Keys.Attention.HEAD_COUNT, hi=MAX_HEADS)

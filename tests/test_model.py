@@ -384,8 +384,26 @@ def test_unknown_architecture_is_one_line(tiny_dir):
     path = write_tiny(tiny_dir / "mamba.gguf", arch="mamba")
     with pytest.raises(UnsupportedModel) as e:
         Model.load(path)
-    assert str(e.value) == ("mamba.gguf: architecture 'mamba' is not supported yet "
-                            "(supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)")
+    assert str(e.value) == ("mamba.gguf: architecture 'mamba' (a recurrent model) is not "
+                            "supported yet (supported: llama, qwen2, qwen3, gemma2, gemma3, "
+                            "phi3)")
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"general.architecture": "qwen3moe"}, ["'qwen3moe' (a mixture-of-experts model)"]),
+    ({"general.architecture": "rwkv7"}, ["'rwkv7' (a recurrent model)"]),
+    ({"general.architecture": "clip"}, ["'clip' (a multimodal projector)"]),
+    ({"general.architecture": "starcoder2"}, ["architecture 'starcoder2' is not supported"]),
+    ({"llama.expert_count": 8}, ["llama with 8 experts", "llama.expert_count",
+                                 "mixture-of-experts", "dense llama, qwen2"]),
+])
+def test_refusals_name_the_architecture_and_what_is_supported(extra, words):
+    md = {**BASE_MD, **extra}
+    with pytest.raises(UnsupportedModel) as e:
+        ModelArgs.from_metadata(md, where="x.gguf")
+    msg = str(e.value)
+    assert all(w in msg for w in words) and "\n" not in msg, msg
+    assert msg.startswith("x.gguf: ") and "gemma3, phi3)" in msg
 
 
 @pytest.mark.realfile
