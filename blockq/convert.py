@@ -260,6 +260,9 @@ class HFConfig:
         if kind == "yarn":
             r.number("factor", lo=0.0, lo_open=True, hi=MAX_CONTEXT)
             r.integer("original_max_position_embeddings", hi=MAX_CONTEXT)
+            for key in ("extrapolation_factor", "attention_factor", "attn_factor", "beta_fast",
+                        "beta_slow"):
+                r.number(key, None, lo=0.0, hi=1e6)
         for key in ("factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings"):
             r.number(key, None, lo=0.0, lo_open=True, hi=MAX_CONTEXT)
@@ -332,6 +335,14 @@ class HFConfig:
         if kind == "yarn":
             md[f"{a}.rope.scaling.original_context_length"] = \
                 int(r["original_max_position_embeddings"])
+            # NOTE: written as the converter writes them; llama.cpp (and blockq) read them for
+            # none of the architectures blockq runs
+            for hf, key in (("extrapolation_factor", "yarn_ext_factor"),
+                            ("attention_factor", "yarn_attn_factor"),
+                            ("attn_factor", "yarn_attn_factor"),
+                            ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+                if r.get(hf) is not None and f"{a}.rope.scaling.{key}" not in md:
+                    md[f"{a}.rope.scaling.{key}"] = float(r[hf])
         md[f"{a}.rope.freq_base"] = self.rope_theta
         md[f"{a}.attention.layer_norm_rms_epsilon"] = self.rms_eps
         if self.head_dim is not None:

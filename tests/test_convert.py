@@ -348,9 +348,10 @@ def test_converted_folders_run_as_in_llama_cpp(tmp_path, name):
 
 
 @pytest.mark.parametrize("rope, md_want", [
-    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+      "beta_fast": 16.0},
      {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
-      "rope.scaling.original_context_length": 64}),
+      "rope.scaling.original_context_length": 64, "rope.scaling.yarn_beta_fast": 16.0}),
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
       "original_max_position_embeddings": 64}, {}),
 ])

@@ -272,6 +272,16 @@ CASES = {  # name -> (write_tiny kwargs, tolerance on logits relative to their s
     "qwen3-q8_0-hd": (dict(arch="qwen3", qtype="Q8_0", head_dim=96, tied=False), 1e-4),
     "gemma3-f32": (dict(arch="gemma3", n_head=2, n_head_kv=1, head_dim=128), 1e-4),
     "gemma2-q8_0-swa": (dict(arch="gemma2", qtype="Q8_0", n_layer=3, sliding_window=5), 1e-4),
+    "phi3-f32-short": (dict(arch="phi3", rope_factors=True, tied=False,
+                            extra_md={"phi3.rope.scaling.attn_factor": 1.2}), 1e-4),
+    "phi3-q8_0-long": (dict(arch="phi3", qtype="Q8_0", rope_factors=True, n_head_kv=1,
+                            extra_md={"phi3.rope.scaling.original_context_length": 128}), 1e-4),
+    "llama-yarn": (dict(tied=False, extra_md={
+        **YARN, "llama.rope.scaling.original_context_length": 64}), 1e-4),
+    "qwen3-yarn-attn": (dict(arch="qwen3", extra_md={
+        "qwen3.rope.scaling.type": "yarn", "qwen3.rope.scaling.factor": 2.0,
+        "qwen3.rope.scaling.original_context_length": 32,
+        "qwen3.rope.scaling.attn_factor": 0.8}), 1e-4),
     # every layer local but the sixth, with a window shorter than the 12 tokens
     "gemma3-q8_0-swa": (dict(arch="gemma3", qtype="Q8_0", n_layer=7, n_head_kv=1,
                              sliding_window=5), 1e-4),

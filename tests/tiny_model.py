@@ -181,10 +181,23 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    """Logits (n, n_vocab) of ``tokens`` at positions 0..n-1, computed in float64."""
+def reference_logits(path: Path, tokens: list[int], n_ctx: int = 64) -> np.ndarray:
+    """Logits (n, n_vocab) of ``tokens`` at positions 0..n-1, computed in float64.
+
+    ``n_ctx``: the context the runtime was given (it picks Phi-3's long or short factors)."""
     md, w = _weights(path)
     arch = md["general.architecture"]
+    if arch == "phi3":  # fused q|k|v and gate|up rows: split them
+        for name in [k for k in w if k.endswith("attn_qkv.weight")]:
+            qkv = w.pop(name)  # (n_q + 2 n_k, n_embd)
+            n_q = md["phi3.attention.head_count"] * int(md.get(
+                "phi3.attention.key_length",
+                md["phi3.embedding_length"] // md["phi3.attention.head_count"]))
+            n_k = (qkv.shape[0] - n_q) // 2
+            for c, part in zip("qkv", np.split(qkv, [n_q, n_q + n_k])):
+                w[name.replace("qkv", c)] = part
+        for name in [k for k in w if k.endswith("ffn_up.weight")]:
+            w[name.replace("up", "gate")], w[name] = np.split(w[name], 2)
     n_embd = md[f"{arch}.embedding_length"]
     n_head = md[f"{arch}.attention.head_count"]
     n_kv = md[f"{arch}.attention.head_count_kv"]
@@ -200,13 +213,30 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
     def norm(x, g):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
 
-    def rotary(base, scale):
+    orig = int(md.get(f"{arch}.rope.scaling.original_context_length",
+                      md[f"{arch}.context_length"]))
+    factors = w.get("rope_freqs.weight")
+    if factors is None:  # Phi-3: long factors when the context (in 256s) exceeds the original
+        long = -(-n_ctx // 256) * 256 > orig
+        factors = w.get("rope_factors_long.weight" if long else "rope_factors_short.weight")
+    yarn = md.get(f"{arch}.rope.scaling.type") == "yarn"
+    mscale = float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+
+    def rotary(base, scale, global_=True):
         inv = base ** (-np.arange(0, hd, 2) / hd)  # (hd/2,)
-        if "rope_freqs.weight" in w:
-            inv = inv / w["rope_freqs.weight"]
+        m = mscale if global_ else 1.0
+        if factors is not None and global_:
+            inv = inv / factors
+        if yarn and global_:  # Hugging Face's YaRN: ramp between interpolated and original
+            def dim(beta):
+                return hd * np.log(orig / (beta * 2 * np.pi)) / (2 * np.log(base))
+            lo, hi = max(np.floor(dim(32.0)), 0), min(np.ceil(dim(1.0)), hd - 1)
+            ramp = np.clip((np.arange(hd // 2) - lo) / max(hi - lo, 0.001), 0, 1)
+            inv = inv * scale * ramp + inv * (1 - ramp)
+            scale, m = 1.0, m * (0.1 * np.log(1 / scale) + 1)
         ang = np.arange(n)[:, None] * inv[None, :] * scale  # (n, hd/2)
-        cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]  # (n, 1, hd)
-        sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
+        cos = m * np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]  # (n, 1, hd)
+        sin = m * np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
 
         def rope(x):  # Hugging Face rotate_half convention
             half = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
@@ -214,7 +244,7 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
         return rope
 
     rope_global = rotary(float(md.get(f"{arch}.rope.freq_base", 10000.0)), scale)
-    rope_local = rotary(10000.0, 1.0)  # Gemma 3's local layers (rope_local_base_freq)
+    rope_local = rotary(10000.0, 1.0, False)  # Gemma 3's local layers (rope_local_base_freq)
     x = w["token_embd.weight"][tokens]  # (n, n_embd)
     if gemma:
         x = x * np.sqrt(n_embd)
