@@ -428,7 +428,15 @@ def pre_tokenizer_name(tokenizer_json: Path) -> tuple[str, str | None]:
 
 
 def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[dict, list[str]]:
-    """GGUF tokenizer keys for a byte-level BPE (``gpt2``) vocabulary, and warnings."""
+    """GGUF tokenizer keys for a byte-level BPE (``gpt2``) vocabulary, or for a SentencePiece
+    one (``llama``) where the HF class's converter reads ``tokenizer.model`` first; warnings."""
+    spec = _models.architecture(ARCHITECTURES[architecture][0])
+    cfg_path = folder / "tokenizer_config.json"
+    tcfg = load_json_object(cfg_path, "tokenizer settings") if cfg_path.is_file() else {}
+    # NOTE: as Phi3MiniModel: a GPT2Tokenizer class means the BPE vocabulary (Phi-4-mini)
+    if spec.hf_sentencepiece and (folder / "tokenizer.model").is_file() \
+            and tcfg.get("tokenizer_class") != "GPT2Tokenizer":
+        return sentencepiece_metadata(folder, n_vocab, tcfg, spec), []
     tj_path = folder / "tokenizer.json"
     if not tj_path.is_file():
         if (folder / "tokenizer.model").is_file():
@@ -442,8 +450,6 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
                                f"{' with byte fallback' if model.get('byte_fallback') else ''}; "
                                "blockq converts byte-level BPE (gpt2) vocabularies only")
     warnings = []
-    cfg_path = folder / "tokenizer_config.json"
-    tcfg = load_json_object(cfg_path, "tokenizer settings") if cfg_path.is_file() else {}
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = tj.get("added_tokens") or []
     for a in added:
@@ -483,6 +489,63 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
                "tokenizer.ggml.tokens": tokens,
                "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
                "tokenizer.ggml.merges": list(merges)})
+    md.update(_special_metadata(folder, tj, tcfg))
+    if architecture in ("LlamaForCausalLM", "MistralForCausalLM") and n_vocab == 49152:
+        # NOTE: convert_hf_to_gguf's LlamaModel turns BOS off for 49152-token vocabularies
+        # (meant for granite; it catches SmolLM too, and llama.cpp's SmolLM files carry it)
+        md["tokenizer.ggml.add_bos_token"] = False
+    return md, warnings
+
+
+def sentencepiece_metadata(folder: Path, n_vocab: int, tcfg: dict, spec) -> dict:
+    """GGUF keys of a SentencePiece vocabulary as convert_hf_to_gguf's
+    ``_create_vocab_sentencepiece`` writes them: the model's pieces, scores and types
+    (user-defined pieces as normal ones), ids up to config.json's vocab_size as ``[PAD{i}]``
+    (unused, score -10000), ``added_tokens.json`` and tokenizer_config's
+    ``added_tokens_decoder`` on top (score -1000; control when special or special-looking,
+    else user-defined with ``▁`` as a space)."""
+    from .spmodel import BYTE, CONTROL, UNKNOWN, UNUSED, USER_DEFINED, read_pieces
+
+    pieces = read_pieces(folder / "tokenizer.model")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [UNUSED] * n_vocab
+    for i, (piece, score, kind) in enumerate(pieces[:n_vocab]):
+        tokens[i], scores[i] = piece, score
+        types[i] = kind if kind in (UNKNOWN, CONTROL, UNUSED, BYTE) else TOKEN_NORMAL
+    added = folder / "added_tokens.json"
+    for text, tid in (load_json_object(added, "added tokens") if added.is_file() else {}).items():
+        tid = check_int(tid, f"{added}: id of {text!r}", lo=0, hi=MAX_VOCAB)
+        if tid < n_vocab:
+            tokens[tid], scores[tid], types[tid] = text, -1000.0, USER_DEFINED
+    for key, entry in Fields(tcfg, "tokenizer_config.json").obj("added_tokens_decoder",
+                                                                 {}).items():
+        tid = check_int(int(key) if str(key).isdigit() else key,
+                        f"tokenizer_config.json: added_tokens_decoder id {key!r}", lo=0,
+                        hi=MAX_VOCAB)
+        text = Fields(entry, f"tokenizer_config.json: added token {tid}").text("content")
+        if tid >= n_vocab:
+            continue
+        if entry.get("special") or _looks_special(text):
+            types[tid] = CONTROL
+        else:
+            text, types[tid] = text.replace("\u2581", " "), USER_DEFINED
+        tokens[tid], scores[tid] = text, -1000.0
+    tj_path = folder / "tokenizer.json"
+    tj = load_json_object(tj_path, "the tokenizer") if tj_path.is_file() else {}
+    md: dict[str, Any] = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+                          "tokenizer.ggml.tokens": tokens,
+                          "tokenizer.ggml.scores": np.array(scores, dtype=np.float32),
+                          "tokenizer.ggml.token_type": np.array(types, dtype=np.int32)}
+    md.update(_special_metadata(folder, tj, tcfg))
+    if spec.hf_sp_space_prefix is not None:
+        md["tokenizer.ggml.add_space_prefix"] = spec.hf_sp_space_prefix
+    return md
+
+
+def _special_metadata(folder: Path, tj: dict, tcfg: dict) -> dict:
+    """Special token ids, add_*_token flags and the chat template, as gguf-py's SpecialVocab."""
+    md: dict[str, Any] = {}
     ids, add = _special_tokens(tj, tcfg,
                                load_json_object(folder / "config.json", "the model config"))
     for typ, tid in ids.items():
@@ -492,14 +555,10 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
         md[f"tokenizer.ggml.{key}_token_id"] = int(tid)
     for typ, flag in add.items():
         md[f"tokenizer.ggml.add_{typ}_token"] = bool(flag)
-    if architecture in ("LlamaForCausalLM", "MistralForCausalLM") and n_vocab == 49152:
-        # NOTE: convert_hf_to_gguf's LlamaModel turns BOS off for 49152-token vocabularies
-        # (meant for granite; it catches SmolLM too, and llama.cpp's SmolLM files carry it)
-        md["tokenizer.ggml.add_bos_token"] = False
     template = _chat_template(folder, tcfg)
     if template is not None:
         md["tokenizer.chat_template"] = template
-    return md, warnings
+    return md
 
 
 def _special_tokens(tj: dict, tcfg: dict, config: dict) -> tuple[dict[str, int], dict[str, bool]]:

@@ -57,6 +57,33 @@ def _tokenizer_json(md: dict, pretok: dict | None = None) -> dict:
     }
 
 
+def _pb_varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+SP_PIECES = ([("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
+             + [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+             + [(p, -float(i), 1) for i, p in enumerate(
+                 ("▁", "t", "h", "e", "▁t", "he", "▁the", "a", "c", "▁c", "at", "▁cat"))]
+             + [("<user>", 0.0, 4)])  # 272 pieces
+
+
+def sp_model_bytes(pieces=SP_PIECES) -> bytes:
+    """A SentencePiece tokenizer.model: ModelProto field 1 per piece (text, score, type)."""
+    out = b""
+    for text, score, kind in pieces:
+        t = text.encode()
+        body = b"\x0a" + _pb_varint(len(t)) + t + b"\x15" + struct.pack("<f", score) \
+            + b"\x18" + _pb_varint(kind)
+        out += b"\x0a" + _pb_varint(len(body)) + body
+    return out + b"\x12\x02\x08\x01"  # a trainer_spec, skipped by the reader
+
+
 def _save_bf16(path: Path, tensors: dict) -> None:
     """A safetensors file of BF16 tensors (numpy has no bf16: truncate float32 ourselves)."""
     header, blobs, off = {}, [], 0
@@ -74,11 +101,12 @@ def _save_bf16(path: Path, tensors: dict) -> None:
 def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tied=False,
             n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, seed=0, tok_md=None,
             n_vocab=N_VOCAB_CFG, mutate=None, pretok=None, head_dim=None,
-            config: dict | None = None) -> dict:
+            config: dict | None = None, sentencepiece: bool = False) -> dict:
     """Write a random checkpoint folder; returns the HF tensors (float32, bf16-rounded for BF16).
 
     Gemma2/Gemma3ForCausalLM get their four norms per layer (Gemma 3 also q/k norms),
-    Phi3ForCausalLM fused qkv_proj and gate_up_proj; ``config`` adds config.json keys."""
+    Phi3ForCausalLM fused qkv_proj and gate_up_proj; ``config`` adds config.json keys;
+    ``sentencepiece``: the vocabulary is SP_PIECES' tokenizer.model (no tokenizer.json)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
@@ -151,6 +179,12 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
     if shards > 1:
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {}, "weight_map": {n: f for part, f in zip(parts, files) for n in part}}))
+    if sentencepiece:
+        (folder / "tokenizer.model").write_bytes(sp_model_bytes())
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+            "added_tokens_decoder": {"271": {"content": "<user>", "special": False}}}))
+        return w
     md = tok_md or tokenizer_metadata()
     (folder / "tokenizer.json").write_text(json.dumps(_tokenizer_json(md, pretok)))
     toks = md["tokenizer.ggml.tokens"]
@@ -321,6 +355,43 @@ def test_phi3_conversion_fuses_like_llama_cpp_and_runs_as_its_split_model(tmp_pa
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch, space_prefix", [("LlamaForCausalLM", None),
+                                                 ("Gemma3ForCausalLM", False)])
+def test_sentencepiece_vocabulary_converts_as_llama_cpps_converter(tmp_path, arch, space_prefix):
+    make_hf(tmp_path / "hf", arch=arch, sentencepiece=True, n_vocab=274,
+            config={"bos_token_id": 1, "eos_token_id": 2,
+                    **(GEMMA3_CFG if arch.startswith("Gemma") else {})},
+            **(dict(n_head=2, n_head_kv=1, head_dim=128) if arch.startswith("Gemma") else {}))
+    md, _ = _gguf(convert(tmp_path / "hf", tmp_path / "m.gguf", "Q8_0", **QUIET).path)
+    assert (md["tokenizer.ggml.model"], md["tokenizer.ggml.pre"]) == ("llama", "default")
+    toks, types = md["tokenizer.ggml.tokens"], list(md["tokenizer.ggml.token_type"])
+    assert toks[:3] == ["<unk>", "<s>", "</s>"] and types[:3] == [2, 3, 3]
+    assert toks[3 + 0x41] == "<0x41>" and types[3 + 0x41] == 6
+    assert toks[259 + 6] == "▁the" and md["tokenizer.ggml.scores"][259 + 6] == -6.0
+    assert (toks[271], types[271]) == ("<user>", 4)  # added_tokens_decoder, not special
+    assert toks[272:] == ["[PAD272]", "[PAD273]"] and types[272:] == [5, 5]
+    assert (md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert md.get("tokenizer.ggml.add_space_prefix") is space_prefix
+    assert "tokenizer.ggml.merges" not in md
+    from blockq.tokenizer import Tokenizer
+    tok = Tokenizer.from_metadata(md)
+    assert tok.encode("the cat", add_special=False) == (
+        [259 + 6, 259 + 11] if space_prefix is None else [259 + 1, 259 + 5, 259 + 11])
+
+
+def test_sentencepiece_model_errors_are_one_line(tmp_path):
+    make_hf(tmp_path / "hf", sentencepiece=True)
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(sp_model_bytes()[:-40])
+    with pytest.raises(FormatError, match="tokenizer.model.*(past the end|truncated)"):
+        convert(tmp_path / "hf", tmp_path / "m.gguf", "Q8_0", **QUIET)
+
+
+def named_config(name: str) -> dict:
+    """config.json additions by name ("A+B" merges them), as the recorded cases give them."""
+    return {k: v for part in name.split("+") for k, v in globals()[part].items()}
+
+
+SP_IDS = {"bos_token_id": 1, "eos_token_id": 2}
 CONVERTED = json.loads((Path(__file__).parent / "data" / "llama_cpp_tiny_archs.json")
                        .read_text())["converted"]
 
@@ -333,8 +404,8 @@ def test_converted_folders_run_as_in_llama_cpp(tmp_path, name):
     from tiny_model import greedy_ids
     case = CONVERTED[name]
     kw = dict(case["make_hf"])
-    if "config" in kw:
-        kw["config"] = globals()[kw["config"]]
+    if isinstance(kw.get("config"), str):
+        kw["config"] = named_config(kw["config"])
     make_hf(tmp_path / name, **kw)
     path = convert(tmp_path / name, tmp_path / f"{name}.gguf", "F32", **QUIET).path
     assert hashlib.sha256(path.read_bytes()).hexdigest() == case["sha256"], \
@@ -345,6 +416,10 @@ def test_converted_folders_run_as_in_llama_cpp(tmp_path, name):
         got = m.forward(run["prompt_ids"], m.new_cache(64), "last")[0]
         assert np.abs(got - want).max() / want.std() < 2e-2
         assert greedy_ids(m, run["prompt_ids"], len(run["greedy"])) == run["greedy"]
+    from blockq.tokenizer import Tokenizer
+    tok = Tokenizer.from_metadata(m.metadata)
+    for text, ids in case.get("tokens", {}).items():
+        assert tok.encode(text, add_special=False) == ids, text
 
 
 @pytest.mark.parametrize("rope, md_want", [

@@ -78,7 +78,15 @@ CONVERTED = {
     "hf-gemma3": dict(arch="Gemma3ForCausalLM", tied=False, n_layer=7, n_head=2, n_head_kv=1,
                       head_dim=128, config="GEMMA3_CFG"),
     "hf-qwen3": dict(arch="Qwen3ForCausalLM", head_dim=96),
+    # SentencePiece vocabularies (tokenizer.model): llama's with a space prefix, Gemma's without
+    "hf-llama-sp": dict(arch="LlamaForCausalLM", sentencepiece=True, n_vocab=274,
+                        config={"bos_token_id": 1, "eos_token_id": 2}),
+    "hf-gemma3-sp": dict(arch="Gemma3ForCausalLM", sentencepiece=True, n_vocab=274, n_layer=7,
+                         n_head=2, n_head_kv=1, head_dim=128, tied=False,
+                         config="GEMMA3_CFG+SP_IDS"),
 }
+# texts whose token ids (no BOS, no special parsing) are recorded for the converted cases
+TEXTS = ["the cat", " the  cat", "hat ü 😀", "<user>the", "cathe\nat"]
 N_PROMPTS, PROMPT_LEN, N_GREEDY = 5, 6, 32
 
 
@@ -88,8 +96,8 @@ def convert_hf(d: Path, name: str, kw: dict) -> Path:
     from blockq.convert import convert
 
     kw = dict(kw)
-    if "config" in kw:  # the config.json additions, by their name in test_convert
-        kw["config"] = getattr(test_convert, kw["config"])
+    if isinstance(kw.get("config"), str):  # config.json additions named in test_convert
+        kw["config"] = test_convert.named_config(kw["config"])
     test_convert.make_hf(d / name, **kw)
     return convert(d / name, d / f"{name}.gguf", "F32", warn=lambda s: None).path
 
@@ -97,6 +105,13 @@ def convert_hf(d: Path, name: str, kw: dict) -> Path:
 def prompts() -> list[list[int]]:
     rng = np.random.default_rng(7)
     return [[int(t) for t in rng.integers(0, 256, PROMPT_LEN)] for _ in range(N_PROMPTS)]
+
+
+def llama_cpp_tokens(path: Path) -> dict[str, list[int]]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=64, vocab_only=True, verbose=False)
+    return {t: llm.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS}
 
 
 def llama_cpp_run(path: Path, prompt: list[int], threads: int) -> tuple[np.ndarray, list[int]]:
@@ -149,7 +164,8 @@ def main(argv=None) -> None:
                 rec["cases"][name] = {"write_tiny": kw, "runs": runs, "sha256": sha}
             else:
                 rec.setdefault("converted", {})[name] = {"make_hf": kw, "runs": runs,
-                                                         "sha256": sha}
+                                                         "sha256": sha,
+                                                         "tokens": llama_cpp_tokens(path)}
             print(f"{name}: greedy {[r['greedy'][:8] for r in runs]}")
     rec["cases"] = {n: rec["cases"][n] for n in CASES if n in rec["cases"]}
     rec["converted"] = {n: rec["converted"][n] for n in CONVERTED if n in rec.get("converted", {})}

@@ -108,6 +108,10 @@ class Architecture:
     # (config.json Fields, HFConfig) -> extra float32 tensors the converter derives, by name
     hf_extra_tensors: Callable = lambda f, cfg: {}
     hf_norm_shift: float = 0.0  # added to every HF ``*norm.weight`` (Gemma's ``1 + w``)
+    # vocabulary: a tokenizer.model (SentencePiece) is read first, as the converter does;
+    # add_space_prefix: the value it then writes (None: none)
+    hf_sentencepiece: bool = False
+    hf_sp_space_prefix: bool | None = None
 
 
 def head_norm(ops, x, norm, n_heads: int, head_dim: int):

@@ -54,4 +54,5 @@ def _hf_metadata(f, cfg) -> dict:
 
 GEMMA2 = Architecture("gemma2", Gemma2Block, rope_neox=True, extra_args=_args,
                       hf_classes=(("Gemma2ForCausalLM", False),), hf_tensors=HF_TENSORS,
-                      hf_metadata=_hf_metadata, hf_norm_shift=1.0)
+                      hf_metadata=_hf_metadata, hf_norm_shift=1.0, hf_sentencepiece=True,
+                      hf_sp_space_prefix=False)

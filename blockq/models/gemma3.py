@@ -110,4 +110,5 @@ def _hf_metadata(f, cfg) -> dict:
 
 GEMMA3 = Architecture("gemma3", Gemma3Block, rope_neox=True, extra_args=_args,
                       hf_classes=(("Gemma3ForCausalLM", False),), hf_tensors=HF_TENSORS + HF_QK_NORMS,
-                      hf_metadata=_hf_metadata, hf_norm_shift=1.0)
+                      hf_metadata=_hf_metadata, hf_norm_shift=1.0, hf_sentencepiece=True,
+                      hf_sp_space_prefix=False)

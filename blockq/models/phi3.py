@@ -117,4 +117,4 @@ def _hf_factors(f, cfg) -> dict:
 PHI3 = Architecture("phi3", Phi3Block, rope_neox=True,
                     hf_classes=(("Phi3ForCausalLM", False),), hf_tensors=HF_TENSORS,
                     hf_rope_types=("default", "longrope", "su"), hf_metadata=_hf_metadata,
-                    hf_extra_tensors=_hf_factors)
+                    hf_extra_tensors=_hf_factors, hf_sentencepiece=True)
