@@ -101,12 +101,14 @@ def _save_bf16(path: Path, tensors: dict) -> None:
 def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tied=False,
             n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, seed=0, tok_md=None,
             n_vocab=N_VOCAB_CFG, mutate=None, pretok=None, head_dim=None,
-            config: dict | None = None, sentencepiece: bool = False) -> dict:
+            config: dict | None = None, sentencepiece: bool = False,
+            sp_added: dict | None = None) -> dict:
     """Write a random checkpoint folder; returns the HF tensors (float32, bf16-rounded for BF16).
 
     Gemma2/Gemma3ForCausalLM get their four norms per layer (Gemma 3 also q/k norms),
     Phi3ForCausalLM fused qkv_proj and gate_up_proj; ``config`` adds config.json keys;
-    ``sentencepiece``: the vocabulary is SP_PIECES' tokenizer.model (no tokenizer.json)."""
+    ``sentencepiece``: the vocabulary is SP_PIECES' tokenizer.model (no tokenizer.json), with
+    ``sp_added`` (id -> [text, special]) more added tokens."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
@@ -183,7 +185,9 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
         (folder / "tokenizer.model").write_bytes(sp_model_bytes())
         (folder / "tokenizer_config.json").write_text(json.dumps({
             "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
-            "added_tokens_decoder": {"271": {"content": "<user>", "special": False}}}))
+            "added_tokens_decoder": {
+                "271": {"content": "<user>", "special": False},
+                **{k: {"content": t, "special": sp} for k, (t, sp) in (sp_added or {}).items()}}}))
         return w
     md = tok_md or tokenizer_metadata()
     (folder / "tokenizer.json").write_text(json.dumps(_tokenizer_json(md, pretok)))
@@ -420,6 +424,8 @@ def test_converted_folders_run_as_in_llama_cpp(tmp_path, name):
     tok = Tokenizer.from_metadata(m.metadata)
     for text, ids in case.get("tokens", {}).items():
         assert tok.encode(text, add_special=False) == ids, text
+    for text, ids in case.get("tokens_special", {}).items():
+        assert tok.encode(text, add_special=False, parse_special=True) == ids, text
 
 
 @pytest.mark.parametrize("rope, md_want", [

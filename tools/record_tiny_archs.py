@@ -84,9 +84,16 @@ CONVERTED = {
     "hf-gemma3-sp": dict(arch="Gemma3ForCausalLM", sentencepiece=True, n_vocab=274, n_layer=7,
                          n_head=2, n_head_kv=1, head_dim=128, tied=False,
                          config="GEMMA3_CFG+SP_IDS"),
+    # a name with "phi3": llama.cpp's Phi-3 token attributes (special tokens and </s> eat the
+    # spaces after them; <unk>, <s>, <|endoftext|> do not), which need those four tokens
+    "hf-phi3-sp": dict(arch="Phi3ForCausalLM", sentencepiece=True, n_vocab=274,
+                       config="PHI3_CFG+SP_IDS",
+                       sp_added={"272": ["<|endoftext|>", True], "273": ["<|user|>", True]}),
 }
-# texts whose token ids (no BOS, no special parsing) are recorded for the converted cases
-TEXTS = ["the cat", " the  cat", "hat ü 😀", "<user>the", "cathe\nat"]
+# texts whose token ids (no BOS; without and with special parsing) are recorded for the
+# converted cases
+TEXTS = ["the cat", " the  cat", "hat ü 😀", "<user>the", "cathe\nat",
+         "<|user|>\n the cat</s>  \nat<s> the<|endoftext|>\tcat<user>\n\nhe<unk> at"]
 N_PROMPTS, PROMPT_LEN, N_GREEDY = 5, 6, 32
 
 
@@ -107,11 +114,13 @@ def prompts() -> list[list[int]]:
     return [[int(t) for t in rng.integers(0, 256, PROMPT_LEN)] for _ in range(N_PROMPTS)]
 
 
-def llama_cpp_tokens(path: Path) -> dict[str, list[int]]:
+def llama_cpp_tokens(path: Path) -> dict[str, dict[str, list[int]]]:
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=64, vocab_only=True, verbose=False)
-    return {t: llm.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS}
+    return {f"tokens{'_special' if sp else ''}": {
+        t: llm.tokenize(t.encode(), add_bos=False, special=sp) for t in TEXTS}
+        for sp in (False, True)}
 
 
 def llama_cpp_run(path: Path, prompt: list[int], threads: int) -> tuple[np.ndarray, list[int]]:
@@ -165,7 +174,7 @@ def main(argv=None) -> None:
             else:
                 rec.setdefault("converted", {})[name] = {"make_hf": kw, "runs": runs,
                                                          "sha256": sha,
-                                                         "tokens": llama_cpp_tokens(path)}
+                                                         **llama_cpp_tokens(path)}
             print(f"{name}: greedy {[r['greedy'][:8] for r in runs]}")
     rec["cases"] = {n: rec["cases"][n] for n in CASES if n in rec["cases"]}
     rec["converted"] = {n: rec["converted"][n] for n in CONVERTED if n in rec.get("converted", {})}
