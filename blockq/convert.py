@@ -4,10 +4,11 @@ Two sources:
 
 - a Hugging Face model folder (``config.json``, one or more ``*.safetensors`` shards, with
   ``model.safetensors.index.json`` when sharded, ``tokenizer.json`` / ``tokenizer_config.json``)
-  of a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
-  ``Qwen3ForCausalLM`` (the HF classes and tensor names of each architecture module in
-  :mod:`blockq.models`).  Metadata, tensor
-  names, the q/k row permutation of llama and the byte-level BPE vocabulary are written the way
+  of a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+  ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` or ``Phi3ForCausalLM`` (the HF classes, tensor
+  names, extra keys and derived tensors of each architecture module in :mod:`blockq.models`).
+  Metadata, tensor names, the q/k row permutation of llama, Gemma's ``1 + w`` norms, Phi-3's
+  rope factors and the byte-level BPE vocabulary are written the way
   llama.cpp's ``convert_hf_to_gguf.py`` writes them, so the result runs in llama.cpp and blockq;
 - a GGUF file (requantize: each tensor is dequantized, then quantized to its new type; tensors
   whose type does not change are copied byte for byte; metadata is copied as stored).
@@ -235,6 +236,8 @@ class HFConfig:
     head_dim: int | None  # only when config.json states it
     tied: bool
     rope_scaling: dict
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # config.json
+    where: str = "config.json"
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> "HFConfig":
@@ -250,9 +253,16 @@ class HFConfig:
         rope = dict(f.obj("rope_parameters", None) or f.obj("rope_scaling", None) or {})
         r = Fields(rope, f"{where}: rope_scaling")
         kind = r.text("rope_type", r.text("type", "default")).lower()
-        if kind not in ("default", "linear", "llama3"):
-            raise UnsupportedModel(f"{where}: rope scaling {kind!r} is not supported "
-                                   "(none, linear, llama3)")
+        kinds = _models.architecture(arch).hf_rope_types
+        if kind not in kinds:
+            raise UnsupportedModel(f"{where}: rope scaling {kind!r} is not supported for "
+                                   f"{arch_name} ({', '.join(kinds)})")
+        if kind == "yarn":
+            r.number("factor", lo=0.0, lo_open=True, hi=MAX_CONTEXT)
+            r.integer("original_max_position_embeddings", hi=MAX_CONTEXT)
+            for key in ("extrapolation_factor", "attention_factor", "attn_factor", "beta_fast",
+                        "beta_slow"):
+                r.number(key, None, lo=0.0, hi=1e6)
         for key in ("factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings"):
             r.number(key, None, lo=0.0, lo_open=True, hi=MAX_CONTEXT)
@@ -277,7 +287,7 @@ class HFConfig:
                    f.integer("intermediate_size"),
                    f.integer("max_position_embeddings", None, hi=MAX_CONTEXT),
                    f.number("rms_norm_eps", 1e-6, lo=0.0, lo_open=True, hi=1.0), theta,
-                   head_dim, f.flag("tie_word_embeddings", False), rope)
+                   head_dim, f.flag("tie_word_embeddings", False), rope, dict(c), where)
 
     @property
     def hd(self) -> int:
@@ -317,10 +327,22 @@ class HFConfig:
         md.update({f"{a}.embedding_length": self.n_embd, f"{a}.feed_forward_length": self.n_ff,
                    f"{a}.attention.head_count": self.n_head,
                    f"{a}.attention.head_count_kv": self.n_head_kv})
-        kind = str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", ""))).lower()
-        if kind == "linear" and self.rope_scaling.get("factor") is not None:
-            md[f"{a}.rope.scaling.type"] = "linear"
-            md[f"{a}.rope.scaling.factor"] = float(self.rope_scaling["factor"])
+        r = self.rope_scaling
+        kind = str(r.get("rope_type", r.get("type", ""))).lower()
+        if kind in ("linear", "yarn") and r.get("factor") is not None:
+            md[f"{a}.rope.scaling.type"] = kind
+            md[f"{a}.rope.scaling.factor"] = float(r["factor"])
+        if kind == "yarn":
+            md[f"{a}.rope.scaling.original_context_length"] = \
+                int(r["original_max_position_embeddings"])
+            # NOTE: written as the converter writes them; llama.cpp (and blockq) read them for
+            # none of the architectures blockq runs
+            for hf, key in (("extrapolation_factor", "yarn_ext_factor"),
+                            ("attention_factor", "yarn_attn_factor"),
+                            ("attn_factor", "yarn_attn_factor"),
+                            ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+                if r.get(hf) is not None and f"{a}.rope.scaling.{key}" not in md:
+                    md[f"{a}.rope.scaling.{key}"] = float(r[hf])
         md[f"{a}.rope.freq_base"] = self.rope_theta
         md[f"{a}.attention.layer_norm_rms_epsilon"] = self.rms_eps
         if self.head_dim is not None:
@@ -329,7 +351,9 @@ class HFConfig:
         if a == "llama":  # NOTE: LlamaModel adds these two; Qwen2Model does not
             md[f"{a}.vocab_size"] = self.n_vocab
             md[f"{a}.rope.dimension_count"] = self.hd
-        return md
+        extra = _models.architecture(a).hf_metadata(Fields(self.config, self.where), self)
+        md.update({k.format(arch=a): v for k, v in extra.items()})
+        return {k: v for k, v in md.items() if v is not None}
 
     def rope_freqs(self) -> np.ndarray | None:
         """llama3 long-context frequency factors (the ``rope_freqs.weight`` tensor), or None."""
@@ -404,7 +428,15 @@ def pre_tokenizer_name(tokenizer_json: Path) -> tuple[str, str | None]:
 
 
 def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[dict, list[str]]:
-    """GGUF tokenizer keys for a byte-level BPE (``gpt2``) vocabulary, and warnings."""
+    """GGUF tokenizer keys for a byte-level BPE (``gpt2``) vocabulary, or for a SentencePiece
+    one (``llama``) where the HF class's converter reads ``tokenizer.model`` first; warnings."""
+    spec = _models.architecture(ARCHITECTURES[architecture][0])
+    cfg_path = folder / "tokenizer_config.json"
+    tcfg = load_json_object(cfg_path, "tokenizer settings") if cfg_path.is_file() else {}
+    # NOTE: as Phi3MiniModel: a GPT2Tokenizer class means the BPE vocabulary (Phi-4-mini)
+    if spec.hf_sentencepiece and (folder / "tokenizer.model").is_file() \
+            and tcfg.get("tokenizer_class") != "GPT2Tokenizer":
+        return sentencepiece_metadata(folder, n_vocab, tcfg, spec), []
     tj_path = folder / "tokenizer.json"
     if not tj_path.is_file():
         if (folder / "tokenizer.model").is_file():
@@ -418,8 +450,6 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
                                f"{' with byte fallback' if model.get('byte_fallback') else ''}; "
                                "blockq converts byte-level BPE (gpt2) vocabularies only")
     warnings = []
-    cfg_path = folder / "tokenizer_config.json"
-    tcfg = load_json_object(cfg_path, "tokenizer settings") if cfg_path.is_file() else {}
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = tj.get("added_tokens") or []
     for a in added:
@@ -459,6 +489,63 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
                "tokenizer.ggml.tokens": tokens,
                "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
                "tokenizer.ggml.merges": list(merges)})
+    md.update(_special_metadata(folder, tj, tcfg))
+    if architecture in ("LlamaForCausalLM", "MistralForCausalLM") and n_vocab == 49152:
+        # NOTE: convert_hf_to_gguf's LlamaModel turns BOS off for 49152-token vocabularies
+        # (meant for granite; it catches SmolLM too, and llama.cpp's SmolLM files carry it)
+        md["tokenizer.ggml.add_bos_token"] = False
+    return md, warnings
+
+
+def sentencepiece_metadata(folder: Path, n_vocab: int, tcfg: dict, spec) -> dict:
+    """GGUF keys of a SentencePiece vocabulary as convert_hf_to_gguf's
+    ``_create_vocab_sentencepiece`` writes them: the model's pieces, scores and types
+    (user-defined pieces as normal ones), ids up to config.json's vocab_size as ``[PAD{i}]``
+    (unused, score -10000), ``added_tokens.json`` and tokenizer_config's
+    ``added_tokens_decoder`` on top (score -1000; control when special or special-looking,
+    else user-defined with ``▁`` as a space)."""
+    from .spmodel import BYTE, CONTROL, UNKNOWN, UNUSED, USER_DEFINED, read_pieces
+
+    pieces = read_pieces(folder / "tokenizer.model")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [UNUSED] * n_vocab
+    for i, (piece, score, kind) in enumerate(pieces[:n_vocab]):
+        tokens[i], scores[i] = piece, score
+        types[i] = kind if kind in (UNKNOWN, CONTROL, UNUSED, BYTE) else TOKEN_NORMAL
+    added = folder / "added_tokens.json"
+    for text, tid in (load_json_object(added, "added tokens") if added.is_file() else {}).items():
+        tid = check_int(tid, f"{added}: id of {text!r}", lo=0, hi=MAX_VOCAB)
+        if tid < n_vocab:
+            tokens[tid], scores[tid], types[tid] = text, -1000.0, USER_DEFINED
+    for key, entry in Fields(tcfg, "tokenizer_config.json").obj("added_tokens_decoder",
+                                                                 {}).items():
+        tid = check_int(int(key) if str(key).isdigit() else key,
+                        f"tokenizer_config.json: added_tokens_decoder id {key!r}", lo=0,
+                        hi=MAX_VOCAB)
+        text = Fields(entry, f"tokenizer_config.json: added token {tid}").text("content")
+        if tid >= n_vocab:
+            continue
+        if entry.get("special") or _looks_special(text):
+            types[tid] = CONTROL
+        else:
+            text, types[tid] = text.replace("\u2581", " "), USER_DEFINED
+        tokens[tid], scores[tid] = text, -1000.0
+    tj_path = folder / "tokenizer.json"
+    tj = load_json_object(tj_path, "the tokenizer") if tj_path.is_file() else {}
+    md: dict[str, Any] = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+                          "tokenizer.ggml.tokens": tokens,
+                          "tokenizer.ggml.scores": np.array(scores, dtype=np.float32),
+                          "tokenizer.ggml.token_type": np.array(types, dtype=np.int32)}
+    md.update(_special_metadata(folder, tj, tcfg))
+    if spec.hf_sp_space_prefix is not None:
+        md["tokenizer.ggml.add_space_prefix"] = spec.hf_sp_space_prefix
+    return md
+
+
+def _special_metadata(folder: Path, tj: dict, tcfg: dict) -> dict:
+    """Special token ids, add_*_token flags and the chat template, as gguf-py's SpecialVocab."""
+    md: dict[str, Any] = {}
     ids, add = _special_tokens(tj, tcfg,
                                load_json_object(folder / "config.json", "the model config"))
     for typ, tid in ids.items():
@@ -468,14 +555,10 @@ def tokenizer_metadata(folder: Path, n_vocab: int, architecture: str) -> tuple[d
         md[f"tokenizer.ggml.{key}_token_id"] = int(tid)
     for typ, flag in add.items():
         md[f"tokenizer.ggml.add_{typ}_token"] = bool(flag)
-    if architecture in ("LlamaForCausalLM", "MistralForCausalLM") and n_vocab == 49152:
-        # NOTE: convert_hf_to_gguf's LlamaModel turns BOS off for 49152-token vocabularies
-        # (meant for granite; it catches SmolLM too, and llama.cpp's SmolLM files carry it)
-        md["tokenizer.ggml.add_bos_token"] = False
     template = _chat_template(folder, tcfg)
     if template is not None:
         md["tokenizer.chat_template"] = template
-    return md, warnings
+    return md
 
 
 def _special_tokens(tj: dict, tcfg: dict, config: dict) -> tuple[dict[str, int], dict[str, bool]]:
@@ -626,16 +709,29 @@ def _hf_tensors(ck: Checkpoint, cfg: HFConfig, entries: dict[str, _StEntry]) -> 
                    and b not in by_gguf]
         if lacking:
             raise FormatError(f"Qwen2 checkpoint lacks q/k/v bias {lacking[0]}")
+    spec = _models.architecture(cfg.arch)
     for g, (hf, e) in by_gguf.items():
         perm = None
         if cfg.permute_qk and (".attn_q." in g or ".attn_k." in g):
             perm = qk_permutation(e.shape[0], cfg.n_head if ".attn_q." in g else cfg.n_head_kv)
-        ck.tensors.append(_st_source(g, hf, e, perm))
+        t = _st_source(g, hf, e, perm)
+        if spec.hf_norm_shift and hf.endswith("norm.weight"):  # NOTE: as the converter: 1 + w
+            t = _vector_source(g, t.read_rows(0, 1)[0] + np.float32(spec.hf_norm_shift),
+                               t.origin + f" + {spec.hf_norm_shift:g}")
+        ck.tensors.append(t)
+    extra = dict(spec.hf_extra_tensors(Fields(cfg.config, cfg.where), cfg))
     freqs = cfg.rope_freqs()
     if freqs is not None:
-        ck.tensors.append(SourceTensor("rope_freqs.weight", freqs.shape, "F32",
-                                       lambda r0, r1, f=freqs: f[None, :].copy(),
-                                       origin="rope_scaling (llama3)"))
+        extra["rope_freqs.weight"] = freqs
+    for g, v in extra.items():
+        ck.tensors.append(_vector_source(g, np.asarray(v, np.float32), "config.json rope"))
+
+
+def _vector_source(g: str, v: np.ndarray, origin: str) -> SourceTensor:
+    """An F32 vector computed here (shifted norms, rope factors) as a tensor to write."""
+    v = np.ascontiguousarray(v, dtype="<f4")  # (n,)
+    return SourceTensor(g, v.shape, "F32", lambda r0, r1: v[None, :].astype(np.float32),
+                        lambda: v.view(np.uint8).copy(), origin=origin)
 
 
 def _hf_name_hint(g: str, arch: str) -> str:

@@ -58,6 +58,9 @@ class ModelArgs:
     rope_freq_scale_swa: float = 0.0  # their position scale (0: rope_freq_scale)
     final_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (0: none)
     attn_softcap: float = 0.0  # attention scores, likewise
+    rope_ext_factor: float = 0.0  # YaRN's mix of extrapolated frequencies (1 for yarn, 0: none)
+    rope_attn_factor: float = 1.0  # rope.scaling.attn_factor: cos and sin times this
+    n_ctx_orig: int = 0  # rope.scaling.original_context_length (0: n_ctx_train)
     # derived in __post_init__
     rope_neox: bool = field(init=False)
     n_gqa: int = field(init=False)  # query heads per key/value head
@@ -73,6 +76,8 @@ class ModelArgs:
             set_("rope_dim", self.head_dim)
         if self.attn_scale == 0.0:
             set_("attn_scale", 1.0 / math.sqrt(self.head_dim))
+        if self.n_ctx_orig == 0:
+            set_("n_ctx_orig", self.n_ctx_train)
         if self.n_head % self.n_head_kv:
             raise FormatError(f"{self.arch}: head_count {self.n_head} is not a multiple of "
                               f"head_count_kv {self.n_head_kv}")
@@ -101,6 +106,12 @@ class ModelArgs:
         arch = f.text(Keys.General.ARCHITECTURE)
         spec = architecture(arch, where)
         f = Fields(md, where, arch)
+        n_expert = f.integer(Keys.LLM.EXPERT_COUNT, 0, lo=0)
+        if n_expert:  # e.g. Mixtral, stored as arch llama
+            raise UnsupportedModel(f"{where}: {arch} with {n_expert} experts "
+                                   f"({f.key(Keys.LLM.EXPERT_COUNT)}): mixture-of-experts models "
+                                   f"are not supported yet (supported: dense "
+                                   f"{', '.join(ARCHITECTURES)})")
 
         n_embd = f.integer(Keys.LLM.EMBEDDING_LENGTH)
         n_head = f.integer(Keys.Attention.HEAD_COUNT, hi=MAX_HEADS)
@@ -149,22 +160,64 @@ class ModelArgs:
             rope_base=f.number(Keys.Rope.FREQ_BASE, 10000.0, lo=1.0, lo_open=True),
             rope_freq_scale=1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor,
             attn_scale=f.number(Keys.Attention.SCALE, 0.0, lo=0.0, hi=1e6),
+            # NOTE: llama.cpp reads these two for every architecture; YaRN's betas and
+            # extrapolation factor keep their defaults (32, 1, 1) for the ones blockq runs
+            rope_ext_factor=1.0 if scaling == "yarn" else 0.0,
+            rope_attn_factor=f.number(Keys.Rope.SCALING_ATTN_FACTOR, 1.0, lo=0.0, lo_open=True,
+                                      hi=MAX_ROPE_FACTOR),
+            n_ctx_orig=f.integer(Keys.Rope.SCALING_ORIG_CTX_LEN, 0, lo=0, hi=MAX_CONTEXT),
         )
+        if scaling == "yarn" and factor == 0.0:
+            raise FormatError(f"{where}: rope scaling type 'yarn' needs "
+                              f"{f.key(Keys.Rope.SCALING_FACTOR)} (the context extension, > 0)")
         fields.update(spec.extra_args(f, fields))
         return cls(**fields)
 
 
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # NOTE: llama.cpp's defaults (llama-hparams.h)
+
+
 class Rope:
-    """Rotary position embedding tables, computed the way ggml's CPU rope computes them."""
+    """Rotary position embedding tables, computed the way ggml's CPU rope computes them:
+    frequencies divided by per-pair ``freq_factors`` (llama3's ``rope_freqs``, Phi-3's long or
+    short factors), positions scaled by ``freq_scale`` (linear), YaRN's ramp between scaled and
+    unscaled frequencies when ``args.rope_ext_factor`` is set, cos and sin times ``mscale``."""
 
     def __init__(self, args: ModelArgs, freq_factors: np.ndarray | None = None,
                  base: float | None = None, freq_scale: float | None = None):
+        f32 = np.float32
         self.half = args.rope_dim // 2
         self.neox = args.rope_neox
-        self.base = np.float32(args.rope_base if base is None else base)
-        self.freq_scale = np.float32(args.rope_freq_scale if freq_scale is None else freq_scale)
-        self.freq_factors = freq_factors  # (rope_dim/2,) llama3 long-context factors, or None
+        self.base = f32(args.rope_base if base is None else base)
+        self.freq_scale = f32(args.rope_freq_scale if freq_scale is None else freq_scale)
+        self.freq_factors = freq_factors  # (rope_dim/2,) or None
+        self.ext_factor = f32(args.rope_ext_factor)
+        # NOTE: as llama_context's yarn_attn_factor (float arithmetic): with YaRN, mscale(factor)
+        # of the model's factor, cancelled again (ggml's rope multiplies it back in), times the
+        # file's attn_factor
+        attn = f32(1.0)
+        if self.ext_factor != 0:
+            factor = f32(1.0) / f32(args.rope_freq_scale)
+            attn = f32(1.0) if factor <= 1 else f32(f32(0.1) * np.log(factor) + f32(1.0))
+            attn = f32(attn * (f32(1.0) / (f32(1.0) + f32(0.1) * np.log(factor))))
+        attn = f32(attn * f32(args.rope_attn_factor))
+        self.mscale = attn if self.ext_factor == 0 else \
+            f32(attn * (f32(1.0) + f32(0.1) * np.log(f32(1.0) / self.freq_scale)))
+        self.corr = (0.0, 0.0)
+        if self.ext_factor != 0:  # ggml_rope_yarn_corr_dims
+            def dim(beta):
+                turns = f32(f32(beta) * f32(2)) * f32(math.pi)
+                return f32(2 * self.half) * np.log(f32(args.n_ctx_orig) / turns) \
+                    / (f32(2) * np.log(self.base))
+            self.corr = (max(0.0, math.floor(dim(YARN_BETA_FAST))),
+                         min(2 * self.half - 1.0, math.ceil(dim(YARN_BETA_SLOW))))
         self._cos = self._sin = np.empty((0, self.half), np.float32)  # (positions, half)
+
+    @property
+    def plain(self) -> bool:
+        """No factors, scaling or YaRN: the rope numerics='llama' reproduces."""
+        return (self.freq_factors is None and self.freq_scale == 1 and self.ext_factor == 0
+                and self.mscale == 1)
 
     def tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin of the rotation angles, both (n, rope_dim/2) float32."""
@@ -185,8 +238,19 @@ class Rope:
             t = t * step
         if self.freq_factors is not None:
             theta /= self.freq_factors
+        extrap = theta.copy() if self.ext_factor != 0 else None
         theta *= self.freq_scale
-        return np.cos(theta), np.sin(theta)
+        if extrap is not None:  # YaRN: pair i keeps ramp(i) of its unscaled angle
+            lo, hi = self.corr
+            y = (np.arange(self.half, dtype=np.float32) - np.float32(lo)) \
+                / np.float32(max(0.001, hi - lo))
+            ramp = (np.float32(1) - np.clip(y, 0, 1)) * self.ext_factor  # (half,)
+            theta = theta * (np.float32(1) - ramp) + extrap * ramp
+        cos, sin = np.cos(theta), np.sin(theta)
+        if self.mscale != 1:
+            cos *= self.mscale
+            sin *= self.mscale
+        return cos, sin
 
     def __call__(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Rotate ``x`` (n, heads, head_dim) in place and return it."""
@@ -279,7 +343,7 @@ class Step:
 
     def __init__(self, model: "Model", p0: int, n: int, cache: KVCache, rows):
         self.args, self.p0, self.n, self.cache, self.rows = model.args, p0, n, cache, rows
-        self.ropes, self.windows = model.ropes, model.windows
+        self.ropes, self.windows = model.ropes_for(cache.n_ctx), model.windows
         self._tables: dict = {}
 
     def tables(self, rope: Rope) -> tuple[np.ndarray, np.ndarray]:
@@ -348,18 +412,18 @@ class Model:
         else:  # tied embeddings: the output projection is the embedding table
             self.output = Linear(self.token_embd, name="output.weight")
         self.tied = "output.weight" not in tensors
-        freq_factors = None
-        if "rope_freqs.weight" in tensors:
-            freq_factors = vector("rope_freqs.weight", a.rope_dim // 2)
-        self.rope = Rope(a, freq_factors)
-        rope_swa = self.rope
-        base_swa = a.rope_base_swa or a.rope_base
-        scale_swa = a.rope_freq_scale_swa or a.rope_freq_scale
-        if any(a.swa_layers) and (base_swa, scale_swa) != (a.rope_base, a.rope_freq_scale):
-            rope_swa = Rope(a, None, base=base_swa, freq_scale=scale_swa)
-        swa = a.swa_layers or (False,) * a.n_layer
-        self.ropes = [rope_swa if s else self.rope for s in swa]  # per layer
-        self.windows = [a.sliding_window if s else 0 for s in swa]  # per layer, 0: all keys
+        def factors(name):
+            return vector(name, a.rope_dim // 2) if name in tensors else None
+
+        # NOTE: as llama_model::get_rope_factors: rope_freqs (llama3) if present, else Phi-3's
+        # long factors when the context exceeds the original one, else its short factors
+        freqs = factors("rope_freqs.weight")
+        long = factors("rope_factors_long.weight")
+        self.rope = Rope(a, freqs if freqs is not None else factors("rope_factors_short.weight"))
+        self.ropes, self.windows = self._layer_ropes(self.rope)  # per layer; window 0: all keys
+        self.ropes_long = None  # per layer, for contexts beyond n_ctx_orig
+        if freqs is None and long is not None:
+            self.ropes_long = self._layer_ropes(Rope(a, long))[0]
 
         self.blk: list[Block] = []
         for i in range(a.n_layer):
@@ -379,6 +443,25 @@ class Model:
             self.blk.append(spec.block(parts))
         self.cpu = CPUOps()
         self.ops = self.cpu  # the set the CPU blocks and the head run with
+
+    def _layer_ropes(self, rope: Rope) -> tuple[list, list]:
+        """Each layer's rope (``rope``, or the local layers' own) and window (0: all keys)."""
+        a = self.args
+        rope_swa = rope
+        base_swa = a.rope_base_swa or a.rope_base
+        scale_swa = a.rope_freq_scale_swa or a.rope_freq_scale
+        if any(a.swa_layers) and (base_swa, scale_swa) != (a.rope_base, a.rope_freq_scale):
+            rope_swa = Rope(a, None, base=base_swa, freq_scale=scale_swa)
+        swa = a.swa_layers or (False,) * a.n_layer
+        return ([rope_swa if s else rope for s in swa],
+                [a.sliding_window if s else 0 for s in swa])
+
+    def ropes_for(self, n_ctx: int) -> list:
+        """The per-layer ropes of a context of ``n_ctx`` tokens."""
+        # NOTE: llama.cpp compares its context rounded up to a multiple of 256
+        if self.ropes_long is not None and -(-n_ctx // 256) * 256 > self.args.n_ctx_orig:
+            return self.ropes_long
+        return self.ropes
 
     # -- construction ---------------------------------------------------------------------
 
@@ -552,7 +635,8 @@ class Model:
                                   "file is damaged or was quantized from out-of-range weights")
 
 
-GLOBAL_TENSORS = ("token_embd", "output_norm", "output", "rope_freqs")
+GLOBAL_TENSORS = ("token_embd", "output_norm", "output", "rope_freqs", "rope_factors_long",
+                  "rope_factors_short")
 
 
 def _as_f32(t) -> np.ndarray:

@@ -189,11 +189,13 @@ class LlamaOps(CPUOps):
         super().__init__()
         self.L = cpu_q8
         a = model.args
-        if a.activation != "silu" or a.attn_softcap or a.final_softcap or any(r.freq_factors is not None or r.freq_scale != 1
-                                         for r in model.ropes) or any(model.windows) \
+        ropes = model.ropes + (model.ropes_long or [])
+        if a.activation != "silu" or a.attn_softcap or a.final_softcap \
+                or not all(r.plain for r in ropes) or any(model.windows) \
                 or any(lin.bias is not None for _, lin in model.linears()):
             raise UnsupportedModel("numerics='llama' covers SwiGLU models without biases, rope "
-                                   "frequency factors, rope scaling or sliding windows")
+                                   "frequency factors, rope scaling (linear, YaRN, attn_factor) "
+                                   "or sliding windows")
         # NOTE: a tied output is llama.cpp's token embedding table, never repacked
         self.dot = {name: cpu_q8.llama_dot(lin.weight,
                                            repackable=not (model.tied and name == "output.weight"))

@@ -53,6 +53,7 @@ _SPECIAL = Attr.CONTROL | Attr.UNKNOWN          # hidden in output unless specia
 _SPLIT_OUT = _SPECIAL | Attr.USER_DEFINED       # cut out of the text before tokenizing
 
 SPM_SPACE = "\u2581"  # ▁
+C_SPACE = " \t\n\v\f\r"  # what C's isspace() counts (llama.cpp strips with it)
 
 # -- pre-tokenizers (word-splitting regexes per tokenizer.ggml.pre), from llama-vocab.cpp ------
 # Each regex splits every piece left by the previous one; matches and the gaps between them
@@ -184,7 +185,8 @@ class Tokenizer:
     def __init__(self, *, model: str, pre: str, tokens: Sequence[str], attrs: np.ndarray,
                  scores: Sequence[float] | None, merges: Sequence[str] | None,
                  ids: Mapping[str, int | None], add_bos: bool, add_eos: bool,
-                 add_space_prefix: bool, chat_template: str | None = None):
+                 add_space_prefix: bool, chat_template: str | None = None,
+                 model_name: str = ""):
         self.model = model
         self.pre = pre
         self.tokens = tokens if isinstance(tokens, list) else list(tokens)  # not modified
@@ -207,6 +209,19 @@ class Tokenizer:
         else:
             self._bpe_setup(merges)
         self._mark_special(ids)
+        self._rstrip = self._strip_attrs(model_name.lower())  # ids that eat the spaces after
+
+    def _strip_attrs(self, name: str) -> frozenset[int]:
+        """Special tokens that swallow the whitespace after them (llama.cpp's RSTRIP)."""
+        # NOTE: llama.cpp sets per-token attributes by general.name (llama-vocab.cpp): for
+        # Phi-3 every special token and </s> strip the spaces after them, but <unk>, <s> and
+        # <|endoftext|> do not.  Its other cases (LSTRIP on <mask> of some BERTs) are encoders.
+        if "phi-3" not in name and "phi3" not in name:
+            return frozenset()
+        out = {tid for _, tid in self._specials_all}
+        t2i = self.token_to_id
+        out |= {t2i[t] for t in ("</s>",) if t in t2i}
+        return frozenset(out - {t2i[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in t2i})
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -279,7 +294,8 @@ class Tokenizer:
             add_prefix = f.flag(K.ADD_PREFIX, add_prefix)
         return cls(model=model, pre=pre, tokens=tokens, attrs=attrs,
                    scores=scores, merges=merges, ids=ids, add_bos=add_bos, add_eos=add_eos,
-                   add_space_prefix=add_prefix, chat_template=f.text(K.CHAT_TEMPLATE, None))
+                   add_space_prefix=add_prefix, chat_template=f.text(K.CHAT_TEMPLATE, None),
+                   model_name=str(md.get("general.name") or ""))
 
     def _spm_setup(self, scores) -> None:
         n = len(self.tokens)
@@ -452,6 +468,8 @@ class Tokenizer:
                 for k, part in enumerate(f.split(stext)):
                     if k:
                         out.append(sid)
+                        if sid in self._rstrip:
+                            part = part.lstrip(C_SPACE)
                     if part:
                         out.append(part)
             frags = out

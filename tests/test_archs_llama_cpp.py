@@ -37,7 +37,15 @@ def files(tmp_path_factory):
 
 def test_every_architecture_is_covered():
     from blockq.models import ARCHITECTURES
-    assert set(CASES) == set(ARCHITECTURES)
+    assert {REC["cases"][c]["write_tiny"]["arch"] for c in CASES} == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name, long", [("phi3", True), ("phi3-short", False)])
+def test_phi3_rope_factors_follow_the_context(files, name, long):
+    """Long factors beyond the original context (rounded up to 256 as llama.cpp), else short."""
+    model = Model.load(files[name])
+    assert (model.ropes_for(64) is model.ropes_long) == long
+    assert model.ropes_for(64)[0].freq_factors is not None
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -96,7 +96,8 @@ def test_generate_refuses_an_unknown_architecture(tmp_path):
     path = write_tiny(tmp_path / "rwkv.gguf", arch="rwkv6")
     res = CliRunner().invoke(cli, ["generate", str(path), "-p", "hi", "-n", 1])
     assert isinstance(res.exception, UnsupportedModel)
-    assert "architecture 'rwkv6' is not supported yet (supported: " in str(res.exception)
+    assert "architecture 'rwkv6' (a recurrent model) is not supported yet (supported: " \
+        in str(res.exception)
 
 
 @pytest.mark.realfile

@@ -1,12 +1,14 @@
 """blockq.convert: Hugging Face folders and GGUF files -> GGUF at a preset, streamed and atomic.
 
-Fixtures write tiny random llama / qwen2 checkpoints (config.json, safetensors, tokenizer.json,
-tokenizer_config.json).  Oracles: the weights themselves (an F32 conversion must reproduce them,
+Fixtures write tiny random llama / qwen2 / qwen3 / gemma2 / gemma3 / phi3 checkpoints
+(config.json, safetensors, tokenizer.json, tokenizer_config.json).  Oracles: the weights themselves (an F32 conversion must reproduce them,
 q/k rows un-permuted by tests/tiny_model.py's independent inverse), tests/tiny_model.py's
 float64 forward pass, blockq.quantize on the same rows, gguf-py's SpecialVocab (how
 convert_hf_to_gguf reads special tokens) and, for the realistic vocabulary, the tokenizer keys
-llama.cpp wrote into the shipped SmolLM2 file.
+llama.cpp wrote into the shipped SmolLM2 file; llama.cpp's outputs on four converted folders
+(tools/record_tiny_archs.py).
 """
+import hashlib
 import json
 import os
 import signal
@@ -55,6 +57,33 @@ def _tokenizer_json(md: dict, pretok: dict | None = None) -> dict:
     }
 
 
+def _pb_varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+SP_PIECES = ([("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
+             + [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+             + [(p, -float(i), 1) for i, p in enumerate(
+                 ("▁", "t", "h", "e", "▁t", "he", "▁the", "a", "c", "▁c", "at", "▁cat"))]
+             + [("<user>", 0.0, 4)])  # 272 pieces
+
+
+def sp_model_bytes(pieces=SP_PIECES) -> bytes:
+    """A SentencePiece tokenizer.model: ModelProto field 1 per piece (text, score, type)."""
+    out = b""
+    for text, score, kind in pieces:
+        t = text.encode()
+        body = b"\x0a" + _pb_varint(len(t)) + t + b"\x15" + struct.pack("<f", score) \
+            + b"\x18" + _pb_varint(kind)
+        out += b"\x0a" + _pb_varint(len(body)) + body
+    return out + b"\x12\x02\x08\x01"  # a trainer_spec, skipped by the reader
+
+
 def _save_bf16(path: Path, tensors: dict) -> None:
     """A safetensors file of BF16 tensors (numpy has no bf16: truncate float32 ourselves)."""
     header, blobs, off = {}, [], 0
@@ -71,8 +100,15 @@ def _save_bf16(path: Path, tensors: dict) -> None:
 
 def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tied=False,
             n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, seed=0, tok_md=None,
-            n_vocab=N_VOCAB_CFG, mutate=None, pretok=None, head_dim=None) -> dict:
-    """Write a random checkpoint folder; returns the HF tensors (float32, bf16-rounded for BF16)."""
+            n_vocab=N_VOCAB_CFG, mutate=None, pretok=None, head_dim=None,
+            config: dict | None = None, sentencepiece: bool = False,
+            sp_added: dict | None = None) -> dict:
+    """Write a random checkpoint folder; returns the HF tensors (float32, bf16-rounded for BF16).
+
+    Gemma2/Gemma3ForCausalLM get their four norms per layer (Gemma 3 also q/k norms),
+    Phi3ForCausalLM fused qkv_proj and gate_up_proj; ``config`` adds config.json keys;
+    ``sentencepiece``: the vocabulary is SP_PIECES' tokenizer.model (no tokenizer.json), with
+    ``sp_added`` (id -> [text, special]) more added tokens."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
@@ -80,9 +116,24 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
          "model.norm.weight": 1 + 0.1 * rng.standard_normal(n_embd)}
     if not tied:
         w["lm_head.weight"] = rng.standard_normal((n_vocab, n_embd)) / np.sqrt(n_embd)
+    gemma = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
     for i in range(n_layer):
         p = f"model.layers.{i}."
         m = lambda r, c: rng.standard_normal((r, c)) / np.sqrt(c)  # noqa: E731
+        if arch == "Phi3ForCausalLM":
+            w.update({p + "input_layernorm.weight": 1 + 0.1 * rng.standard_normal(n_embd),
+                      p + "self_attn.qkv_proj.weight": m((n_head + 2 * n_head_kv) * hd, n_embd),
+                      p + "self_attn.o_proj.weight": m(n_embd, n_head * hd),
+                      p + "post_attention_layernorm.weight": 1 + 0.1 * rng.standard_normal(n_embd),
+                      p + "mlp.gate_up_proj.weight": m(2 * n_ff, n_embd),
+                      p + "mlp.down_proj.weight": m(n_embd, n_ff)})
+            continue
+        if gemma:  # HF Gemma norms hold w of (1 + w): centred on 0
+            w.update({p + name: 1 + 0.1 * rng.standard_normal(n_embd) for name in (
+                "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")})
+        if arch == "Gemma3ForCausalLM":
+            w.update({p + "self_attn.q_norm.weight": 0.1 * rng.standard_normal(hd),
+                      p + "self_attn.k_norm.weight": 0.1 * rng.standard_normal(hd)})
         w.update({p + "input_layernorm.weight": 1 + 0.1 * rng.standard_normal(n_embd),
                   p + "self_attn.q_proj.weight": m(n_head * hd, n_embd),
                   p + "self_attn.k_proj.weight": m(n_head_kv * hd, n_embd),
@@ -99,6 +150,9 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
             w.update({p + "self_attn.q_proj.bias": 0.5 * rng.standard_normal(n_head * hd),
                       p + "self_attn.k_proj.bias": 0.5 * rng.standard_normal(n_head_kv * hd),
                       p + "self_attn.v_proj.bias": 0.5 * rng.standard_normal(n_head_kv * hd)})
+    if gemma:
+        w = {k: v - 1 if k.endswith("layernorm.weight") or k == "model.norm.weight" else v
+             for k, v in w.items()}
     w = {k: v.astype(np.float32) for k, v in w.items()}
     if dtype == "BF16":  # what the file will hold
         w = {k: ((v.view(np.uint32) >> 16) << 16).view(np.float32) for k, v in w.items()}
@@ -111,6 +165,7 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
            "bos_token_id": 0, "eos_token_id": 266, "torch_dtype": "float32"}
     if head_dim:
         cfg["head_dim"] = head_dim
+    cfg.update(config or {})
     (folder / "config.json").write_text(json.dumps(cfg))
     names = list(w)
     parts = [names[i::shards] for i in range(shards)]
@@ -126,6 +181,14 @@ def make_hf(folder: Path, *, arch="LlamaForCausalLM", dtype="F32", shards=1, tie
     if shards > 1:
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {}, "weight_map": {n: f for part, f in zip(parts, files) for n in part}}))
+    if sentencepiece:
+        (folder / "tokenizer.model").write_bytes(sp_model_bytes())
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+            "added_tokens_decoder": {
+                "271": {"content": "<user>", "special": False},
+                **{k: {"content": t, "special": sp} for k, (t, sp) in (sp_added or {}).items()}}}))
+        return w
     md = tok_md or tokenizer_metadata()
     (folder / "tokenizer.json").write_text(json.dumps(_tokenizer_json(md, pretok)))
     toks = md["tokenizer.ggml.tokens"]
@@ -209,6 +272,204 @@ def test_converted_model_runs_like_the_reference(tmp_path, arch, tied, head_dim)
     got = m.forward(toks, m.new_cache(16, "f32"), outputs="all")
     want = reference_logits(r.path, toks)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+GEMMA2_CFG = {"head_dim": 64, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+              "sliding_window": 5, "rms_norm_eps": 1e-6}
+GEMMA3_CFG = {"head_dim": 128, "sliding_window": 5, "sliding_window_pattern": 6,
+              "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}
+
+
+@pytest.mark.parametrize("arch, kw, want_md", [
+    ("Gemma2ForCausalLM", dict(tied=True, n_layer=3, config=GEMMA2_CFG),
+     {"gemma2.attn_logit_softcapping": 50.0, "gemma2.final_logit_softcapping": 30.0,
+      "gemma2.attention.sliding_window": 5, "gemma2.attention.key_length": 64}),
+    ("Gemma3ForCausalLM", dict(tied=True, n_layer=7, n_head=2, n_head_kv=1, head_dim=128,
+                               config=GEMMA3_CFG),
+     {"gemma3.attention.sliding_window": 5, "gemma3.rope.freq_base_swa": 10000.0,
+      "gemma3.rope.freq_base": 1e6, "gemma3.attention.key_length": 128}),
+])
+def test_gemma_conversion_adds_one_to_the_norms_and_runs_like_the_reference(tmp_path, arch, kw,
+                                                                             want_md):
+    w = make_hf(tmp_path / "hf", arch=arch, **kw)
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "F32", **QUIET)
+    md, ts = _gguf(r.path)
+    a = md["general.architecture"]
+    for k, v in want_md.items():
+        assert md[k] == pytest.approx(v), k
+    if a == "gemma2":
+        assert f"{a}.rope.freq_base" not in md  # Gemma2Model writes none
+    np.testing.assert_array_equal(_f32(ts["blk.0.post_ffw_norm.weight"]),
+                                  w["model.layers.0.post_feedforward_layernorm.weight"] + 1)
+    np.testing.assert_array_equal(_f32(ts["output_norm.weight"]), w["model.norm.weight"] + 1)
+    from blockq.model import Model
+    m = Model.load(r.path, numerics="float")
+    toks = [5, 70, 200, 13, 99, 140, 7, 31]
+    got = m.forward(toks, m.new_cache(16, "f32"), outputs="all")
+    want = reference_logits(r.path, toks)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+PHI3_CFG = {"original_max_position_embeddings": 64, "max_position_embeddings": 256,
+            "sliding_window": 2047,
+            "rope_scaling": {"type": "longrope", "long_factor": list(np.geomspace(1, 9, 32)),
+                             "short_factor": list(np.geomspace(1, 1.5, 32))}}
+
+
+def test_phi3_conversion_fuses_like_llama_cpp_and_runs_as_its_split_model(tmp_path):
+    """The fused attn_qkv / ffn_up of the converted file, split into q, k, v and gate, up,
+    make a qwen2 file (the same NEOX block) with the same logits."""
+    w = make_hf(tmp_path / "hf", arch="Phi3ForCausalLM", config=PHI3_CFG)
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "F32", **QUIET)
+    md, ts = _gguf(r.path)
+    assert md["general.architecture"] == "phi3"
+    assert (md["phi3.rope.scaling.original_context_length"], md["phi3.rope.dimension_count"],
+            md["phi3.attention.sliding_window"]) == (64, 64, 2047)
+    assert md["phi3.rope.scaling.attn_factor"] == pytest.approx(
+        np.sqrt(1 + np.log(4) / np.log(64)), rel=1e-6)
+    assert "phi3.rope.scaling.type" not in md  # Phi3MiniModel writes none
+    np.testing.assert_array_equal(_f32(ts["rope_factors_long.weight"]),
+                                  np.float32(PHI3_CFG["rope_scaling"]["long_factor"]))
+    np.testing.assert_array_equal(_f32(ts["blk.1.attn_qkv.weight"]),
+                                  w["model.layers.1.self_attn.qkv_proj.weight"])
+    np.testing.assert_array_equal(_f32(ts["blk.0.ffn_up.weight"]),
+                                  w["model.layers.0.mlp.gate_up_proj.weight"])
+    split_md = {k.replace("phi3.", "qwen2."): v for k, v in md.items()}
+    split_md["general.architecture"] = "qwen2"
+    tensors = []
+    for name, (qt, shape, raw) in ts.items():
+        x = _f32((qt, shape, raw))
+        if ".attn_qkv." in name:
+            parts = np.split(x, [256, 256 + 128])
+            tensors += [(name.replace("qkv", c), "F32", p.shape, p) for c, p in zip("qkv", parts)]
+        elif ".ffn_up." in name:
+            tensors += [(name.replace("up", c), "F32", p.shape, p)
+                        for c, p in zip(("gate", "up"), np.split(x, 2))]
+        else:
+            tensors.append((name, "F32", shape, x))
+    blockq.write_gguf(tmp_path / "split.gguf", split_md, tensors)
+    from blockq.model import Model
+    m, ref = Model.load(r.path, numerics="float"), Model.load(tmp_path / "split.gguf",
+                                                             numerics="float")
+    assert m.ropes_for(256) is m.ropes_long  # 256 > the original 64
+    toks = [5, 70, 200, 13, 99, 140, 7, 31]
+    for n_ctx in (16, 512):
+        np.testing.assert_allclose(m.forward(toks, m.new_cache(n_ctx, "f32"), outputs="all"),
+                                   ref.forward(toks, ref.new_cache(n_ctx, "f32"), outputs="all"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, space_prefix", [("LlamaForCausalLM", None),
+                                                 ("Gemma3ForCausalLM", False)])
+def test_sentencepiece_vocabulary_converts_as_llama_cpps_converter(tmp_path, arch, space_prefix):
+    make_hf(tmp_path / "hf", arch=arch, sentencepiece=True, n_vocab=274,
+            config={"bos_token_id": 1, "eos_token_id": 2,
+                    **(GEMMA3_CFG if arch.startswith("Gemma") else {})},
+            **(dict(n_head=2, n_head_kv=1, head_dim=128) if arch.startswith("Gemma") else {}))
+    md, _ = _gguf(convert(tmp_path / "hf", tmp_path / "m.gguf", "Q8_0", **QUIET).path)
+    assert (md["tokenizer.ggml.model"], md["tokenizer.ggml.pre"]) == ("llama", "default")
+    toks, types = md["tokenizer.ggml.tokens"], list(md["tokenizer.ggml.token_type"])
+    assert toks[:3] == ["<unk>", "<s>", "</s>"] and types[:3] == [2, 3, 3]
+    assert toks[3 + 0x41] == "<0x41>" and types[3 + 0x41] == 6
+    assert toks[259 + 6] == "▁the" and md["tokenizer.ggml.scores"][259 + 6] == -6.0
+    assert (toks[271], types[271]) == ("<user>", 4)  # added_tokens_decoder, not special
+    assert toks[272:] == ["[PAD272]", "[PAD273]"] and types[272:] == [5, 5]
+    assert (md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert md.get("tokenizer.ggml.add_space_prefix") is space_prefix
+    assert "tokenizer.ggml.merges" not in md
+    from blockq.tokenizer import Tokenizer
+    tok = Tokenizer.from_metadata(md)
+    assert tok.encode("the cat", add_special=False) == (
+        [259 + 6, 259 + 11] if space_prefix is None else [259 + 1, 259 + 5, 259 + 11])
+
+
+def test_sentencepiece_model_errors_are_one_line(tmp_path):
+    make_hf(tmp_path / "hf", sentencepiece=True)
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(sp_model_bytes()[:-40])
+    with pytest.raises(FormatError, match="tokenizer.model.*(past the end|truncated)"):
+        convert(tmp_path / "hf", tmp_path / "m.gguf", "Q8_0", **QUIET)
+
+
+def named_config(name: str) -> dict:
+    """config.json additions by name ("A+B" merges them), as the recorded cases give them."""
+    return {k: v for part in name.split("+") for k, v in globals()[part].items()}
+
+
+SP_IDS = {"bos_token_id": 1, "eos_token_id": 2}
+CONVERTED = json.loads((Path(__file__).parent / "data" / "llama_cpp_tiny_archs.json")
+                       .read_text())["converted"]
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTED))
+def test_converted_folders_run_as_in_llama_cpp(tmp_path, name):
+    """llama.cpp loaded these conversions (tools/record_tiny_archs.py): its last logits and
+    greedy tokens, replayed on the byte-identical file blockq converts now."""
+    from blockq.model import Model
+    from tiny_model import greedy_ids
+    case = CONVERTED[name]
+    kw = dict(case["make_hf"])
+    if isinstance(kw.get("config"), str):
+        kw["config"] = named_config(kw["config"])
+    make_hf(tmp_path / name, **kw)
+    path = convert(tmp_path / name, tmp_path / f"{name}.gguf", "F32", **QUIET).path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == case["sha256"], \
+        f"{name}: the conversion no longer comes out byte-identical to the recorded one"
+    m = Model.load(path)
+    for run in case["runs"]:
+        want = np.array(run["last_logits"], dtype=np.float32)
+        got = m.forward(run["prompt_ids"], m.new_cache(64), "last")[0]
+        assert np.abs(got - want).max() / want.std() < 2e-2
+        assert greedy_ids(m, run["prompt_ids"], len(run["greedy"])) == run["greedy"]
+    from blockq.tokenizer import Tokenizer
+    tok = Tokenizer.from_metadata(m.metadata)
+    for text, ids in case.get("tokens", {}).items():
+        assert tok.encode(text, add_special=False) == ids, text
+    for text, ids in case.get("tokens_special", {}).items():
+        assert tok.encode(text, add_special=False, parse_special=True) == ids, text
+
+
+@pytest.mark.parametrize("rope, md_want", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+      "beta_fast": 16.0},
+     {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+      "rope.scaling.original_context_length": 64, "rope.scaling.yarn_beta_fast": 16.0}),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64}, {}),
+])
+def test_rope_scaling_of_hf_configs(tmp_path, rope, md_want):
+    make_hf(tmp_path / "hf", arch="Qwen3ForCausalLM" if rope["rope_type"] == "yarn"
+            else "LlamaForCausalLM", config={"rope_scaling": rope})
+    r = convert(tmp_path / "hf", tmp_path / "m.gguf", "Q8_0", **QUIET)
+    md, ts = _gguf(r.path)
+    a = md["general.architecture"]
+    for k, v in md_want.items():
+        assert md[f"{a}.{k}"] == v
+    if rope["rope_type"] == "llama3":
+        f = _f32(ts["rope_freqs.weight"])
+        assert f.shape == (32,) and f[0] == 1.0 and f[-1] == 8.0
+    from blockq.model import Model
+    m = Model.load(r.path)
+    assert np.isfinite(m.forward([1, 2, 3], m.new_cache(16))).all()
+
+
+@pytest.mark.parametrize("arch, config, words", [
+    ("Phi3ForCausalLM", {"original_max_position_embeddings": None},
+     ["original_max_position_embeddings", "missing"]),
+    ("Phi3ForCausalLM", {**PHI3_CFG, "rope_scaling": {"type": "longrope", "long_factor": [1.0],
+                                                      "short_factor": [1.0]}},
+     ["long_factor", "32 numbers"]),
+    ("Gemma2ForCausalLM", {"head_dim": 64}, ["attn_logit_softcapping", "missing"]),
+    ("Qwen3ForCausalLM", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     ["original_max_position_embeddings", "missing"]),
+    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "longrope"}}, ["'longrope'", "yarn"]),
+])
+def test_bad_config_of_the_new_classes(tmp_path, arch, config, words):
+    make_hf(tmp_path / "hf", arch=arch, config=config)
+    (tmp_path / "o").mkdir()
+    with pytest.raises((FormatError, UnsupportedModel)) as e:
+        convert(tmp_path / "hf", tmp_path / "o" / "out.gguf", "Q8_0", **QUIET)
+    assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
+    _assert_nothing_written(tmp_path / "o")
 
 
 @pytest.mark.parametrize("dtype,shards", [("BF16", 1), ("F16", 3), ("F32", 2)])

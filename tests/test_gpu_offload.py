@@ -29,24 +29,35 @@ def gemma_path(tmp_path_factory):
                       sliding_window=5)
 
 
+@pytest.fixture(scope="module")
+def paths(tiny_path, gemma_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("offload-phi3")
+    # Phi-3 (fused qkv / gate+up) with long rope factors: 64 tokens exceed the original 32
+    phi3 = write_tiny(d / "p.gguf", arch="phi3", qtype="Q8_0", n_layer=N_LAYER,
+                      rope_factors=True,
+                      extra_md={"phi3.rope.scaling.original_context_length": 32,
+                                "phi3.rope.scaling.attn_factor": 1.1})
+    return {"llama": tiny_path, "gemma3": gemma_path, "phi3": phi3}
+
+
 def _host_offload(model, n):
     model.offload(n, xp=np, to_device=lambda q: q)  # the "device" is the host
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
 @pytest.mark.parametrize("n_gpu", list(range(N_LAYER + 1)))
-def test_split_at_every_n_gives_cpu_logits(tiny_path, gemma_path, n_gpu, arch):
-    model = Model.load(tiny_path if arch == "llama" else gemma_path)
+def test_split_at_every_n_gives_cpu_logits(paths, n_gpu, arch):
+    model = Model.load(paths[arch])
     want = model.forward(TOKENS, model.new_cache(64), "all")
     _host_offload(model, n_gpu)
     got = model.forward(TOKENS, model.new_cache(64), "all")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
 @pytest.mark.parametrize("n_gpu", list(range(N_LAYER + 1)))
-def test_split_decode_token_by_token_and_greedy(tiny_path, gemma_path, n_gpu, arch):
-    model = Model.load(tiny_path if arch == "llama" else gemma_path)
+def test_split_decode_token_by_token_and_greedy(paths, n_gpu, arch):
+    model = Model.load(paths[arch])
 
     def greedy(m):
         cache = m.new_cache(64)

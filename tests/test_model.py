@@ -68,7 +68,11 @@ def test_neox_rope_archs(arch):
 
 @pytest.mark.parametrize("extra, error, words", [
     ({"general.architecture": "mamba"}, UnsupportedModel, ["'mamba'", "llama, qwen2"]),
-    ({"llama.rope.scaling.type": "yarn"}, UnsupportedModel, ["'yarn'"]),
+    ({"llama.rope.scaling.type": "longrope"}, UnsupportedModel, ["'longrope'", "yarn"]),
+    ({"llama.rope.scaling.type": "yarn"}, FormatError, ["'yarn' needs", "scaling.factor"]),
+    ({"llama.rope.scaling.attn_factor": 0.0}, FormatError, ["attn_factor"]),
+    ({"llama.rope.scaling.original_context_length": "4k"}, FormatError,
+     ["original_context_length"]),
     ({"llama.attention.head_count_kv": 4}, FormatError, ["head_count 9", "head_count_kv 4"]),
     ({"llama.attention.head_count_kv": [3, 1]}, UnsupportedModel, ["per-layer"]),
 ])
@@ -78,6 +82,101 @@ def test_args_refusals(extra, error, words):
         ModelArgs.from_metadata(md)
     for w in words:
         assert w in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+YARN = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+        "llama.rope.scaling.original_context_length": 2048}
+
+
+@pytest.mark.parametrize("extra, field, expected", [
+    ({}, "rope_ext_factor", 0.0),
+    ({}, "rope_attn_factor", 1.0),
+    ({}, "n_ctx_orig", 8192),  # context_length when no original length is given
+    (YARN, "rope_ext_factor", 1.0),
+    (YARN, "rope_freq_scale", 0.25),
+    (YARN, "n_ctx_orig", 2048),
+    ({**YARN, "llama.rope.scaling.attn_factor": 0.5}, "rope_attn_factor", 0.5),
+])
+def test_rope_scaling_args(extra, field, expected):
+    assert getattr(ModelArgs.from_metadata({**BASE_MD, **extra}), field) == expected
+
+
+def test_yarn_rope_tables():
+    """YaRN: cos/sin scaled by 1 + 0.1 ln(factor) (llama.cpp cancels its own attn factor and
+    ggml multiplies it back); the fastest pairs keep their unscaled angle, the slowest are
+    interpolated; corr dims as ggml_rope_yarn_corr_dims."""
+    from blockq.model import Rope
+    args = ModelArgs.from_metadata({**BASE_MD, **YARN})
+    plain = Rope(ModelArgs.from_metadata(BASE_MD))
+    rope = Rope(args)
+    assert rope.mscale == pytest.approx(1 + 0.1 * np.log(4.0), rel=1e-6)
+    assert rope.corr == (6.0, 17.0)  # floor / ceil of 6.45 and 16.08 for this head and base
+    cos, sin = rope.tables(np.arange(100))
+    c0, s0 = plain.tables(np.arange(100))
+    angle = np.arctan2(sin, cos)
+    np.testing.assert_allclose(angle[:, 0], np.arctan2(s0, c0)[:, 0], atol=1e-5)  # extrapolated
+    lin = Rope(ModelArgs.from_metadata({**BASE_MD, "llama.rope.scaling.factor": 4.0}))
+    cl, sl = lin.tables(np.arange(100))
+    np.testing.assert_allclose(angle[:, -1], np.arctan2(sl, cl)[:, -1], atol=1e-5)  # scaled
+    np.testing.assert_allclose(np.hypot(cos, sin), rope.mscale, rtol=1e-5)
+
+
+PHI3_MD = {"general.architecture": "phi3", "phi3.embedding_length": 3072,
+           "phi3.block_count": 32, "phi3.feed_forward_length": 8192,
+           "phi3.attention.head_count": 32, "phi3.attention.head_count_kv": 32,
+           "phi3.context_length": 131072, "phi3.rope.freq_base": 10000.0,
+           "phi3.rope.dimension_count": 96, "phi3.attention.sliding_window": 262144,
+           "phi3.rope.scaling.original_context_length": 4096,
+           "phi3.rope.scaling.attn_factor": 1.1902380714238083,
+           "phi3.attention.layer_norm_rms_epsilon": 1e-5, "phi3.vocab_size": 32064}
+
+
+@pytest.mark.parametrize("extra, field, expected", [
+    ({}, "rope_neox", True),
+    ({}, "head_dim", 96),
+    ({}, "n_ctx_orig", 4096),
+    ({}, "rope_attn_factor", pytest.approx(1.19023807)),
+    ({}, "sliding_window", 0),  # NOTE: llama.cpp ignores Phi-3's window; so does blockq
+    ({}, "activation", "silu"),
+])
+def test_phi3_args_from_metadata(extra, field, expected):
+    assert getattr(ModelArgs.from_metadata({**PHI3_MD, **extra}), field) == expected
+
+
+@pytest.mark.parametrize("extra, drop, words", [
+    ({}, "phi3.feed_forward_length", ["phi3.feed_forward_length", "missing"]),
+    ({"phi3.attention.head_count_kv": 5}, None, ["head_count 32", "head_count_kv 5"]),
+    ({"phi3.rope.dimension_count": 97}, None, ["dimension_count 97", "even"]),
+    ({"phi3.rope.scaling.attn_factor": -1.0}, None, ["attn_factor", "-1.0"]),
+])
+def test_phi3_args_refusals(extra, drop, words):
+    md = {**PHI3_MD, **extra}
+    md.pop(drop, None)
+    with pytest.raises(FormatError) as e:
+        ModelArgs.from_metadata(md)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(n_ff=256, extra_md={"phi3.feed_forward_length": 512}, arch="phi3"),
+     ["blk.0.ffn_up.weight", "(512, 256)", "(1024, 256)"]),
+    (dict(n_head_kv=4, extra_md={"phi3.attention.head_count_kv": 2}, arch="phi3"),
+     ["blk.0.attn_qkv.weight", "(768, 256)", "(512, 256)"]),
+])
+def test_phi3_tensor_shapes_must_agree_with_metadata(tiny_dir, kw, words):
+    path = write_tiny(tiny_dir / "phi3-bad.gguf", **kw)
+    with pytest.raises(FormatError) as e:
+        Model.load(path)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_phi3_rope_factors_of_the_wrong_length(tiny_dir):
+    path = write_tiny(tiny_dir / "phi3-factors.gguf", arch="phi3", rope_factors=True,
+                      extra_md={"phi3.rope.dimension_count": 32})
+    with pytest.raises(FormatError, match="rope_factors_long.weight.*expected \\(16,\\)"):
+        Model.load(path)
 
 
 GEMMA3_MD = {"general.architecture": "gemma3", "gemma3.embedding_length": 640,
@@ -173,6 +272,16 @@ CASES = {  # name -> (write_tiny kwargs, tolerance on logits relative to their s
     "qwen3-q8_0-hd": (dict(arch="qwen3", qtype="Q8_0", head_dim=96, tied=False), 1e-4),
     "gemma3-f32": (dict(arch="gemma3", n_head=2, n_head_kv=1, head_dim=128), 1e-4),
     "gemma2-q8_0-swa": (dict(arch="gemma2", qtype="Q8_0", n_layer=3, sliding_window=5), 1e-4),
+    "phi3-f32-short": (dict(arch="phi3", rope_factors=True, tied=False,
+                            extra_md={"phi3.rope.scaling.attn_factor": 1.2}), 1e-4),
+    "phi3-q8_0-long": (dict(arch="phi3", qtype="Q8_0", rope_factors=True, n_head_kv=1,
+                            extra_md={"phi3.rope.scaling.original_context_length": 128}), 1e-4),
+    "llama-yarn": (dict(tied=False, extra_md={
+        **YARN, "llama.rope.scaling.original_context_length": 64}), 1e-4),
+    "qwen3-yarn-attn": (dict(arch="qwen3", extra_md={
+        "qwen3.rope.scaling.type": "yarn", "qwen3.rope.scaling.factor": 2.0,
+        "qwen3.rope.scaling.original_context_length": 32,
+        "qwen3.rope.scaling.attn_factor": 0.8}), 1e-4),
     # every layer local but the sixth, with a window shorter than the 12 tokens
     "gemma3-q8_0-swa": (dict(arch="gemma3", qtype="Q8_0", n_layer=7, n_head_kv=1,
                              sliding_window=5), 1e-4),
@@ -285,8 +394,26 @@ def test_unknown_architecture_is_one_line(tiny_dir):
     path = write_tiny(tiny_dir / "mamba.gguf", arch="mamba")
     with pytest.raises(UnsupportedModel) as e:
         Model.load(path)
-    assert str(e.value) == ("mamba.gguf: architecture 'mamba' is not supported yet "
-                            "(supported: llama, qwen2, qwen3, gemma2, gemma3)")
+    assert str(e.value) == ("mamba.gguf: architecture 'mamba' (a recurrent model) is not "
+                            "supported yet (supported: llama, qwen2, qwen3, gemma2, gemma3, "
+                            "phi3)")
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"general.architecture": "qwen3moe"}, ["'qwen3moe' (a mixture-of-experts model)"]),
+    ({"general.architecture": "rwkv7"}, ["'rwkv7' (a recurrent model)"]),
+    ({"general.architecture": "clip"}, ["'clip' (a multimodal projector)"]),
+    ({"general.architecture": "starcoder2"}, ["architecture 'starcoder2' is not supported"]),
+    ({"llama.expert_count": 8}, ["llama with 8 experts", "llama.expert_count",
+                                 "mixture-of-experts", "dense llama, qwen2"]),
+])
+def test_refusals_name_the_architecture_and_what_is_supported(extra, words):
+    md = {**BASE_MD, **extra}
+    with pytest.raises(UnsupportedModel) as e:
+        ModelArgs.from_metadata(md, where="x.gguf")
+    msg = str(e.value)
+    assert all(w in msg for w in words) and "\n" not in msg, msg
+    assert msg.startswith("x.gguf: ") and "gemma3, phi3)" in msg
 
 
 @pytest.mark.realfile
@@ -330,8 +457,13 @@ def test_smollm2_perplexity_near_llama_cpp(smollm2_file):
     assert got.ppl == pytest.approx(rec["ppl"], rel=0.03)
 
 
-def test_llama_numerics_refuses_what_it_does_not_reproduce(tiny_dir):
-    path = _tiny(tiny_dir, "gemma3-f32", arch="gemma3", n_head=2, n_head_kv=1, head_dim=128)
+@pytest.mark.parametrize("name, kw", [
+    ("gemma3-f32", dict(arch="gemma3", n_head=2, n_head_kv=1, head_dim=128)),
+    ("llama-yarn", dict(extra_md=YARN)),
+    ("phi3-rope-factors", dict(arch="phi3", rope_factors=True)),
+])
+def test_llama_numerics_refuses_what_it_does_not_reproduce(tiny_dir, name, kw):
+    path = _tiny(tiny_dir, name, **kw)
     with pytest.raises(UnsupportedModel, match="numerics='llama' covers SwiGLU models"):
         Model.load(path, numerics="llama")
 

@@ -61,11 +61,14 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
                n_head_kv: int = 2, n_ff: int = 512, rope_freqs: bool = False,
                rope_scale: float = 0.0, seed: int = 0, drop: str | None = None,
                out_qtype: str | None = None, extra_md: dict | None = None,
-               head_dim: int = 0, sliding_window: int = 0) -> Path:
+               head_dim: int = 0, sliding_window: int = 0,
+               rope_factors: bool = False) -> Path:
     """Write a random ``arch`` model; 2-D weights in ``qtype`` (norms and biases stay F32).
 
     ``arch="qwen3"`` adds q/k norms, ``"gemma3"`` those and its sandwich norms, ``"gemma2"``
-    the sandwich norms; ``sliding_window`` sets the Gemmas' local layers' window.
+    the sandwich norms; ``sliding_window`` sets the Gemmas' local layers' window.  ``"phi3"``
+    fuses q/k/v into ``attn_qkv`` and gate/up into ``ffn_up``; ``rope_factors`` adds Phi-3's
+    ``rope_factors_long`` / ``_short`` tensors.
     """
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
@@ -116,9 +119,20 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: str = "F32", tied: boo
     if rope_freqs:
         tensors.append(("rope_freqs.weight", "F32", (hd // 2,),
                         np.linspace(1.0, 8.0, hd // 2).astype(np.float32)))
+    if rope_factors:
+        for name, hi in (("rope_factors_long", 16.0), ("rope_factors_short", 2.0)):
+            tensors.append((name + ".weight", "F32", (hd // 2,),
+                            np.geomspace(1.0, hi, hd // 2).astype(np.float32)))
     for i in range(n_layer):
         p = f"blk.{i}."
         vec(p + "attn_norm.weight", n_embd)
+        if arch == "phi3":
+            mat(p + "attn_qkv.weight", (n_head + 2 * n_head_kv) * hd, n_embd)
+            mat(p + "attn_output.weight", n_embd, n_head * hd)
+            vec(p + "ffn_norm.weight", n_embd)
+            mat(p + "ffn_up.weight", 2 * n_ff, n_embd)
+            mat(p + "ffn_down.weight", n_embd, n_ff)
+            continue
         mat(p + "attn_q.weight", n_head * hd, n_embd)
         mat(p + "attn_k.weight", n_head_kv * hd, n_embd)
         mat(p + "attn_v.weight", n_head_kv * hd, n_embd)
@@ -167,10 +181,23 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    """Logits (n, n_vocab) of ``tokens`` at positions 0..n-1, computed in float64."""
+def reference_logits(path: Path, tokens: list[int], n_ctx: int = 64) -> np.ndarray:
+    """Logits (n, n_vocab) of ``tokens`` at positions 0..n-1, computed in float64.
+
+    ``n_ctx``: the context the runtime was given (it picks Phi-3's long or short factors)."""
     md, w = _weights(path)
     arch = md["general.architecture"]
+    if arch == "phi3":  # fused q|k|v and gate|up rows: split them
+        for name in [k for k in w if k.endswith("attn_qkv.weight")]:
+            qkv = w.pop(name)  # (n_q + 2 n_k, n_embd)
+            n_q = md["phi3.attention.head_count"] * int(md.get(
+                "phi3.attention.key_length",
+                md["phi3.embedding_length"] // md["phi3.attention.head_count"]))
+            n_k = (qkv.shape[0] - n_q) // 2
+            for c, part in zip("qkv", np.split(qkv, [n_q, n_q + n_k])):
+                w[name.replace("qkv", c)] = part
+        for name in [k for k in w if k.endswith("ffn_up.weight")]:
+            w[name.replace("up", "gate")], w[name] = np.split(w[name], 2)
     n_embd = md[f"{arch}.embedding_length"]
     n_head = md[f"{arch}.attention.head_count"]
     n_kv = md[f"{arch}.attention.head_count_kv"]
@@ -186,21 +213,38 @@ def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
     def norm(x, g):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
 
-    def rotary(base, scale):
+    orig = int(md.get(f"{arch}.rope.scaling.original_context_length",
+                      md[f"{arch}.context_length"]))
+    factors = w.get("rope_freqs.weight")
+    if factors is None:  # Phi-3: long factors when the context (in 256s) exceeds the original
+        long = -(-n_ctx // 256) * 256 > orig
+        factors = w.get("rope_factors_long.weight" if long else "rope_factors_short.weight")
+    yarn = md.get(f"{arch}.rope.scaling.type") == "yarn"
+    mscale = float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+
+    def rotary(base, scale, global_=True):
         inv = base ** (-np.arange(0, hd, 2) / hd)  # (hd/2,)
-        if "rope_freqs.weight" in w:
-            inv = inv / w["rope_freqs.weight"]
+        m = mscale if global_ else 1.0
+        if factors is not None and global_:
+            inv = inv / factors
+        if yarn and global_:  # Hugging Face's YaRN: ramp between interpolated and original
+            def dim(beta):
+                return hd * np.log(orig / (beta * 2 * np.pi)) / (2 * np.log(base))
+            lo, hi = max(np.floor(dim(32.0)), 0), min(np.ceil(dim(1.0)), hd - 1)
+            ramp = np.clip((np.arange(hd // 2) - lo) / max(hi - lo, 0.001), 0, 1)
+            inv = inv * scale * ramp + inv * (1 - ramp)
+            scale, m = 1.0, m * (0.1 * np.log(1 / scale) + 1)
         ang = np.arange(n)[:, None] * inv[None, :] * scale  # (n, hd/2)
-        cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]  # (n, 1, hd)
-        sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
+        cos = m * np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]  # (n, 1, hd)
+        sin = m * np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
 
         def rope(x):  # Hugging Face rotate_half convention
             half = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
             return x * cos + half * sin
         return rope
 
-    rope_global = rotary(float(md[f"{arch}.rope.freq_base"]), scale)
-    rope_local = rotary(10000.0, 1.0)  # Gemma 3's local layers (rope_local_base_freq)
+    rope_global = rotary(float(md.get(f"{arch}.rope.freq_base", 10000.0)), scale)
+    rope_local = rotary(10000.0, 1.0, False)  # Gemma 3's local layers (rope_local_base_freq)
     x = w["token_embd.weight"][tokens]  # (n, n_embd)
     if gemma:
         x = x * np.sqrt(n_embd)

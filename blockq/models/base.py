@@ -96,11 +96,22 @@ class Architecture:
     rope_neox: bool  # rotate (x[i], x[i + d/2]) pairs; False: adjacent (x[2i], x[2i+1]) pairs
     # (metadata reader: a blockq.validate.Fields, fields read so far) -> further ModelArgs fields
     extra_args: Callable[[Callable, dict], dict] = lambda get, fields: {}
-    rope_scalings: tuple[str, ...] = ("none", "linear")
+    rope_scalings: tuple[str, ...] = ("none", "linear", "yarn")
     # Hugging Face conversion (blockq.convert): class name -> whether q/k rows are permuted for
     # adjacent-pair rope; HF tensor name (regex, layer captured) -> GGUF name
     hf_classes: tuple[tuple[str, bool], ...] = ()
     hf_tensors: tuple[tuple[str, str], ...] = ()
+    hf_rope_types: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
+    # (config.json Fields, blockq.convert.HFConfig) -> GGUF keys beyond the common ones that
+    # llama.cpp's converter writes for this class (None: a common key it does not write)
+    hf_metadata: Callable = lambda f, cfg: {}
+    # (config.json Fields, HFConfig) -> extra float32 tensors the converter derives, by name
+    hf_extra_tensors: Callable = lambda f, cfg: {}
+    hf_norm_shift: float = 0.0  # added to every HF ``*norm.weight`` (Gemma's ``1 + w``)
+    # vocabulary: a tokenizer.model (SentencePiece) is read first, as the converter does;
+    # add_space_prefix: the value it then writes (None: none)
+    hf_sentencepiece: bool = False
+    hf_sp_space_prefix: bool | None = None
 
 
 def head_norm(ops, x, norm, n_heads: int, head_dim: int):

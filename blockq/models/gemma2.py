@@ -10,7 +10,7 @@ import math
 from ..gguf.constants import Keys
 from ..validate import MAX_CONTEXT
 from .base import Architecture, Block, norm
-from .gemma3 import LOGIT_SOFTCAP, SLIDING_WINDOW, sandwich, swa_layers
+from .gemma3 import HF_TENSORS, LOGIT_SOFTCAP, SLIDING_WINDOW, sandwich, swa_layers
 from .llama import ATTENTION, FFN
 
 ATTN_SOFTCAP = "{arch}.attn_logit_softcapping"
@@ -42,4 +42,17 @@ def _args(get, f: dict) -> dict:
                 final_softcap=get.number(LOGIT_SOFTCAP, 30.0, lo=0.0))
 
 
-GEMMA2 = Architecture("gemma2", Gemma2Block, rope_neox=True, extra_args=_args)
+def _hf_metadata(f, cfg) -> dict:
+    """Gemma2Model's keys: its own set (no rope base), with both caps and the window."""
+    return {"{arch}.rope.freq_base": None,
+            "{arch}.attention.key_length": f.integer("head_dim"),
+            "{arch}.attention.value_length": f.integer("head_dim"),
+            ATTN_SOFTCAP: f.number("attn_logit_softcapping", lo=0.0, lo_open=True),
+            LOGIT_SOFTCAP: f.number("final_logit_softcapping", lo=0.0, lo_open=True),
+            SLIDING_WINDOW: f.integer("sliding_window", hi=MAX_CONTEXT)}
+
+
+GEMMA2 = Architecture("gemma2", Gemma2Block, rope_neox=True, extra_args=_args,
+                      hf_classes=(("Gemma2ForCausalLM", False),), hf_tensors=HF_TENSORS,
+                      hf_metadata=_hf_metadata, hf_norm_shift=1.0, hf_sentencepiece=True,
+                      hf_sp_space_prefix=False)

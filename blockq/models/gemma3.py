@@ -19,7 +19,8 @@ from ..gguf.constants import Keys
 from ..validate import MAX_CONTEXT, MAX_LAYERS
 from .base import Architecture, Block, head_norm, norm
 from .llama import ATTENTION, FFN
-from .qwen3 import QK_NORMS
+from .llama import HF_TENSORS as LLAMA_HF
+from .qwen3 import HF_QK_NORMS, QK_NORMS
 
 SWA_PATTERN = 6  # NOTE: llama.cpp: layer il is local unless il % 6 == 5
 ROPE_BASE_SWA = 10000.0  # NOTE: llama.cpp's fixed base for gemma3's local layers
@@ -83,4 +84,31 @@ def _args(get, f: dict) -> dict:
                 final_softcap=get.number(LOGIT_SOFTCAP, 0.0, lo=0.0))
 
 
-GEMMA3 = Architecture("gemma3", Gemma3Block, rope_neox=True, extra_args=_args)
+# HF names (Gemma2 / Gemma3ForCausalLM): the llama ones but for the norms around each half
+HF_TENSORS: tuple[tuple[str, str], ...] = tuple(
+    (rx, out) for rx, out in LLAMA_HF if "layernorm" not in rx) + (
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
+)
+
+
+def _hf_metadata(f, cfg) -> dict:
+    """Gemma3Model's keys beyond the common ones: head size (256 by default), the final cap
+    where set, the window unless every layer is global, the local layers' rope base."""
+    md = {"{arch}.attention.key_length": cfg.head_dim or 256,
+          "{arch}.attention.value_length": cfg.head_dim or 256}
+    if f.get("final_logit_softcapping"):
+        md[LOGIT_SOFTCAP] = f.number("final_logit_softcapping", lo=0.0, lo_open=True)
+    if f.get("sliding_window_pattern") != 1:
+        md[SLIDING_WINDOW] = f.integer("sliding_window", hi=MAX_CONTEXT)
+    if f.get("rope_local_base_freq") is not None:
+        md[Keys.Rope.FREQ_BASE_SWA] = f.number("rope_local_base_freq", lo=1.0, lo_open=True)
+    return md
+
+
+GEMMA3 = Architecture("gemma3", Gemma3Block, rope_neox=True, extra_args=_args,
+                      hf_classes=(("Gemma3ForCausalLM", False),), hf_tensors=HF_TENSORS + HF_QK_NORMS,
+                      hf_metadata=_hf_metadata, hf_norm_shift=1.0, hf_sentencepiece=True,
+                      hf_sp_space_prefix=False)

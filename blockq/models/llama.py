@@ -67,6 +67,6 @@ class LlamaBlock(Block):
 # converter permutes the q/k rows of HF llama checkpoints), `qwen2` uses NEOX rope (halves).
 LLAMA = Architecture("llama", LlamaBlock, rope_neox=False,
                      hf_classes=(("LlamaForCausalLM", True), ("MistralForCausalLM", True)),
-                     hf_tensors=HF_TENSORS)
+                     hf_tensors=HF_TENSORS, hf_sentencepiece=True)
 QWEN2 = Architecture("qwen2", LlamaBlock, rope_neox=True,
                      hf_classes=(("Qwen2ForCausalLM", False),), hf_tensors=HF_TENSORS)
