@@ -9,7 +9,8 @@ order and returns one block type per tensor; ``tests/test_presets.py`` checks th
 lists recorded from ``llama-quantize`` (``tools/record_presets.py``).
 
 Only dense models are covered (llama, mistral, qwen2 and friends): llama.cpp's extra branches for
-mixture-of-experts, Falcon and the IQ* presets are left out.
+mixture-of-experts and Falcon are left out, and of the i-quant presets only those whose types
+blockq can quantize (IQ4_NL, IQ4_XS; the ternary TQ1_0, TQ2_0) are here.
 """
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ _PRESETS = (
     Preset("Q5_K_S", 16, "Q5_K", "5-bit k-quant"),
     Preset("Q5_K_M", 17, "Q5_K", "5-bit k-quant, half of attn_v/ffn_down at Q6_K"),
     Preset("Q6_K", 18, "Q6_K", "6.6 bpw k-quant"),
+    Preset("IQ4_NL", 25, "IQ4_NL", "4.5 bpw non-linear, 32-weight blocks"),
+    Preset("IQ4_XS", 30, "IQ4_XS", "4.25 bpw non-linear, 6-bit scales per 32"),
+    Preset("TQ1_0", 36, "TQ1_0", "1.69 bpw ternary (BitNet b1.58 models)"),
+    Preset("TQ2_0", 37, "TQ2_0", "2.06 bpw ternary (BitNet b1.58 models)"),
 )
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 BY_FTYPE: dict[int, Preset] = {p.ftype: p for p in _PRESETS}
@@ -142,16 +147,19 @@ def _rule(cat: str, presets: str, when, qt: str, why: str) -> Rule:
 
 
 _K_AND_LEGACY = "Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K"
+_IQ4_AND_TERNARY = "IQ4_NL IQ4_XS TQ1_0 TQ2_0"
 
 # Within a category the first rule whose preset and condition match decides; no match keeps the
 # preset's default type.  Order matters only between rules of the same preset.
 RULES: tuple[Rule, ...] = (
     # The output head (and token_embd when the model ties the two, so it IS the output head).
-    _rule(OUTPUT, _K_AND_LEGACY + " Q8_0",
+    _rule(OUTPUT, _K_AND_LEGACY + " Q8_0 " + _IQ4_AND_TERNARY,
           lambda c: c.cols % qtype(PRESETS[c.preset].default).block_size != 0,
           "Q8_0", "rows not whole blocks of the default type: Q8_0"),
-    _rule(OUTPUT, _K_AND_LEGACY, _always, "Q6_K",
+    _rule(OUTPUT, _K_AND_LEGACY + " " + _IQ4_AND_TERNARY, _always, "Q6_K",
           "the output head gets 6 bits in every preset below Q8_0"),
+    # token_embd when it is not the output head too
+    _rule(TOKEN_EMBD, "TQ1_0 TQ2_0", _always, "Q4_K", "ternary presets: token_embd at Q4_K"),
     # attn_v: small (n_kv_head rows) and sensitive, so cheap to raise.
     _rule(ATTN_V, "Q2_K", lambda c: c.n_gqa >= 4, "Q4_K", "Q2_K with >= 4 query heads per KV head"),
     _rule(ATTN_V, "Q2_K", _always, "Q3_K", "Q2_K otherwise"),
@@ -161,6 +169,8 @@ RULES: tuple[Rule, ...] = (
     _rule(ATTN_V, "Q4_K_M Q5_K_M", lambda c: use_more_bits(c.i, c.n), "Q6_K",
           "_M presets: attn_v in the use_more_bits layers"),
     _rule(ATTN_V, "Q4_K_S", lambda c: c.i < 4, "Q5_K", "Q4_K_S: the first four attn_v"),
+    _rule(ATTN_V, "IQ4_NL IQ4_XS", lambda c: c.n_gqa >= 4, "Q5_K",
+          "IQ4 presets with >= 4 query heads per KV head"),
     # NOTE: a fused attn_qkv takes the attn_v rules above: llama.cpp tests "attn_v-like" before
     # its own attn_qkv branch, which is therefore never reached.
     # ffn_down: i is the layer index, n the layer count.
@@ -171,6 +181,8 @@ RULES: tuple[Rule, ...] = (
     _rule(FFN_DOWN, "Q3_K_L", _always, "Q5_K", "Q3_K_L: all ffn_down at Q5_K"),
     _rule(FFN_DOWN, "Q4_K_M Q5_K_M", lambda c: use_more_bits(c.i, c.n), "Q6_K",
           "_M presets: ffn_down in the use_more_bits layers"),
+    _rule(FFN_DOWN, "IQ4_NL IQ4_XS", lambda c: not c.has_imatrix and c.i < c.n // 8, "Q5_K",
+          "IQ4 presets without an imatrix: first eighth of layers at Q5_K"),
     _rule(FFN_DOWN, "Q4_K_S", lambda c: c.i < c.n // 8, "Q5_K", "Q4_K_S: first eighth of layers"),
     _rule(FFN_DOWN, "Q4_0", lambda c: c.has_imatrix and c.i < c.n // 8, "Q4_1",
           "Q4_0 with an imatrix: first eighth of layers at Q4_1"),
@@ -188,7 +200,8 @@ BUMP_70B = {"Q3_K": "Q5_K", "Q4_K": "Q5_K"}
 
 # When a row is not a whole number of blocks, llama.cpp falls back to a type with 32-weight
 # blocks; if even that does not fit, to F16.
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+            "IQ4_XS": "IQ4_NL", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0"}
 
 
 def fallback(qt: str, cols: int) -> str:

@@ -9,6 +9,7 @@ is compared with the base by blockq's KL divergence on chunks of the same text *
 the imatrix saw.  Byte-identical files are evaluated once.
 
     python tools/kld_table.py [--work /tmp/kld] [--imatrix-chunks 32] [--eval-chunks 8] [--json]
+                              [--presets Q2_K,Q3_K_M,Q4_K_M,Q6_K,IQ4_XS,TQ2_0]
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("-t", "--threads", type=int, default=0, help="llama.cpp threads (0: all)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     quiet = {"warn": lambda s: None}
@@ -90,7 +92,7 @@ def main() -> None:
 
     rows = []
     files: dict[str, Path] = {}  # digest -> first path with it
-    for preset in PRESETS:
+    for preset in a.presets.split(","):
         for use_im in (False, True):
             tag = f"{preset}{'-im' if use_im else ''}"
             bq, lq = a.work / f"blockq-{tag}.gguf", a.work / f"llama-{tag}.gguf"

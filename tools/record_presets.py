@@ -15,8 +15,8 @@ Models:
   biases, tied), vocab cut to 1024 rows (vocab size does not enter any rule).
 - ``llama80``: a tiny 80-layer llama with grouped KV heads: llama.cpp treats it as a 70B.
 
-Each preset is recorded without an imatrix, Q4_0 and Q5_0 also with one (it changes their
-ffn_down rule), and Q4_K_M once more with ``--tensor-type`` overrides.
+Each preset is recorded without an imatrix, Q4_0, Q5_0, IQ4_NL and IQ4_XS also with one (it
+changes their ffn_down rule), and Q4_K_M once more with ``--tensor-type`` overrides.
 
     python tools/record_presets.py            # all models
     python tools/record_presets.py smollm2    # one
@@ -179,6 +179,7 @@ def record(name: str, src: Path, tmp: Path) -> dict:
     facts = model_facts(src)
     ones = {t: np.ones(s[-1], np.float32) for t, s, _ in facts["tensors"] if len(s) == 2}
     runs = [(p, False, ()) for p in PRESETS] + [("Q4_0", True, ()), ("Q5_0", True, ()),
+                                                ("IQ4_NL", True, ()), ("IQ4_XS", True, ()),
                                                 ("Q4_K_M", False, tuple(OVERRIDES))]
     cases = []
     for preset, with_imatrix, overrides in runs:
