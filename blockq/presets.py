@@ -9,7 +9,9 @@ order and returns one block type per tensor; ``tests/test_presets.py`` checks th
 lists recorded from ``llama-quantize`` (``tools/record_presets.py``).
 
 Only dense models are covered (llama, mistral, qwen2 and friends): llama.cpp's extra branches for
-mixture-of-experts, Falcon and the IQ* presets are left out.
+mixture-of-experts and Falcon are left out.  The i-quant presets below IQ4 plan tensors in types
+that llama-quantize refuses to make without an importance matrix (:data:`NEEDS_IMATRIX`);
+``plan`` refuses them the same way.
 """
 from __future__ import annotations
 
@@ -51,6 +53,20 @@ _PRESETS = (
     Preset("Q5_K_S", 16, "Q5_K", "5-bit k-quant"),
     Preset("Q5_K_M", 17, "Q5_K", "5-bit k-quant, half of attn_v/ffn_down at Q6_K"),
     Preset("Q6_K", 18, "Q6_K", "6.6 bpw k-quant"),
+    Preset("IQ4_NL", 25, "IQ4_NL", "4.5 bpw non-linear, 32-weight blocks"),
+    Preset("IQ4_XS", 30, "IQ4_XS", "4.25 bpw non-linear, 6-bit scales per 32"),
+    Preset("TQ1_0", 36, "TQ1_0", "1.69 bpw ternary (BitNet b1.58 models)"),
+    Preset("TQ2_0", 37, "TQ2_0", "2.06 bpw ternary (BitNet b1.58 models)"),
+    Preset("IQ3_M", 27, "IQ3_S", "3.66 bpw i-quant mix, attn_v/attn_output/first ffn_down Q4_K"),
+    Preset("IQ3_S", 26, "IQ3_S", "3.44 bpw i-quant"),
+    Preset("IQ3_XS", 22, "IQ3_S", "3.3 bpw i-quant mix, attn_q/attn_k/middle ffn at IQ3_XXS"),
+    Preset("IQ3_XXS", 23, "IQ3_XXS", "3.06 bpw i-quant, attn_q/attn_k at IQ2_S"),
+    Preset("IQ2_M", 29, "IQ2_S", "2.7 bpw i-quant mix (needs an imatrix)"),
+    Preset("IQ2_S", 28, "IQ2_XS", "2.5 bpw i-quant mix (needs an imatrix)"),
+    Preset("IQ2_XS", 20, "IQ2_XS", "2.31 bpw i-quant (needs an imatrix)"),
+    Preset("IQ2_XXS", 19, "IQ2_XXS", "2.06 bpw i-quant (needs an imatrix)"),
+    Preset("IQ1_M", 31, "IQ1_M", "1.75 bpw i-quant (needs an imatrix)"),
+    Preset("IQ1_S", 24, "IQ1_S", "1.56 bpw i-quant (needs an imatrix)"),
 )
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 BY_FTYPE: dict[int, Preset] = {p.ftype: p for p in _PRESETS}
@@ -142,16 +158,35 @@ def _rule(cat: str, presets: str, when, qt: str, why: str) -> Rule:
 
 
 _K_AND_LEGACY = "Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K"
+_IQ4_AND_TERNARY = "IQ4_NL IQ4_XS TQ1_0 TQ2_0"
+_IQ3 = "IQ3_XXS IQ3_XS IQ3_S IQ3_M"
+# NOTE: llama.cpp decides every tensor of these presets in one branch of its own (before the
+# attn_v / ffn_down / attn_output rules of the others, and without the 70B attn_v bump)
+_IQ_LOW = "IQ2_XXS IQ2_XS IQ2_S IQ2_M IQ1_S IQ1_M"
+
+
+def _gqa4(c: Ctx) -> bool:
+    return c.n_gqa >= 4
+
+
+def _first_eighth(c: Ctx) -> bool:
+    return c.i < c.n // 8
 
 # Within a category the first rule whose preset and condition match decides; no match keeps the
 # preset's default type.  Order matters only between rules of the same preset.
 RULES: tuple[Rule, ...] = (
     # The output head (and token_embd when the model ties the two, so it IS the output head).
-    _rule(OUTPUT, _K_AND_LEGACY + " Q8_0",
+    _rule(OUTPUT, " ".join((_K_AND_LEGACY, "Q8_0", _IQ4_AND_TERNARY, _IQ3, _IQ_LOW)),
           lambda c: c.cols % qtype(PRESETS[c.preset].default).block_size != 0,
           "Q8_0", "rows not whole blocks of the default type: Q8_0"),
-    _rule(OUTPUT, _K_AND_LEGACY, _always, "Q6_K",
+    _rule(OUTPUT, "IQ3_XXS " + _IQ_LOW, _always, "Q5_K", "i-quants below 3.3 bpw: output at Q5_K"),
+    _rule(OUTPUT, " ".join((_K_AND_LEGACY, _IQ4_AND_TERNARY, _IQ3)), _always, "Q6_K",
           "the output head gets 6 bits in every preset below Q8_0"),
+    # token_embd when it is not the output head too
+    _rule(TOKEN_EMBD, "TQ1_0 TQ2_0", _always, "Q4_K", "ternary presets: token_embd at Q4_K"),
+    _rule(TOKEN_EMBD, "IQ2_XXS IQ2_XS IQ1_S IQ1_M", _always, "Q2_K",
+          "the lowest i-quants: token_embd at Q2_K"),
+    _rule(TOKEN_EMBD, "IQ2_S IQ2_M IQ3_XXS", _always, "IQ3_S", "IQ2_S/IQ2_M/IQ3_XXS: at IQ3_S"),
     # attn_v: small (n_kv_head rows) and sensitive, so cheap to raise.
     _rule(ATTN_V, "Q2_K", lambda c: c.n_gqa >= 4, "Q4_K", "Q2_K with >= 4 query heads per KV head"),
     _rule(ATTN_V, "Q2_K", _always, "Q3_K", "Q2_K otherwise"),
@@ -161,16 +196,35 @@ RULES: tuple[Rule, ...] = (
     _rule(ATTN_V, "Q4_K_M Q5_K_M", lambda c: use_more_bits(c.i, c.n), "Q6_K",
           "_M presets: attn_v in the use_more_bits layers"),
     _rule(ATTN_V, "Q4_K_S", lambda c: c.i < 4, "Q5_K", "Q4_K_S: the first four attn_v"),
+    _rule(ATTN_V, "IQ4_NL IQ4_XS", lambda c: c.n_gqa >= 4, "Q5_K",
+          "IQ4 presets with >= 4 query heads per KV head"),
+    _rule(ATTN_V, _IQ_LOW + " IQ3_XXS IQ3_XS IQ3_S", _gqa4, "Q4_K",
+          "i-quants with >= 4 query heads per KV head"),
+    _rule(ATTN_V, "IQ2_S IQ2_M", _always, "IQ3_S", "IQ2_S/IQ2_M: attn_v at IQ3_S"),
+    _rule(ATTN_V, "IQ2_XXS IQ2_XS IQ1_S IQ1_M", _always, "Q2_K", "lowest i-quants: attn_v Q2_K"),
+    _rule(ATTN_V, "IQ3_XXS", lambda c: not c.has_imatrix, "IQ3_S",
+          "IQ3_XXS without an imatrix: attn_v at IQ3_S"),
+    _rule(ATTN_V, "IQ3_M", _always, "Q4_K", "IQ3_M: all attn_v at Q4_K"),
     # NOTE: a fused attn_qkv takes the attn_v rules above: llama.cpp tests "attn_v-like" before
     # its own attn_qkv branch, which is therefore never reached.
     # ffn_down: i is the layer index, n the layer count.
     _rule(FFN_DOWN, "Q2_K", _always, "Q3_K", "Q2_K: all ffn_down at Q3_K"),
+    _rule(FFN_DOWN, "IQ2_S IQ2_M", _first_eighth, "IQ3_S", "IQ2_S/IQ2_M: first eighth at IQ3_S"),
+    _rule(FFN_DOWN, "IQ2_XXS IQ2_XS IQ1_S IQ1_M", _first_eighth, "Q2_K",
+          "lowest i-quants: first eighth of layers at Q2_K"),
+    _rule(FFN_DOWN, "IQ3_XXS", lambda c: not c.has_imatrix and c.i < c.n // 8, "Q4_K",
+          "IQ3_XXS without an imatrix: first eighth of layers at Q4_K"),
+    _rule(FFN_DOWN, "IQ3_XXS", lambda c: not c.has_imatrix, "Q3_K",
+          "IQ3_XXS without an imatrix: the rest at Q3_K"),
+    _rule(FFN_DOWN, "IQ3_M", _first_eighth, "Q4_K", "IQ3_M: first eighth of layers at Q4_K"),
     _rule(FFN_DOWN, "Q3_K_M", lambda c: c.i < c.n // 16, "Q5_K",
           "Q3_K_M: first sixteenth of layers"),
     _rule(FFN_DOWN, "Q3_K_M", _always, "Q4_K", "Q3_K_M: the rest at Q4_K"),
     _rule(FFN_DOWN, "Q3_K_L", _always, "Q5_K", "Q3_K_L: all ffn_down at Q5_K"),
     _rule(FFN_DOWN, "Q4_K_M Q5_K_M", lambda c: use_more_bits(c.i, c.n), "Q6_K",
           "_M presets: ffn_down in the use_more_bits layers"),
+    _rule(FFN_DOWN, "IQ4_NL IQ4_XS", lambda c: not c.has_imatrix and c.i < c.n // 8, "Q5_K",
+          "IQ4 presets without an imatrix: first eighth of layers at Q5_K"),
     _rule(FFN_DOWN, "Q4_K_S", lambda c: c.i < c.n // 8, "Q5_K", "Q4_K_S: first eighth of layers"),
     _rule(FFN_DOWN, "Q4_0", lambda c: c.has_imatrix and c.i < c.n // 8, "Q4_1",
           "Q4_0 with an imatrix: first eighth of layers at Q4_1"),
@@ -180,7 +234,24 @@ RULES: tuple[Rule, ...] = (
     _rule(ATTN_OUTPUT, "Q2_K", _always, "Q3_K", "Q2_K: attn_output at Q3_K"),
     _rule(ATTN_OUTPUT, "Q3_K_M", _always, "Q4_K", "Q3_K_M: attn_output at Q4_K"),
     _rule(ATTN_OUTPUT, "Q3_K_L", _always, "Q5_K", "Q3_K_L: attn_output at Q5_K"),
+    _rule(ATTN_OUTPUT, "IQ1_S IQ1_M", _always, "IQ2_XXS", "IQ1 presets: attn_output at IQ2_XXS"),
+    _rule(ATTN_OUTPUT, "IQ2_S IQ2_M IQ3_XXS", _always, "IQ3_S",
+          "IQ2_S/IQ2_M/IQ3_XXS: attn_output at IQ3_S"),
+    _rule(ATTN_OUTPUT, "IQ3_M", _always, "Q4_K", "IQ3_M: attn_output at Q4_K"),
+    # attn_q, attn_k; ffn_gate, ffn_up (i: layer index)
+    _rule(ATTN_Q, "IQ3_XS", _always, "IQ3_XXS", "IQ3_XS: attn_q at IQ3_XXS"),
+    _rule(ATTN_Q, "IQ3_XXS", _always, "IQ2_S", "IQ3_XXS: attn_q at IQ2_S"),
+    _rule(ATTN_K, "IQ3_XS", _always, "IQ3_XXS", "IQ3_XS: attn_k at IQ3_XXS"),
+    _rule(ATTN_K, "IQ3_XXS", _always, "IQ2_S", "IQ3_XXS: attn_k at IQ2_S"),
+    _rule(FFN_GATE, "IQ3_XS", lambda c: c.n // 8 <= c.i < 7 * c.n // 8, "IQ3_XXS",
+          "IQ3_XS: ffn_gate of the middle layers at IQ3_XXS"),
+    _rule(FFN_UP, "IQ3_XS", lambda c: c.n // 8 <= c.i < 7 * c.n // 8, "IQ3_XXS",
+          "IQ3_XS: ffn_up of the middle layers at IQ3_XXS"),
 )
+
+# Types llama-quantize will not make without an importance matrix (tensor_requires_imatrix; the
+# Q2_K of its Q2_K_S preset too, which blockq does not have), except for token_embd and output.
+NEEDS_IMATRIX = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})
 
 # A 70B llama (80 layers, grouped KV heads; any 80-layer qwen2) shares each attn_v among 8 query
 # heads, so llama.cpp lifts its attn_v from 3 or 4 bits to Q5_K.
@@ -188,7 +259,10 @@ BUMP_70B = {"Q3_K": "Q5_K", "Q4_K": "Q5_K"}
 
 # When a row is not a whole number of blocks, llama.cpp falls back to a type with 32-weight
 # blocks; if even that does not fit, to F16.
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+            "TQ1_0": "Q4_0", "TQ2_0": "Q4_0",
+            **{t: "IQ4_NL" for t in ("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
+                                     "IQ1_M", "IQ1_S")}}
 
 
 def fallback(qt: str, cols: int) -> str:
@@ -249,7 +323,7 @@ def plan(tensors: Iterable[tuple[str, Sequence[int], str]], preset_name: "str | 
     tied = OUTPUT not in cats.values()  # no output.weight: token_embd doubles as the output head
     is_70b = n_layer == 80 and (arch == "qwen2" or (arch == "llama" and n_head != n_head_kv))
     compiled = [(re.compile(rx), qt) for rx, qt in overrides]
-    counters = {ATTN_V: 0, FFN_DOWN: 0}
+    counters = {ATTN_V: 0, FFN_DOWN: 0, FFN_GATE: 0, FFN_UP: 0}
     out: dict[str, str] = {}
     for name, shape, cur in items:
         if not quantizable(name, len(shape)):
@@ -272,11 +346,16 @@ def plan(tensors: Iterable[tuple[str, Sequence[int], str]], preset_name: "str | 
             n = n_attention_wv if cat == ATTN_V else n_layer
             ctx = Ctx(p.name, i, n, n_head // n_head_kv, cols, has_imatrix)
             new = _by_rules(cat, ctx) or p.default
-            if cat == ATTN_V and is_70b:
+            if cat == ATTN_V and is_70b and p.name not in _IQ_LOW.split():
                 new = BUMP_70B.get(new, new)
             if cat in counters:
                 counters[cat] += 1
         out[name] = fallback(new, cols)
+        if (not has_imatrix and out[name] in NEEDS_IMATRIX
+                and name not in ("token_embd.weight", "output.weight")):
+            raise BadArgument(f"preset {p.name} needs an importance matrix: {name} would be "
+                              f"{out[name]}, which llama.cpp refuses to make without one (the "
+                              "result would be garbage); pass an imatrix (blockq imatrix ...)")
         if fell_back is not None and out[name] != new:
             key = (cols, new, out[name])
             fell_back[key] = fell_back.get(key, 0) + 1

@@ -3,7 +3,7 @@
 ``tests/data/refblocks_{sym,asym}_*.npz`` hold float rows (``x``), importance vectors
 (``imatrix``, ``imatrix_sparse``) and the blocks llama.cpp made of them (``<TYPE>``,
 ``<TYPE>_imatrix``, ...): evenly spaced rows of each ``../shared/refdata`` source, and edge-case
-rows (``*_edge.npz``).  ``sym`` and ``nl`` (non-linear and ternary types) files are written by
+rows (``*_edge.npz``).  ``sym`` and ``nl`` (non-linear, ternary and i-quant types) files are written by
 ``tools/quant_quality.py --write-test-data sym|nl``, ``asym`` files by
 ``python tests/test_quantize_asymmetric.py --write-data``.
 """
@@ -40,6 +40,10 @@ TYPES = [
     ("IQ3_S", "nl", 1.0, 0.19, True),  # 0.166
     ("IQ3_XXS", "nl", 1.0, 0.25, True),  # 0.215
     ("IQ2_XXS", "nl", 1.0, 0.42, True),  # 0.341, with unit importance vectors (required)
+    ("IQ2_XS", "nl", 1.0, 0.35, True),  # 0.298, with unit importance vectors (required)
+    ("IQ2_S", "nl", 1.0, 0.31, True),  # 0.265
+    ("IQ1_S", "nl", 1.0, 0.56, True),  # 0.488, with unit importance vectors (required)
+    ("IQ1_M", "nl", 1.0, 0.68, True),  # 0.586 (weights x^2 without importance vectors)
 ]
 BOUND = {t: b for t, _, _, b, _ in TYPES}
 

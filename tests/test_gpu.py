@@ -15,7 +15,9 @@ RTOL = 1e-5
 
 def _quantized(name, rows, cols, rng):
     import blockq
-    return blockq.quantize(rng.standard_normal((rows, cols)).astype(np.float32), name)
+    # a type llama.cpp only quantizes with importance vectors gets uniform ones
+    im = np.ones(cols, np.float32) if blockq.types.qtype(name).needs_imatrix else None
+    return blockq.quantize(rng.standard_normal((rows, cols)).astype(np.float32), name, im)
 
 
 @pytest.mark.parametrize("name", [t.name for t in ALL if t.has("gpu") and t.has("quantize")])

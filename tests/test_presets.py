@@ -26,12 +26,22 @@ def _cases():
             yield pytest.param(rec, c, id=f"{m}-{label}")
 
 
+def _plan(rec, case):
+    tensors = [(n, tuple(s), t) for n, s, t in rec["tensors"]]
+    return plan(tensors, case["preset"], n_layer=rec["n_layer"], n_head=rec["n_head"],
+                n_head_kv=rec["n_head_kv"], arch=rec["arch"], has_imatrix=case["imatrix"],
+                overrides=[parse_override(f"{rx}={t}") for rx, t in case["overrides"]])
+
+
 @pytest.mark.parametrize("rec,case", list(_cases()))
 def test_plan_matches_llama_quantize(rec, case):
+    if case.get("refused"):
+        # llama-quantize refused: a planned type needs an importance matrix it was not given
+        with pytest.raises(BadArgument, match=f"preset {case['preset']} needs an importance"):
+            _plan(rec, case)
+        return
     tensors = [(n, tuple(s), t) for n, s, t in rec["tensors"]]
-    got = plan(tensors, case["preset"], n_layer=rec["n_layer"], n_head=rec["n_head"],
-               n_head_kv=rec["n_head_kv"], arch=rec["arch"], has_imatrix=case["imatrix"],
-               overrides=[parse_override(f"{rx}={t}") for rx, t in case["overrides"]])
+    got = _plan(rec, case)
     want = dict(zip((t[0] for t in tensors), case["types"]))
     wrong = {n: (got[n], want[n]) for n in want if got[n] != want[n]}
     assert not wrong, (f"{len(wrong)} tensors differ (blockq, llama.cpp): "

@@ -63,8 +63,10 @@ def test_iq4_xs_largest_sub_block_scale_is_minus_32_times_d(rng):
     assert live and all(ls[i].min() == -32 for i in live)
 
 
-def test_iq2_xxs_refuses_to_quantize_without_importance_vectors(rng):
+@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS", "IQ1_S"])
+def test_refuses_to_quantize_without_importance_vectors(name, rng):
+    # llama.cpp's ggml_quantize_requires_imatrix; IQ2_S and IQ1_M quantize without one
     x = rng.standard_normal((2, 256)).astype(np.float32)
-    with pytest.raises(BadArgument, match="IQ2_XXS needs an importance matrix"):
-        quantize(x, "IQ2_XXS")
-    assert quantize(x, "IQ2_XXS", np.ones(256, np.float32)).shape == (2, 66)
+    with pytest.raises(BadArgument, match=f"{name} needs an importance matrix"):
+        quantize(x, name)
+    assert quantize(x, name, np.ones(256, np.float32)).shape == (2, qtype(name).type_size)

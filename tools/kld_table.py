@@ -6,9 +6,11 @@ Base: the F32 dequantization of the shipped SmolLM2-135M-Instruct Q4_1 file (``b
 without that imatrix, the same base is quantized by blockq (``blockq.convert.convert``) and by
 llama.cpp (``llama_cpp.llama_model_quantize`` given the same importance vectors), and every file
 is compared with the base by blockq's KL divergence on chunks of the same text *after* the ones
-the imatrix saw.  Byte-identical files are evaluated once.
+the imatrix saw.  Byte-identical files are evaluated once.  A preset both refuse without an
+imatrix (the i-quants below IQ4, but IQ3_S/IQ3_M) gets a "refused" line.
 
     python tools/kld_table.py [--work /tmp/kld] [--imatrix-chunks 32] [--eval-chunks 8] [--json]
+                              [--presets Q2_K,Q3_K_M,Q4_K_M,Q6_K,IQ4_XS,TQ2_0]
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from record_presets import llama_quantize  # noqa: E402
 
-from blockq import fetch  # noqa: E402
+from blockq import BadArgument, fetch  # noqa: E402
 from blockq.convert import convert  # noqa: E402
 from blockq.imatrix import (compute_imatrix, kl_divergence_many, read_imatrix,  # noqa: E402
                             write_imatrix)
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("-t", "--threads", type=int, default=0, help="llama.cpp threads (0: all)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     quiet = {"warn": lambda s: None}
@@ -88,14 +91,23 @@ def main() -> None:
           "quantize.imatrix.entries_count": len(im.entries),
           "quantize.imatrix.chunks_count": im.chunk_count}
 
-    rows = []
+    rows, refused = [], []
     files: dict[str, Path] = {}  # digest -> first path with it
-    for preset in PRESETS:
+    for preset in a.presets.split(","):
         for use_im in (False, True):
             tag = f"{preset}{'-im' if use_im else ''}"
             bq, lq = a.work / f"blockq-{tag}.gguf", a.work / f"llama-{tag}.gguf"
             t0 = time.perf_counter()
-            convert(base_path, bq, preset, imatrix=im_path if use_im else None, **quiet)
+            try:
+                convert(base_path, bq, preset, imatrix=im_path if use_im else None, **quiet)
+            except BadArgument as e:  # an i-quant preset without an imatrix: llama.cpp too?
+                try:
+                    llama_quantize(base_path, lq, preset, nthread=a.threads)
+                except RuntimeError:
+                    log(f"{tag}: refused by both ({e})")
+                    refused.append(dict(preset=preset, imatrix=use_im))
+                    continue
+                raise
             t1 = time.perf_counter()
             llama_quantize(base_path, lq, preset, nthread=a.threads,
                            imatrix=vectors if use_im else None, kv=kv if use_im else None)
@@ -131,7 +143,8 @@ def main() -> None:
     ppl_base = results[0].ppl_base if results else float("nan")
     if a.json:
         print(json.dumps({"ppl_base": ppl_base, "chunks": a.eval_chunks, "ctx": a.ctx,
-                          "imatrix_chunks": a.imatrix_chunks, "rows": table}))
+                          "imatrix_chunks": a.imatrix_chunks, "rows": table,
+                          "refused": refused}))
         return
     print(f"SmolLM2-135M-Instruct, base F32 (PPL {ppl_base:.3f}); imatrix: {a.imatrix_chunks} "
           f"x {a.ctx} tokens of common-licenses; KLD over {a.eval_chunks} held-out chunks")
@@ -143,6 +156,9 @@ def main() -> None:
               f"{l_['kld']:12.5f} {100 * b['same_top']:6.2f}/{100 * l_['same_top']:6.2f} "
               f"{b['bytes'] / 2**20:10.2f} {l_['bytes'] / 2**20:10.2f}  "
               f"{'identical' if t['identical'] else 'differ'}")
+    for r in refused:
+        print(f"{r['preset']:8s} {'yes' if r['imatrix'] else 'no':7s} refused by both (needs an "
+              "importance matrix)")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ Sources:
 ``--write-test-data sym`` also writes ``tests/data/refblocks_sym_*.npz`` (a subset of reference
 rows with llama.cpp's blocks, and edge-case rows quantized by llama.cpp) for the scale-only types,
 ``--write-test-data nl`` the same for the non-linear, ternary and i-quant types (IQ4_NL, IQ4_XS,
-MXFP4, TQ1_0, TQ2_0, IQ3_S, IQ3_XXS, IQ2_XXS (with importance vectors only); the reference files hold no blocks of these: llama.cpp quantizes the
-rows live).
+MXFP4, TQ1_0, TQ2_0, IQ3_S, IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M; IQ2_XXS, IQ2_XS and
+IQ1_S with importance vectors only, as llama.cpp); the reference files hold no blocks of these:
+llama.cpp quantizes the rows live).  ``--refdata DIR`` reads the reference files elsewhere (a
+git worktree has no ``../shared`` beside it).
 
     python tools/quant_quality.py [--json] [--types Q4_0,Q6_K] [--rows 64]
-                                  [--write-test-data {sym,nl}]
+                                  [--write-test-data {sym,nl}] [--refdata DIR]
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ from blockq.types import ALL, qtype  # noqa: E402
 REFDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "refdata"  # ../shared/refdata
 SMOLLM2 = Path.home() / ".cache/blockq/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYMMETRIC = ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K", "Q8_K")
-NONLINEAR = ("IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0", "IQ3_S", "IQ3_XXS", "IQ2_XXS")
+NONLINEAR = ("IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0", "IQ3_S", "IQ3_XXS", "IQ2_XXS",
+             "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 FAMILIES = {"sym": SYMMETRIC, "nl": NONLINEAR}  # test-data family -> its types
 TEST_DATA = ROOT / "tests" / "data"
 
@@ -311,7 +314,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=64, help="held-out rows per source")
     ap.add_argument("--write-test-data", nargs="?", const="sym", choices=sorted(FAMILIES),
                     help="write tests/data/refblocks_<family>_*.npz and stop (default sym)")
+    ap.add_argument("--refdata", type=Path, default=REFDATA,
+                    help=f"folder of the reference .npz files (default {REFDATA})")
     a = ap.parse_args(argv)
+    globals()["REFDATA"] = a.refdata  # read by the source generators
     llama = load_llama()
     if a.write_test_data:
         write_test_data(llama, a.write_test_data)

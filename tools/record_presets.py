@@ -15,8 +15,10 @@ Models:
   biases, tied), vocab cut to 1024 rows (vocab size does not enter any rule).
 - ``llama80``: a tiny 80-layer llama with grouped KV heads: llama.cpp treats it as a 70B.
 
-Each preset is recorded without an imatrix, Q4_0 and Q5_0 also with one (it changes their
-ffn_down rule), and Q4_K_M once more with ``--tensor-type`` overrides.
+Each preset is recorded without an imatrix; Q4_0, Q5_0, IQ4_NL, IQ4_XS and the i-quant presets
+below them also with one (it changes their rules; llama-quantize refuses most of the i-quant
+presets without one, which is recorded as ``"refused": true``), and Q4_K_M once more with
+``--tensor-type`` overrides.
 
     python tools/record_presets.py            # all models
     python tools/record_presets.py smollm2    # one
@@ -178,21 +180,28 @@ def types_of(path, names) -> list:
 def record(name: str, src: Path, tmp: Path) -> dict:
     facts = model_facts(src)
     ones = {t: np.ones(s[-1], np.float32) for t, s, _ in facts["tensors"] if len(s) == 2}
-    runs = [(p, False, ()) for p in PRESETS] + [("Q4_0", True, ()), ("Q5_0", True, ()),
-                                                ("Q4_K_M", False, tuple(OVERRIDES))]
+    with_im = ["Q4_0", "Q5_0", "IQ4_NL", "IQ4_XS"] + [p for p in PRESETS if p.startswith("IQ")
+                                                      and not p.startswith("IQ4")]
+    runs = ([(p, False, ()) for p in PRESETS] + [(p, True, ()) for p in with_im]
+            + [("Q4_K_M", False, tuple(OVERRIDES))])
     cases = []
     for preset, with_imatrix, overrides in runs:
         out = tmp / f"{name}-{preset}.gguf"
         t0 = time.perf_counter()
-        llama_quantize(src, out, preset, imatrix=ones if with_imatrix else None,
-                       overrides=overrides)
-        types = types_of(out, [t[0] for t in facts["tensors"]])
-        out.unlink()
+        case = {"preset": preset, "imatrix": with_imatrix,
+                "overrides": [list(o) for o in overrides]}
+        try:
+            llama_quantize(src, out, preset, imatrix=ones if with_imatrix else None,
+                           overrides=overrides)
+        except RuntimeError:  # "this quantization requires an imatrix!"
+            case.update(refused=True, types=None)
+        else:
+            case["types"] = types_of(out, [t[0] for t in facts["tensors"]])  # facts' order
+            out.unlink()
         print(f"  {preset:7s} imatrix={with_imatrix!s:5s} overrides={len(overrides)}: "
-              f"{time.perf_counter() - t0:5.1f} s", file=sys.stderr)
-        cases.append({"preset": preset, "imatrix": with_imatrix,
-                      "overrides": [list(o) for o in overrides],
-                      "types": types})  # aligned with facts["tensors"]
+              f"{time.perf_counter() - t0:5.1f} s{' refused' if case.get('refused') else ''}",
+              file=sys.stderr)
+        cases.append(case)
     return {"model": name, "source": src.name, **facts, "cases": cases}
 
 

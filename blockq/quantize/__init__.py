@@ -11,7 +11,8 @@ family modules and have the signature ``fn(x, imatrix, out)`` where ``x`` is flo
 - ``asymmetric``: scale-and-min types (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
 - ``nonlinear``: non-uniform grids (IQ4_NL, IQ4_XS, MXFP4)
 - ``ternary``: TQ1_0, TQ2_0
-- ``iquant``: lattice-codebook i-quants (IQ3_S, IQ3_XXS, IQ2_XXS)
+- ``iquant``: lattice-codebook i-quants (IQ3_S, IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S)
+- ``iq1``: the ternary-codebook i-quants IQ1_S, IQ1_M
 
 Each family module registers its quantizers in the block-type record (``QUANTIZERS`` dict,
 registered by :func:`load_quantizers`); a new family is one more name in ``_FAMILIES``.
@@ -28,7 +29,7 @@ from ..errors import BadArgument
 from ..types import QType, qtype as _qtype, register
 from ..validate import check_encoded
 
-_FAMILIES = ("floats", "symmetric", "asymmetric", "nonlinear", "ternary", "iquant")
+_FAMILIES = ("floats", "symmetric", "asymmetric", "nonlinear", "ternary", "iquant", "iq1")
 
 
 def load_quantizers() -> None:
