@@ -276,6 +276,12 @@ def test_smollm2_server(smollm2_file):
         kw = dict(model="m", messages=q, max_tokens=12, temperature=1.0, seed=5)
         a = c.chat.completions.create(**kw).choices[0].message.content
         assert c.chat.completions.create(**kw).choices[0].message.content == a
+        ask = [{"role": "user", "content": "Give a JSON object with the name and capital of "
+                                           "France."}]
+        js = c.chat.completions.create(model="m", messages=ask, max_tokens=48, temperature=0,
+                                       response_format={"type": "json_object"})
+        assert isinstance(json.loads(js.choices[0].message.content), dict)
+        assert js.choices[0].finish_reason == "stop"
         with pytest.raises(openai.BadRequestError):
             c.chat.completions.create(model="m", messages=q, top_p=7)
         assert s.alive()
