@@ -10,7 +10,8 @@ OpenAI-shaped completions.  ``blockq generate``, ``chat`` and ``serve`` are thin
 Sampling keywords (OpenAI's and llama.cpp's names): ``temperature`` (0 = greedy), ``top_k``,
 ``top_p``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``, ``presence_penalty``,
 ``frequency_penalty``, ``seed``.  Generation keywords: ``max_tokens`` (None/-1: until the end of
-generation or a full context), ``stop`` (a string or a list), ``ignore_eos``, ``logprobs``.
+generation or a full context), ``stop`` (a string or a list), ``ignore_eos``, ``logprobs``,
+``response_format`` (``{"type": "json_object"}``: the output is one JSON object).
 """
 from __future__ import annotations
 
@@ -147,6 +148,21 @@ def make_sampler(**sampling):
                    frequency_penalty=s["frequency_penalty"], seed=seed)
 
 
+RESPONSE_FORMATS = ("text", "json_object")
+
+
+def wants_json(response_format) -> bool:
+    """Whether an OpenAI ``response_format`` asks for a JSON object (None or ``{"type":
+    "text"}``: no)."""
+    if response_format is None:
+        return False
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind not in RESPONSE_FORMATS:
+        raise BadArgument(f"response_format {response_format!r:.80}: use {{'type': 'text'}} or "
+                          "{'type': 'json_object'} (json_schema is not supported)")
+    return kind == "json_object"
+
+
 def _split_kwargs(kw: Mapping) -> tuple[dict, dict]:
     sampling = {k: v for k, v in kw.items() if k in SAMPLING}
     rest = {k: v for k, v in kw.items() if k not in SAMPLING}
@@ -197,7 +213,7 @@ class Run:
 
     def __init__(self, llm: "LLM", prompt_ids: Sequence[int], cache, *, max_tokens=None,
                  stop=None, ignore_eos=False, logprobs: int | None = None, sampler=None,
-                 **sampling):
+                 response_format: Mapping | None = None, **sampling):
         if not prompt_ids:
             raise BadArgument("the prompt is empty: give at least one token")
         if max_tokens is not None and (isinstance(max_tokens, bool)
@@ -217,6 +233,8 @@ class Run:
         self.ignore_eos = ignore_eos
         self.logprobs = logprobs
         self.sampler = sampler if sampler is not None else make_sampler(**sampling)
+        self.wants_json = wants_json(response_format)
+        self.json = None  # its JsonObject, once iterating (the vocabulary's trie is built then)
         self.finish_reason: str | None = None
         self.n_prompt = len(self.prompt_ids)
         self.n_cached = 0  # prompt tokens reused from the cache
@@ -227,6 +245,14 @@ class Run:
 
     def _sample(self, logits, history):
         tok = int(self.sampler(logits, history))
+        if self.json is not None:
+            # as llama.cpp: keep the sampled token if the JSON allows it, else sample again
+            # from the allowed ones (the same token when greedy)
+            budget = self._budget()
+            if not self.json.allows(tok, budget):
+                masked = np.where(self.json.mask(budget), logits, np.float32(-np.inf))
+                tok = int(self.sampler(masked.astype(np.float32), history))
+            self.json.advance(tok)
         if self.logprobs is not None:
             x = logits.astype(np.float64)
             lse = x.max() + math.log(np.exp(x - x.max()).sum())
@@ -236,6 +262,11 @@ class Run:
             self._top = [(self.llm.piece(int(i)), float(x[i] - lse)) for i in top]
         return tok
 
+    def _budget(self) -> int:
+        """Tokens this run may still sample, the one being sampled included."""
+        left = self.cache.n_ctx - self.cache.n_past + 1
+        return min(left, self.max_tokens - self.n_gen) if self.max_tokens >= 0 else left
+
     def __iter__(self) -> Iterator[tuple[str, list[TokenInfo]]]:
         from .generate import Timings, generate
 
@@ -243,6 +274,9 @@ class Run:
         self.n_cached = _common_prefix(self.cache.tokens, self.prompt_ids[:-1])
         eog = () if self.ignore_eos else frozenset(tok.eog_ids)
         timings = Timings()
+        if self.wants_json:
+            from .json_constraint import JsonObject
+            self.json = JsonObject(llm.json_vocab())
         ids = generate(llm.model, self.prompt_ids, n_predict=self.max_tokens,
                        sample=self._sample, cache=self.cache, eog=eog, timings=timings)
         dec = tok.stream()
@@ -275,6 +309,9 @@ class Run:
                 if hit is not None:
                     self.finish_reason = "stop"
                     pending = pending[:hit]
+                    break
+                if self.json is not None and self.json.done:  # the object is closed
+                    self.finish_reason = "stop"
                     break
                 if self.max_tokens >= 0 and self.n_gen >= self.max_tokens:
                     self.finish_reason = "length"
@@ -352,6 +389,15 @@ class LLM:
         self.path = Path(path) if path else None
         self.name = self.path.name if self.path else "model"
         self.chat_template = model.metadata.get("tokenizer.chat_template")
+        self._json_vocab = None
+
+    def json_vocab(self):
+        """The vocabulary's token bytes for JSON-constrained sampling, built on first use."""
+        with self.lock:
+            if self._json_vocab is None:
+                from .json_constraint import JsonVocab
+                self._json_vocab = JsonVocab.from_tokenizer(self.tokenizer)
+            return self._json_vocab
 
     def new_cache(self, n_ctx: int | None = None):
         return self.model.new_cache(n_ctx or self.n_ctx, self.cache_type)

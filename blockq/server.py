@@ -6,7 +6,8 @@ server-sent events), ``GET /v1/models``, ``GET /health``.  Requests wait for one
 each slot has its own KV cache, and a request goes to the free slot whose cache shares the
 longest prefix with its prompt (a chat's follow-up turn reuses its earlier turns).  Model steps
 of different slots interleave token by token.  A client that goes away frees its slot at the
-next token.  Malformed requests get a 4xx with an OpenAI-shaped error body.
+next token.  ``response_format: {"type": "json_object"}`` constrains the output to one JSON
+object (:mod:`blockq.json_constraint`).  Malformed requests get a 4xx with an OpenAI-shaped error body.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import json
 import time
 from collections.abc import Mapping
 
-from .api import LLM, _common_prefix, _stop_list, collect_chat, collect_completion, make_sampler
+from .api import (LLM, RESPONSE_FORMATS, _common_prefix, _stop_list, collect_chat,
+                  collect_completion, make_sampler)
 from .errors import BlockqError
 
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -51,6 +53,8 @@ def _is_stop(v) -> bool:
     return isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
 
 
+RESPONSE_FORMAT = (lambda v: isinstance(v, dict) and v.get("type") in RESPONSE_FORMATS,
+                   '{"type": "text"} or {"type": "json_object"} (json_schema is not supported)')
 # field -> (check, what it must be); fields not listed are ignored, as llama-server does
 COMMON = {
     "model": (lambda v: isinstance(v, str), "a string"),
@@ -76,8 +80,7 @@ CHAT = {
     "max_completion_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "logprobs": (lambda v: isinstance(v, bool), "true or false"),
     "top_logprobs": (lambda v: _is_int(v) and 0 <= v <= 20, "an integer in [0, 20]"),
-    "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text",
-                        "{\"type\": \"text\"} (json_object / json_schema are not supported)"),
+    "response_format": RESPONSE_FORMAT,
 }
 COMPLETION = {
     **COMMON,
@@ -86,6 +89,7 @@ COMPLETION = {
         "a string, a list of token ids, or a list of one string"),
     "logprobs": (lambda v: v is None or (_is_int(v) and 0 <= v <= 20), "an integer in [0, 20]"),
     "echo": (lambda v: isinstance(v, bool), "true or false"),
+    "response_format": RESPONSE_FORMAT,
 }
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                    "presence_penalty", "frequency_penalty", "seed")
@@ -141,6 +145,7 @@ def generation_kwargs(p: dict) -> dict:
     if stop:
         kw["stop"] = stop
     kw["ignore_eos"] = p.get("ignore_eos", False)
+    kw["response_format"] = p.get("response_format")
     return kw
 
 

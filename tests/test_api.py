@@ -1,6 +1,9 @@
 """``blockq.load()``: generate, chat, tokenize and the OpenAI-shaped completions on a tiny model."""
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 import blockq
@@ -130,6 +133,8 @@ def test_interrupted_reply_stays_in_history(llm):
     (dict(logprobs=99), "logprobs"),
     (dict(top_k=1.5), "top_k"),
     (dict(presence_penalty=5), "presence_penalty"),
+    (dict(response_format={"type": "json_schema", "json_schema": {}}), "json_schema"),
+    (dict(response_format="json"), "response_format"),
 ])
 def test_bad_arguments(llm, kw, match):
     with pytest.raises(BadArgument, match=match):
@@ -152,3 +157,47 @@ def test_generate_matches_low_level_generate(llm):
 def test_stream_chunks_carry_text(llm):
     chunks = list(llm.create_completion("the", max_tokens=10, stream=True, **GREEDY))
     assert all(c["choices"][0]["text"] for c in chunks[:-1])  # only the last one may be empty
+
+
+JSON = {"type": "json_object"}
+
+
+@pytest.mark.parametrize("max_tokens", [2, 3, 7, 30, None])
+def test_json_object_completion_parses(llm, max_tokens):
+    """The tiny random model writes whatever it likes; the mask keeps it one JSON object, closed
+    in time for ``max_tokens`` (None: the context)."""
+    r = llm.create_completion("the fox", max_tokens=max_tokens, temperature=0,
+                              response_format=JSON)
+    text = r["choices"][0]["text"]
+    assert isinstance(json.loads(text), dict)
+    assert r["choices"][0]["finish_reason"] == "stop"
+    if max_tokens is not None:
+        assert r["usage"]["completion_tokens"] <= max_tokens
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_json_object_chat_sampled_and_streamed(llm, seed):
+    msgs = [{"role": "user", "content": "a JSON object please"}]
+    kw = dict(max_tokens=40, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed,
+              response_format=JSON)
+    r = llm.create_chat_completion(msgs, **kw)
+    text = r["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(text), dict)
+    chunks = list(llm.create_chat_completion(msgs, stream=True, **kw))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+
+
+def test_json_object_greedy_keeps_allowed_argmax(llm):
+    """Greedy under the mask: each token is the best one the JSON allows."""
+    from blockq.json_constraint import JsonObject
+    ids = llm.tokenize("the sun")
+    r = llm.run(ids, llm.new_cache(), max_tokens=12, temperature=0, response_format=JSON)
+    out = [i.id for _, infos in r for i in infos]
+    c, cache = JsonObject(llm.json_vocab()), llm.new_cache()
+    logits = llm.model.forward(ids, cache, "last")[0]
+    for k, t in enumerate(out):
+        allowed = c.mask(12 - k)
+        assert t == int(np.argmax(np.where(allowed, logits, -np.inf)))
+        c.advance(t)
+        logits = llm.model.forward([t], cache, "last")[0]
+    assert c.done and r.finish_reason == "stop"

@@ -145,3 +145,35 @@ def test_llama_cpp_habits_on_generate(tiny):
 def test_generate_without_a_prompt_is_bounded(tiny):
     res = run("generate", tiny, "--temp", 0, "--ignore-eos")
     assert "no prompt" in res.stderr and "generation: 256 tokens" in res.stderr
+
+
+MODEL_COMMANDS = ["demo", "inspect", "generate", "chat", "perplexity", "bench", "serve",
+                  "convert", "imatrix", "calibrate", "kld"]
+
+
+@pytest.mark.parametrize("name", MODEL_COMMANDS)
+def test_every_model_command_takes_dash_m(name):
+    assert "-m, --model" in run(name, "-h").stdout
+
+
+def test_dash_m_where_the_model_was_positional(tiny, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    assert run("inspect", "-m", tiny, "--json").stdout == run("inspect", tiny, "--json").stdout
+    res = run("inspect")
+    assert res.exit_code == 2 and "Missing argument 'FILE' (or -m FILE)" in res.output
+    want = run("kld", tiny, tiny, "-f", text, "-c", 64, "--json").stdout
+    for args in (["--base", tiny, "-m", tiny], [tiny, "-m", tiny], ["--base", tiny, tiny]):
+        assert run("kld", *args, "-f", text, "-c", 64, "--json").stdout == want
+    res = run("kld", "-m", tiny, "-f", text)
+    assert res.exit_code == 2 and "give two models, BASE and QUANT" in res.output
+    out = tmp_path / "q.gguf"
+    assert run("convert", "-m", tiny, out, "Q8_0", "--quiet").exit_code == 0 and out.is_file()
+    assert run("convert", "-m", tiny, tmp_path / "r.gguf", "--type", "Q8_0", "--quiet"
+               ).exit_code == 0
+    for args in (["-m", tiny], ["-m", tiny, tiny, out, "Q8_0"], [tiny]):
+        assert run("convert", *args).exit_code == 2
+    res = run("convert", "-m", tiny, tmp_path / "s.gguf", "Q9_X")
+    assert res.exit_code == 2 and "Q9_X" in res.output
+    ppl = run("perplexity", "-m", tiny, "-f", text, "-c", 64, "--json").stdout
+    assert ppl == run("perplexity", tiny, "-f", text, "-c", 64, "--json").stdout

@@ -162,6 +162,25 @@ def test_logprobs(server):
     assert all(c.logprob <= 0 for c in content)
 
 
+def test_json_object(server, local):
+    fmt = {"type": "json_object"}
+    r = server.client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=24,
+                                              temperature=0, response_format=fmt)
+    text = r.choices[0].message.content
+    assert isinstance(json.loads(text), dict) and r.choices[0].finish_reason == "stop"
+    want = local.create_chat_completion(MSGS, max_tokens=24, temperature=0, response_format=fmt)
+    assert text == want["choices"][0]["message"]["content"]
+    stream = server.client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=24,
+                                                   temperature=0, response_format=fmt,
+                                                   stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    for seed in (1, 2):
+        r = server.client.completions.create(model="tiny", prompt="the fox", max_tokens=16,
+                                             temperature=1.0, seed=seed,
+                                             extra_body={"response_format": fmt})
+        assert isinstance(json.loads(r.choices[0].text), dict)
+
+
 @pytest.mark.parametrize("kwargs,param", [
     (dict(temperature="hot"), "temperature"),
     (dict(n=2), "n"),
@@ -170,6 +189,7 @@ def test_logprobs(server):
     (dict(messages=[{"role": "user", "content": "the " * 300}]), "messages"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
      "response_format"),
+    (dict(response_format={"type": "xml"}), "response_format"),
 ])
 def test_errors_are_4xx_and_the_server_lives(server, kwargs, param):
     args = {"model": "tiny", "messages": MSGS, "max_tokens": 2, **kwargs}
@@ -256,6 +276,12 @@ def test_smollm2_server(smollm2_file):
         kw = dict(model="m", messages=q, max_tokens=12, temperature=1.0, seed=5)
         a = c.chat.completions.create(**kw).choices[0].message.content
         assert c.chat.completions.create(**kw).choices[0].message.content == a
+        ask = [{"role": "user", "content": "Give a JSON object with the name and capital of "
+                                           "France."}]
+        js = c.chat.completions.create(model="m", messages=ask, max_tokens=48, temperature=0,
+                                       response_format={"type": "json_object"})
+        assert isinstance(json.loads(js.choices[0].message.content), dict)
+        assert js.choices[0].finish_reason == "stop"
         with pytest.raises(openai.BadRequestError):
             c.chat.completions.create(model="m", messages=q, top_p=7)
         assert s.alive()

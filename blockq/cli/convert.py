@@ -33,11 +33,28 @@ def _threads(threads):
 
 # -- convert ------------------------------------------------------------------------------------
 
+def _convert_args(args, model_opt) -> tuple[Path, Path, str | None]:
+    """(SRC, OUT, TYPE or None) from ``SRC OUT [TYPE]`` or ``-m SRC OUT [TYPE]``, checked as
+    click checks arguments (a Choice for TYPE, as llama-quantize's positional type)."""
+    ctx = click.get_current_context()
+    if model_opt is not None:
+        if not 1 <= len(args) <= 2:
+            raise click.UsageError(f"with -m SRC, give OUT [TYPE]; got {' '.join(args) or '-'}")
+        args = (model_opt, *args)
+    elif not 2 <= len(args) <= 3:
+        raise click.UsageError("give SRC OUT [TYPE] (or -m SRC OUT [TYPE])")
+    src = click.Path(exists=True, path_type=Path).convert(args[0], None, ctx)
+    out = click.Path(dir_okay=False, path_type=Path).convert(args[1], None, ctx)
+    kind = None
+    if len(args) == 3:
+        kind = click.Choice(list(PRESETS), case_sensitive=False).convert(args[2], None, ctx)
+    return src, out, kind
+
+
 @click.command()
-@click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("type_arg", metavar="[TYPE]", required=False,
-                type=click.Choice(list(PRESETS), case_sensitive=False))
+@click.argument("args", nargs=-1, metavar="SRC OUT [TYPE]")
+@click.option("-m", "--model", "model_opt", type=click.Path(exists=True, path_type=Path),
+              help="The model to convert (the same as SRC).")
 @click.option("--type", "preset", type=click.Choice(list(PRESETS), case_sensitive=False),
               default=None, help="Quantization preset (llama-quantize's; also the third "
                                  "argument, as llama-quantize takes it).  [default: Q4_K_M]")
@@ -67,7 +84,7 @@ def _threads(threads):
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads for quantizing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, out, type_arg, preset, imatrix, overrides, calib, hessians, optimize, bpw, size,
+def convert(args, model_opt, preset, imatrix, overrides, calib, hessians, optimize, bpw, size,
             n_ctx, calib_chunks, threads, as_json, quiet):
     """Convert SRC (a Hugging Face model folder or a GGUF file) to a GGUF file OUT.
 
@@ -80,6 +97,7 @@ def convert(src, out, type_arg, preset, imatrix, overrides, calib, hessians, opt
     from ..errors import BadArgument
     from ..optimize import convert_optimized
 
+    src, out, type_arg = _convert_args(args, model_opt)
     if type_arg and preset and type_arg.upper() != preset.upper():
         raise BadArgument(f"two types given ({type_arg} and --type {preset}): give one")
     preset = type_arg or preset or "Q4_K_M"
@@ -223,18 +241,25 @@ def imatrix(model, text_file, out, n_ctx, chunks, fmt, process_output, threads, 
 # -- kld ----------------------------------------------------------------------------------------
 
 @click.command()
-@click.argument("base", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("quant", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("models", nargs=-1, metavar="BASE QUANT",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--base", "base_opt", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The reference model (the same as BASE).")
+@click.option("-m", "--model", "model_opt",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The quantized model (the same as QUANT).")
 @click.option("-f", "--file", "text_file", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True)
 @click.option("--chunks", type=int, default=-1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-t", "--threads", type=int, default=None)
-def kld(base, quant, text_file, n_ctx, chunks, as_json, threads):
+def kld(models, base_opt, model_opt, text_file, n_ctx, chunks, as_json, threads):
     """KL divergence of QUANT from BASE over the same text (llama-perplexity --kl-divergence)."""
     from ..imatrix import kl_divergence
-    from .run import open_model
+    from .run import model_pair, open_model
+
+    base, quant = model_pair(("base", "quant"), models, base_opt, model_opt)
 
     mb, tok = open_model(base, threads)
     mq, _ = open_model(quant, threads)

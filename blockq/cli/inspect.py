@@ -7,10 +7,11 @@ import click
 
 from ..gguf.reader import read_gguf
 from ..gguf import summary
+from .run import _model_arg
 
 
 @click.command("inspect")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_model_arg(name="file", required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the same content as JSON.")
 @click.option("--tensor", "tensor_name", metavar="NAME", help="Show only this tensor.")
 @click.option("--block", "block_index", type=int, metavar="I",

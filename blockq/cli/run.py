@@ -21,17 +21,40 @@ from .progress import ChunkProgress
 _MODEL_PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
-def _model_arg(f):
-    """MODEL as a positional argument or with -m/--model (llama.cpp's spelling)."""
+def _model_arg(f=None, *, name: str = "model", required: bool = False):
+    """NAME (default MODEL) as a positional argument or with -m/--model (llama.cpp's spelling);
+    ``required``: one of them must be given (else None: the command's default model)."""
+    if f is None:
+        return functools.partial(_model_arg, name=name, required=required)
+
     @functools.wraps(f)
-    def merged(*args, model=None, model_opt=None, **kw):
+    def merged(*args, model_opt=None, **kw):
+        model = kw.pop(name, None)
         if model is not None and model_opt is not None and model != model_opt:
             raise BadArgument(f"two models given ({model} and -m {model_opt}): give one")
-        return f(*args, model=model if model is not None else model_opt, **kw)
+        model = model if model is not None else model_opt
+        if model is None and required:
+            raise click.UsageError(f"Missing argument '{name.upper()}' (or -m {name.upper()}).")
+        return f(*args, **{name: model}, **kw)
 
     merged = click.option("-m", "--model", "model_opt", type=_MODEL_PATH, default=None,
-                          help="The GGUF file (the same as MODEL).")(merged)
-    return click.argument("model", required=False, type=_MODEL_PATH)(merged)
+                          help=f"The GGUF file (the same as {name.upper()}).")(merged)
+    return click.argument(name, required=False, type=_MODEL_PATH)(merged)
+
+
+def model_pair(names: tuple[str, str], positional, first_opt, model_opt) -> tuple:
+    """Two models from positional arguments, ``--NAME0`` (``first_opt``, put first) and
+    -m/--model (``model_opt``, put last), as ``kld BASE QUANT`` or ``kld --base BASE -m QUANT``."""
+    paths = list(positional)
+    if first_opt is not None:
+        paths.insert(0, first_opt)
+    if model_opt is not None:
+        paths.append(model_opt)
+    if len(paths) != 2:
+        a, b = (n.upper() for n in names)
+        raise click.UsageError(f"give two models, {a} and {b} ({a} {b}, or --{names[0]} {a} -m "
+                               f"{b}); got {len(paths)}")
+    return tuple(paths)
 
 
 def _threads_opt(f):
