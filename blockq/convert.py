@@ -43,6 +43,7 @@ from .types import qtype as _qtype
 from .validate import (MAX_CONTEXT, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, Fields, check_int,
                        load_json_object, parse_json, show)
 
+GPTQ_SLAB_BYTES = 16 << 20  # float32 source rows per error-compensated slab
 SLAB_BYTES = 32 << 20  # float32 bytes of rows converted at once
 
 # --- architectures --------------------------------------------------------------------------
@@ -1031,12 +1032,21 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
                 return raw
             tt = _qtype(target)
             if hessian is not None and supported(tt.name) and hessian.shape[0] == t.cols:
-                x = t.read_rows(0, t.rows)  # (rows, cols) float32
-                _check_finite(t, x, 0)
-                out = gptq_quantize(x, tt, hessian, imatrix=imp, name=t.name,
-                                    **gptq_settings(data_free))
+                # rows are independent under error compensation (the columns interact, through
+                # H): slabs of rows bound the memory of a vocabulary-sized head
+                out = np.empty((t.rows, tt.row_bytes(t.cols)), dtype=np.uint8)
+                step = max(1, GPTQ_SLAB_BYTES // (4 * t.cols))
+                for r0 in range(0, t.rows, step):
+                    r1 = min(t.rows, r0 + step)
+                    x = t.read_rows(r0, r1)  # (r1 - r0, cols) float32
+                    _check_finite(t, x, r0)
+                    out[r0:r1] = gptq_quantize(x, tt, hessian, imatrix=imp, name=t.name,
+                                               **gptq_settings(data_free))
+                    del x
+                    check_interrupt()
                 state["done"] += t.nbytes
                 report()
+                watch.check()
                 return out
             out = np.empty((t.rows, tt.row_bytes(t.cols)), dtype=np.uint8)  # (rows, row_bytes)
             step = max(1, SLAB_BYTES // (4 * t.cols))
