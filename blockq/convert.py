@@ -974,7 +974,9 @@ def convert(src, out, preset: str = "Q4_K_M", *, imatrix=None, overrides: Sequen
         state = {"done": 0}
         items = []
         for i, t in enumerate(tensors):
-            H = hs.hessian(t.name) if hs is not None else None
+            # the Hessian is made when the tensor's turn comes: made here, every tensor's
+            # float64 mean would live at once (twice the side file's size)
+            H = (lambda n=t.name: hs.hessian(n)) if hs is not None else None
             items.append((t.name, types[t.name], t.shape,
                           _producer(t, types[t.name], vectors.get(t.name), i, len(tensors),
                                     total, state, progress, watch, H,
@@ -1004,11 +1006,12 @@ def _set_threads(n: int) -> None:
 
 
 def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: int, total: int,
-              state: dict, progress, watch: SourceWatch, hessian: np.ndarray | None = None,
+              state: dict, progress, watch: SourceWatch,
+              hessian: Callable[[], np.ndarray | None] | None = None,
               data_free: bool = False) -> Callable[[], np.ndarray]:
     """A callable the writer calls when this tensor's turn comes: returns its encoded bytes.
 
-    With ``hessian`` (the tensor's input statistics) and a target with an integer grid, the
+    With ``hessian`` (returns the tensor's input statistics) and a target with an integer grid, the
     whole matrix is read and quantized with error-compensated rounding (``data_free``: the
     statistics came from random token ids, see :func:`blockq.quantize.gptq.settings`)."""
     from .quantize import quantize
@@ -1031,7 +1034,8 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
                 report()
                 return raw
             tt = _qtype(target)
-            if hessian is not None and supported(tt.name) and hessian.shape[0] == t.cols:
+            H = hessian() if hessian is not None and supported(tt.name) else None
+            if H is not None and H.shape[0] == t.cols:
                 # rows are independent under error compensation (the columns interact, through
                 # H): slabs of rows bound the memory of a vocabulary-sized head
                 out = np.empty((t.rows, tt.row_bytes(t.cols)), dtype=np.uint8)
@@ -1040,7 +1044,7 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
                     r1 = min(t.rows, r0 + step)
                     x = t.read_rows(r0, r1)  # (r1 - r0, cols) float32
                     _check_finite(t, x, r0)
-                    out[r0:r1] = gptq_quantize(x, tt, hessian, imatrix=imp, name=t.name,
+                    out[r0:r1] = gptq_quantize(x, tt, H, imatrix=imp, name=t.name,
                                                **gptq_settings(data_free))
                     del x
                     check_interrupt()
