@@ -63,7 +63,7 @@ def demo(model, n_predict, threads):
                    "which neither type reproduces exactly)")
 
     llm = load_llm(model, threads, n_ctx=512)
-    session = ChatSession(llm)
+    session = ChatSession(llm, temperature=0)  # greedy: the same answer on every run
     click.echo(f"user: {QUESTION}")
     click.echo("assistant: ", nl=False)
     t0 = time.perf_counter()
