@@ -44,6 +44,7 @@ CHUNK_SIZE = "hessian.chunk_size"
 CHUNK_COUNT = "hessian.chunk_count"
 RANDOM_DATASET = "random tokens"  # dataset name prefix of data-free calibration
 MIN_BATCH = 16  # like llama-imatrix, products over fewer tokens are not counted
+HEAD_ROWS = 128  # rows per output-head product in calibration (>= MIN_BATCH)
 
 
 class SpilledSums(Mapping):
@@ -254,7 +255,8 @@ def calibrate_random(model, tokenizer=None, *, n_ctx: int = 512, n_chunks: int =
 def _run(model, work: list[list[int]], n_ctx: int, datasets: list[str], progress) -> Hessians:
     """Every chunk through block 0, then block 1, ... with the collector observing each matrix
     input; a finished block's sums go to disk.  The arithmetic is the forward pass's own (the
-    same blocks and operations, on the CPU), so the sums equal those of whole forwards."""
+    same blocks and operations, on the CPU), so the sums equal those of whole forwards (the
+    head's up to float summation order: it runs in slabs of ``HEAD_ROWS`` rows)."""
     from .api import _set_blas_threads
     from .imatrix import log_softmax
     from .model import Step
@@ -278,13 +280,20 @@ def _run(model, work: list[list[int]], n_ctx: int, datasets: list[str], progress
         col.spill(sums)
     nll, count = 0.0, 0
     for j, c in enumerate(work):
-        logits = ops.to_host(model.head(xs[j], ops))  # (n_ctx, n_vocab)
+        first = len(c) // 2  # positions first..n-2 are scored (their next token is known)
+        # in slabs of rows: a 262k vocabulary makes one chunk's logits 0.5 GB (2 GB as the
+        # float64 log-probabilities); every slab still passes the head's observed input
+        cuts = list(range(0, len(c) - MIN_BATCH, HEAD_ROWS))[1:]  # no slab under MIN_BATCH
+        for r0, r1 in zip([0] + cuts, cuts + [len(c)]):
+            logits = ops.to_host(model.head(xs[j][r0:r1], ops))  # (r1 - r0, n_vocab)
+            lo, hi = max(r0, first), min(r1, len(c) - 1)
+            if lo < hi:
+                lp = log_softmax(logits[lo - r0:hi - r0])
+                tgt = np.asarray(c[lo + 1:hi + 1])
+                nll -= float(lp[np.arange(len(tgt)), tgt].sum())
+                count += len(tgt)
+            del logits
         xs[j] = None
-        first = len(c) // 2
-        lp = log_softmax(logits[first:len(c) - 1])
-        tgt = np.asarray(c[first + 1:])
-        nll -= float(lp[np.arange(len(tgt)), tgt].sum())
-        count += len(tgt)
         done += 1
         if progress is not None:
             progress(done, total, math.exp(nll / count))

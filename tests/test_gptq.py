@@ -257,6 +257,25 @@ def test_layer_by_layer_calibration_equals_whole_forwards_and_holds_one_block(tm
     assert not os.path.exists(folder)  # the spilled sums are removed with their owner
 
 
+def test_calibration_head_in_slabs_matches_whole_chunks(tmp_path):
+    """Chunks longer than the head's slab of rows: the head's sums and the perplexity still
+    equal those of whole forward passes (to float summation order)."""
+    from blockq import calibrate as cal
+    from blockq.imatrix import run_observed
+
+    m = Model.load(write_tiny(tmp_path / "m.gguf", n_layer=1))
+    n = cal.HEAD_ROWS + cal.MIN_BATCH + 3  # two slabs, the second just long enough
+    work = [RNG.integers(0, 260, n).tolist() for _ in range(2)]
+    whole, ppl_whole = cal.HessianCollector(n), []
+    run_observed(m, work, whole.add, lambda i, k, p: ppl_whole.append(p))
+    ppl = []
+    h = cal._run(m, work, n, [], lambda i, k, p: ppl.append(p))
+    np.testing.assert_allclose(h.sums["output.weight"], whole.sums["output.weight"], rtol=1e-5,
+                               atol=1e-3)
+    assert h.counts["output.weight"] == whole.counts["output.weight"] == 2 * n
+    assert np.log(ppl[-1]) == pytest.approx(np.log(ppl_whole[-1]), rel=1e-6)
+
+
 def test_side_file_sums_are_read_when_asked_for(tmp_path):
     g = "blk.0.attn_q.weight"
     a = RNG.standard_normal((6, 6)).astype(np.float32)
