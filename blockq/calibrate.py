@@ -44,7 +44,7 @@ CHUNK_SIZE = "hessian.chunk_size"
 CHUNK_COUNT = "hessian.chunk_count"
 RANDOM_DATASET = "random tokens"  # dataset name prefix of data-free calibration
 MIN_BATCH = 16  # like llama-imatrix, products over fewer tokens are not counted
-HEAD_ROWS = 128  # rows per output-head product in calibration (>= MIN_BATCH)
+HEAD_ROWS = 32  # rows per output-head product in calibration (>= MIN_BATCH)
 
 
 class SpilledSums(Mapping):
