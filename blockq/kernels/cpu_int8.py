@@ -1,4 +1,4 @@
-"""Int8-activation products for x86 AVX2: weights x activations quantized to 8 bits.
+"""Int8-activation products for x86 (AVX2, AVX-VNNI, AVX-512 VNNI): weights x 8-bit activations.
 
 This is what llama.cpp's CPU backend computes.  A matrix input (one token's activations, or a
 prompt's) is quantized once per product to the activation blocks llama.cpp dots each weight type
@@ -8,6 +8,9 @@ codes are dotted with the int8 codes in 32-byte registers:
 
     pmaddubsw  32 unsigned bytes x 32 signed bytes -> 16 int16 (sums of adjacent pairs)
     pmaddwd    16 int16 x 16 int16 (a sub-block scale, or ones) -> 8 int32
+    vpdpbusd   acc + the two steps above with ones, in one instruction, without the int16
+               saturation (the VNNI variants)
+    vpdpwssd   acc + pmaddwd, in one instruction (the VNNI variants)
 
 Signed weight codes (Q4_0, Q5_0, Q8_0) take the usual sign trick: ``|w| * (sign(w) * y)``.  The
 constant offsets of Q3_K (-4) and Q6_K (-32) and the mins of Q2_K / Q4_K / Q5_K are applied once
@@ -21,8 +24,12 @@ thread, with a software prefetch a few KiB ahead of the row being read; prompt: 
 them).
 
 The vector type here is ``I8x32`` (``<32 x i8>``, one ymm register); int32 and float lanes are
-:mod:`blockq.kernels.cpu_simd`'s ``I32x8`` / ``F32x8``.  Import this module only where
-:func:`blockq.kernels.cpu_isa.isa` says ``avx2``: compiling it elsewhere aborts the process.
+:mod:`blockq.kernels.cpu_simd`'s ``I32x8`` / ``F32x8``.  The dots (``dot_us``, ``dot_ss``,
+``dot_usv`` and their accumulating forms ``*_acc``) expand to the instructions of the variant
+:func:`blockq.kernels.cpu_isa.isa` chose for this process, once, when this module is imported;
+import it only where that is not ``float``: compiling it elsewhere aborts the process.  Every
+jitted function that calls them must be compiled with :func:`variant_jit`, whose disk cache is
+keyed by the variant (the Python source is the same for all of them, the machine code is not).
 Results equal ``dequantize(W) @ dequantize(Q8(x))`` up to float32 summation order
 (``tests/test_int8.py``).  Block sizes come from :mod:`blockq.types`.
 """
@@ -36,22 +43,49 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core.caching import FunctionCache
 from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global, signature
 from numba.extending import intrinsic, models, register_model
 
 from ..types import BY_NAME, QK, QK_K
-from .cpu_isa import announce_compile, isa
+from .cpu_isa import VNNI, announce_compile, isa
 from .cpu_matvec import _function_at
 from .cpu_simd import I32x8, _as_i64, _row_ptr, _row_reader, f16_to_f32, f32_at, fma, hsum, \
     to_f32, u32_at, zeros
 
-if isa() != "avx2":  # pragma: no cover - guarded by the caller
-    raise ImportError(f"blockq.kernels.cpu_int8 needs the avx2 variant, this process runs {isa()}")
+VARIANT = isa()  # the instructions the dots below expand to, fixed for the process
+if VARIANT == "float":  # pragma: no cover - guarded by the caller
+    raise ImportError("blockq.kernels.cpu_int8 needs an int8 variant; this process runs float")
+_VNNI = VARIANT in VNNI
 
 F32 = np.float32
 JIT = dict(fastmath=True, cache=True)
 EXACT = dict(cache=True)  # the activation quantizers: each float operation as ggml's C does it
+
+
+class _VariantCache(FunctionCache):
+    """Numba's disk cache with the variant in each entry's key.
+
+    NOTE: Numba keys a cached compilation by the function's bytecode and the target CPU; both
+    are the same when ``BLOCKQ_ISA`` forces another variant on the same machine, so without the
+    variant in the key a process forcing ``avx2`` would load the VNNI code a previous process
+    cached (and the reverse)."""
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (VARIANT,)
+
+
+def variant_jit(**options):
+    """``numba.njit(cache=True, **options)`` whose cache entries belong to this variant: for
+    every function that calls the dots of this module, here or elsewhere."""
+    options = {k: v for k, v in options.items() if k != "cache"}
+
+    def wrap(fn):
+        d = njit(cache=True, **options)(fn)
+        d._cache = _VariantCache(d.py_func)
+        return d
+    return wrap
 
 _I1, _I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
 _V32I8 = ir.VectorType(_I8, 32)
@@ -188,21 +222,80 @@ def _madd(builder, a, b):  # i16 x i16 pairs -> i32
     return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [a, b])
 
 
+def _as_v8i32(builder, v):
+    return builder.bitcast(v, _V8I32)
+
+
+def _dpbusd(builder, acc, u, s):  # acc + sums of four u8 x s8 products -> i32 (VNNI only)
+    # NOTE: operands as <8 x i32>, the form older LLVMs declare; LLVM 22 upgrades it
+    return _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32,
+                 [acc, _as_v8i32(builder, u), _as_v8i32(builder, s)])
+
+
+def _dpwssd(builder, acc, a, b):  # acc + pmaddwd(a, b) (VNNI only)
+    return _call(builder, "llvm.x86.avx512.vpdpwssd.256", _V8I32,
+                 [acc, _as_v8i32(builder, a), _as_v8i32(builder, b)])
+
+
+def _izero():
+    return ir.Constant(_V8I32, [0] * 8)
+
+
+def _ones16(builder):
+    return _splat(builder, ir.Constant(_I16, 1), _V16I16)
+
+
+def _us(builder, acc, u, s):
+    """acc + (lane k: sum of u[j] * s[j], j in 4k..4k+3)."""
+    if _VNNI:
+        return _dpbusd(builder, acc, u, s)
+    return builder.add(acc, _madd(builder, _maddubs(builder, u, s), _ones16(builder)))
+
+
+def _ss(builder, acc, a, b):
+    """``_us`` for two signed operands: |a| * (b with a's signs)."""
+    absa = _call(builder, "llvm.abs.v32i8", _V32I8, [a, ir.Constant(_I1, 0)])
+    return _us(builder, acc, absa, _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [b, a]))
+
+
+def _usv(builder, acc, u, s, sc):
+    """acc + (lane k: sum of the int16 pair sums of u * s, each times its lane of sc)."""
+    p = _maddubs(builder, u, s)
+    if _VNNI:
+        return _dpwssd(builder, acc, p, sc)
+    return builder.add(acc, _madd(builder, p, sc))
+
+
 @intrinsic
 def dot_us(typingctx, u, s):
     """Lane k of an I32x8: sum of u[j] * s[j] for j in 4k..4k+3 (u unsigned, s signed bytes)."""
     def codegen(context, builder, signature, args):
-        ones = _splat(builder, ir.Constant(_I16, 1), _V16I16)
-        return _madd(builder, _maddubs(builder, args[0], args[1]), ones)
+        return _us(builder, _izero(), *args)
     return I32x8(u, s), codegen
+
+
+@intrinsic
+def dot_us_acc(typingctx, acc, u, s):
+    """``acc + dot_us(u, s)`` (one ``vpdpbusd`` on the VNNI variants)."""
+    def codegen(context, builder, signature, args):
+        return _us(builder, *args)
+    return I32x8(acc, u, s), codegen
 
 
 @intrinsic
 def dot_usv(typingctx, u, s, sc):
     """``dot_us(u, s)`` with each int16 pair sum times the matching lane of the I16x16 sc."""
     def codegen(context, builder, signature, args):
-        return _madd(builder, _maddubs(builder, args[0], args[1]), args[2])
+        return _usv(builder, _izero(), *args)
     return I32x8(u, s, sc), codegen
+
+
+@intrinsic
+def dot_usv_acc(typingctx, acc, u, s, sc):
+    """``acc + dot_usv(u, s, sc)`` (``pmaddubsw`` + ``vpdpwssd`` on the VNNI variants)."""
+    def codegen(context, builder, signature, args):
+        return _usv(builder, *args)
+    return I32x8(acc, u, s, sc), codegen
 
 
 @intrinsic
@@ -263,17 +356,22 @@ def words16(typingctx, u0, u1, u2, u3):
 def dot_ss(typingctx, a, b):
     """``dot_us`` for two signed operands: |a| * (b with a's signs)."""
     def codegen(context, builder, signature, args):
-        absa = _call(builder, "llvm.abs.v32i8", _V32I8, [args[0], ir.Constant(_I1, 0)])
-        sb = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [args[1], args[0]])
-        ones = _splat(builder, ir.Constant(_I16, 1), _V16I16)
-        return _madd(builder, _maddubs(builder, absa, sb), ones)
+        return _ss(builder, _izero(), *args)
     return I32x8(a, b), codegen
+
+
+@intrinsic
+def dot_ss_acc(typingctx, acc, a, b):
+    """``acc + dot_ss(a, b)``."""
+    def codegen(context, builder, signature, args):
+        return _ss(builder, *args)
+    return I32x8(acc, a, b), codegen
 
 
 @intrinsic
 def izeros(typingctx):
     def codegen(context, builder, signature, args):
-        return ir.Constant(_V8I32, [0] * 8)
+        return _izero()
     return I32x8(), codegen
 
 
@@ -324,7 +422,7 @@ put_i16 = _writer(lambda c, b, t, v: b.trunc(c.cast(b, v, t, types.int64), _I16)
 # activations -> Q8_K / Q8_1 rows (one uint8 row of blocks per token)
 
 
-@njit(**EXACT)
+@variant_jit(**EXACT)
 def _quantize_q8_k(X, Y):
     """``quantize_row_q8_K_ref`` per row of X (n, cols) into Y (n, cols / 256 * 292).
 
@@ -350,7 +448,7 @@ def _quantize_q8_k(X, Y):
             put_f32(Y, t, yo, F32(F32(1.0) / iscale) if amax != 0 else F32(0))
 
 
-@njit(**EXACT)
+@variant_jit(**EXACT)
 def _quantize_q8_1(X, Y):
     """ggml's AVX2 ``quantize_row_q8_1`` per row of X (n, cols) into Y (n, cols / 32 * 36):
     ``d = amax / 127``, ``q = rint(x * (127 / amax))``, ``s = d * sum(q)``, both as f16."""
@@ -372,7 +470,7 @@ def _quantize_q8_1(X, Y):
             put_f16(Y, t, yo + 2, F32(d * F32(s)))
 
 
-@njit(**EXACT)
+@variant_jit(**EXACT)
 def _dequantize_q8(Y, X, per, size, scale_f32):
     """X = the values of the activation blocks Y (``d * q``): Q8_K (scale_f32) or Q8_1."""
     n, cols = X.shape
@@ -399,65 +497,67 @@ Q5_1_M, Q5_1_QH, Q5_1_QS = _O["Q5_1"]["m"], _O["Q5_1"]["qh"], _O["Q5_1"]["qs"]
 Q8_0_QS = _O["Q8_0"]["qs"]
 
 
-@njit(**JIT)
-def _dot_q4_0(w, r, y, t):  # w = d * (q - 8): signed codes, sign trick
-    acc = zeros()
-    for b in range(w.shape[1] // Q4_0):
-        o, yo = b * Q4_0, b * Q8_1
+# the legacy types, as kinds of one loop (constants once a kernel below inlines it)
+_LQ4_0, _LQ4_1, _LQ5_0, _LQ5_1, _LQ8_0 = range(5)
+
+
+@variant_jit(**JIT)
+def _legacy_block(w, r, y, t, o, yo, kind):
+    """The weight block at byte o of row r times the Q8_1 block at byte yo of row t:
+    (integer lanes, their scale d * d_y, the min term m * s of Q4_1 / Q5_1, else 0)."""
+    ys = load32(y, t, yo + Q8_1_QS)
+    if kind == _LQ8_0:  # w = d * q, q int8
+        p = dot_ss(load32(w, r, o + Q8_0_QS), ys)
+    elif kind == _LQ4_0:  # w = d * (q - 8): signed codes, sign trick
+        p = dot_ss(nibbles(w, r, o + Q4_0_QS) - 8, ys)
+    elif kind == _LQ5_0:  # w = d * (q - 16), q = nibble | fifth bit << 4
+        p = dot_ss((nibbles(w, r, o + Q5_0_QS) | (bits32(u32_at(w, r, o + Q5_0_QH)) << 4)) - 16,
+                   ys)
+    elif kind == _LQ4_1:  # w = d * q + m: the sum is d * dy * q.y + m * s
+        p = dot_us(nibbles(w, r, o + Q4_1_QS), ys)
+    else:  # Q5_1: w = d * q + m
+        p = dot_us(nibbles(w, r, o + Q5_1_QS) | (bits32(u32_at(w, r, o + Q5_1_QH)) << 4), ys)
+    m = F32(0)
+    if kind == _LQ4_1 or kind == _LQ5_1:
+        m = f16_to_f32(w, r, o + (Q4_1_M if kind == _LQ4_1 else Q5_1_M)) * f16_to_f32(y, t, yo + 2)
+    return p, f16_to_f32(w, r, o) * f16_to_f32(y, t, yo), m
+
+
+@variant_jit(**JIT)
+def _dot_legacy(w, r, y, t, size, kind):
+    """Row r of a legacy type of ``size``-byte blocks times activation row t: two blocks per
+    step into two accumulators (two dependency chains), one prefetch per step."""
+    nb = w.shape[1] // size
+    acc0, acc1 = zeros(), zeros()
+    m0, m1 = F32(0), F32(0)
+    for b in range(0, nb - 1, 2):
+        o, yo = b * size, b * Q8_1
         prefetch(w, r, o + PREFETCH_BYTES)
-        p = dot_ss(nibbles(w, r, o + Q4_0_QS) - 8, load32(y, t, yo + Q8_1_QS))
-        acc = fma(to_f32(p), f16_to_f32(w, r, o) * f16_to_f32(y, t, yo), acc)
-    return hsum(acc)
+        p0, d0, mt0 = _legacy_block(w, r, y, t, o, yo, kind)
+        p1, d1, mt1 = _legacy_block(w, r, y, t, o + size, yo + Q8_1, kind)
+        acc0 = fma(to_f32(p0), d0, acc0)
+        acc1 = fma(to_f32(p1), d1, acc1)
+        m0 += mt0
+        m1 += mt1
+    if nb % 2:
+        p0, d0, mt0 = _legacy_block(w, r, y, t, (nb - 1) * size, (nb - 1) * Q8_1, kind)
+        acc0 = fma(to_f32(p0), d0, acc0)
+        m0 += mt0
+    return hsum(acc0 + acc1) + (m0 + m1)
 
 
-@njit(**JIT)
-def _dot_q4_1(w, r, y, t):  # w = d * q + m: sum = d * dy * q.y + m * s
-    acc = zeros()
-    acc_m = F32(0)
-    for b in range(w.shape[1] // Q4_1):
-        o, yo = b * Q4_1, b * Q8_1
-        prefetch(w, r, o + PREFETCH_BYTES)
-        p = dot_us(nibbles(w, r, o + Q4_1_QS), load32(y, t, yo + Q8_1_QS))
-        acc = fma(to_f32(p), f16_to_f32(w, r, o) * f16_to_f32(y, t, yo), acc)
-        acc_m += f16_to_f32(w, r, o + Q4_1_M) * f16_to_f32(y, t, yo + 2)
-    return hsum(acc) + acc_m
+def _legacy_kernel(size, kind):
+    """The dot kernel of one legacy type (size and kind are compile-time constants in it)."""
+    @variant_jit(**JIT)
+    def dot(w, r, y, t):
+        return _dot_legacy(w, r, y, t, size, kind)
+    return dot
 
 
-@njit(**JIT)
-def _dot_q5_0(w, r, y, t):  # w = d * (q - 16), q = nibble | fifth bit << 4
-    acc = zeros()
-    for b in range(w.shape[1] // Q5_0):
-        o, yo = b * Q5_0, b * Q8_1
-        prefetch(w, r, o + PREFETCH_BYTES)
-        q = nibbles(w, r, o + Q5_0_QS) | (bits32(u32_at(w, r, o + Q5_0_QH)) << 4)
-        p = dot_ss(q - 16, load32(y, t, yo + Q8_1_QS))
-        acc = fma(to_f32(p), f16_to_f32(w, r, o) * f16_to_f32(y, t, yo), acc)
-    return hsum(acc)
-
-
-@njit(**JIT)
-def _dot_q5_1(w, r, y, t):  # w = d * q + m
-    acc = zeros()
-    acc_m = F32(0)
-    for b in range(w.shape[1] // Q5_1):
-        o, yo = b * Q5_1, b * Q8_1
-        prefetch(w, r, o + PREFETCH_BYTES)
-        q = nibbles(w, r, o + Q5_1_QS) | (bits32(u32_at(w, r, o + Q5_1_QH)) << 4)
-        p = dot_us(q, load32(y, t, yo + Q8_1_QS))
-        acc = fma(to_f32(p), f16_to_f32(w, r, o) * f16_to_f32(y, t, yo), acc)
-        acc_m += f16_to_f32(w, r, o + Q5_1_M) * f16_to_f32(y, t, yo + 2)
-    return hsum(acc) + acc_m
-
-
-@njit(**JIT)
-def _dot_q8_0(w, r, y, t):  # w = d * q, q int8
-    acc = zeros()
-    for b in range(w.shape[1] // Q8_0):
-        o, yo = b * Q8_0, b * Q8_1
-        prefetch(w, r, o + PREFETCH_BYTES)
-        p = dot_ss(load32(w, r, o + Q8_0_QS), load32(y, t, yo + Q8_1_QS))
-        acc = fma(to_f32(p), f16_to_f32(w, r, o) * f16_to_f32(y, t, yo), acc)
-    return hsum(acc)
+_dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q8_0 = (
+    _legacy_kernel(size, kind) for size, kind in ((Q4_0, _LQ4_0), (Q4_1, _LQ4_1),
+                                                  (Q5_0, _LQ5_0), (Q5_1, _LQ5_1),
+                                                  (Q8_0, _LQ8_0)))
 
 
 # =============================================================================================
@@ -475,19 +575,19 @@ assert _O["Q4_K"]["dmin"] == _O["Q5_K"]["dmin"] == 2 and _O["Q4_K"]["d"] == _O["
 Q6_K_QL, Q6_K_QH, Q6_K_SC, Q6_K_D = (_O["Q6_K"][f] for f in ("ql", "qh", "scales", "d"))
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _y32(y, t, yo, k):
     """Activation codes k..k+31 of the Q8_K block at byte yo."""
     return load32(y, t, yo + Q8K_QS + k)
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _bsums(y, t, yo):
     """The 16 sums of 16 codes of the Q8_K block at byte yo (I16x16)."""
     return load16(y, t, yo + Q8K_BSUMS)
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _dot_q2_k(w, r, y, t):
     # 84 bytes: 0..15 scales (sub-block s: scale = low nibble, min = high nibble) | 16..79 qs:
     # in half h, bits 2j..2j+1 of qs[32h + l] = weight 128h + 32j + l | 80..81 d | 82..83 dmin
@@ -499,20 +599,22 @@ def _dot_q2_k(w, r, y, t):
         dy = f32_at(y, t, yo)
         sm = u8x16(w, r, o + Q2_K_SC)
         sc = sm & 15
-        sumi = izeros()
+        sumi0, sumi1 = izeros(), izeros()  # even / odd bit pairs: two dependency chains
         for h in range(2):
             qv = load32(w, r, o + Q2_K_QS + 32 * h)
-            for j in range(4):
-                s = 8 * h + 2 * j
-                sumi = sumi + dot_usv((qv >> 2 * j) & 3, _y32(y, t, yo, 128 * h + 32 * j),
-                                      pick(sc, s, s + 1))
+            for j in range(0, 4, 2):
+                s, k = 8 * h + 2 * j, 128 * h + 32 * j
+                sumi0 = dot_usv_acc(sumi0, (qv >> 2 * j) & 3, _y32(y, t, yo, k),
+                                    pick(sc, s, s + 1))
+                sumi1 = dot_usv_acc(sumi1, (qv >> 2 * j + 2) & 3, _y32(y, t, yo, k + 32),
+                                    pick(sc, s + 2, s + 3))
         mins = madd_sum(sm >> 4, _bsums(y, t, yo))
-        acc = fma(to_f32(sumi), f16_to_f32(w, r, o + Q2_K_D) * dy, acc)
+        acc = fma(to_f32(sumi0 + sumi1), f16_to_f32(w, r, o + Q2_K_D) * dy, acc)
         acc_m += f16_to_f32(w, r, o + Q2_K_DMIN) * dy * F32(mins)
     return hsum(acc) - acc_m
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _q3_k_scales(w, r, o):
     """The 16 signed 6-bit sub-block scales from the 12 bytes at o (I16x16, in order):
     byte k (k < 8): low 4 bits of sub-blocks k (low nibble) and k + 8 (high nibble);
@@ -524,29 +626,31 @@ def _q3_k_scales(w, r, o):
                    ((a1 >> 4) & m4) | (((hi >> 6) & m2) << 4)) - 32
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _q3_k_sumi(w, r, y, t, o, yo, sc):
     # 110 bytes: 0..31 hmask (bit 4h + j of hmask[l]: high bit of weight 128h + 32j + l)
     # | 32..95 qs (low 2 bits, as Q2_K) | 96..107 scales | 108..109 d
     # w = d * sc * (low + 4 * hbit - 4); here the codes low + 4 * hbit
     hm = load32(w, r, o + Q3_K_HM)
-    sumi = izeros()
+    sumi0, sumi1 = izeros(), izeros()  # even / odd j: two dependency chains
     for h in range(2):
         qv = load32(w, r, o + Q3_K_QS + 32 * h)
-        for j in range(4):
-            s = 8 * h + 2 * j
-            u = ((qv >> 2 * j) & 3) | (((hm >> (4 * h + j)) & 1) << 2)
-            sumi = sumi + dot_usv(u, _y32(y, t, yo, 128 * h + 32 * j), pick(sc, s, s + 1))
-    return sumi
+        for j in range(0, 4, 2):
+            s, k = 8 * h + 2 * j, 128 * h + 32 * j
+            u0 = ((qv >> 2 * j) & 3) | (((hm >> (4 * h + j)) & 1) << 2)
+            u1 = ((qv >> 2 * j + 2) & 3) | (((hm >> (4 * h + j + 1)) & 1) << 2)
+            sumi0 = dot_usv_acc(sumi0, u0, _y32(y, t, yo, k), pick(sc, s, s + 1))
+            sumi1 = dot_usv_acc(sumi1, u1, _y32(y, t, yo, k + 32), pick(sc, s + 2, s + 3))
+    return sumi0 + sumi1
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _q6_k_sumi(w, r, y, t, o, yo, sc):
     # 210 bytes: 0..127 ql | 128..191 qh | 192..207 scales (int8, sub-blocks of 16) | 208 d.
     # Half h (128 weights), l < 32: weight 128h + 32k + l has low 4 bits in ql[64h + l] (k = 0:
     # low nibble, k = 2: high) or ql[64h + 32 + l] (k = 1: low, k = 3: high) and its top two bits
     # at bits 2k..2k+1 of qh[32h + l].  w = d * sc * (q - 32); here the codes q
-    sumi = izeros()
+    sumi0, sumi1 = izeros(), izeros()  # q0, q2 / q1, q3: two dependency chains
     for h in range(2):
         ql0 = load32(w, r, o + Q6_K_QL + 64 * h)
         ql1 = load32(w, r, o + Q6_K_QL + 64 * h + 32)
@@ -556,14 +660,14 @@ def _q6_k_sumi(w, r, y, t, o, yo, sc):
         q2 = (ql0 >> 4) | (qh & 48)
         q3 = (ql1 >> 4) | ((qh >> 6) << 4)
         s, k = 8 * h, 128 * h
-        sumi = sumi + dot_usv(q0, _y32(y, t, yo, k), pick(sc, s, s + 1)) \
-            + dot_usv(q1, _y32(y, t, yo, k + 32), pick(sc, s + 2, s + 3)) \
-            + dot_usv(q2, _y32(y, t, yo, k + 64), pick(sc, s + 4, s + 5)) \
-            + dot_usv(q3, _y32(y, t, yo, k + 96), pick(sc, s + 6, s + 7))
-    return sumi
+        sumi0 = dot_usv_acc(sumi0, q0, _y32(y, t, yo, k), pick(sc, s, s + 1))
+        sumi1 = dot_usv_acc(sumi1, q1, _y32(y, t, yo, k + 32), pick(sc, s + 2, s + 3))
+        sumi0 = dot_usv_acc(sumi0, q2, _y32(y, t, yo, k + 64), pick(sc, s + 4, s + 5))
+        sumi1 = dot_usv_acc(sumi1, q3, _y32(y, t, yo, k + 96), pick(sc, s + 6, s + 7))
+    return sumi0 + sumi1
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _dot_offset(w, r, y, t, q6):
     """Q3_K (q6 False) or Q6_K: 16 signed sub-block scales and codes with a constant offset
     (-4 / -32), which goes through the activation sums once per super-block."""
@@ -587,17 +691,17 @@ def _dot_offset(w, r, y, t, q6):
     return hsum(acc) - acc_c
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _dot_q3_k(w, r, y, t):
     return _dot_offset(w, r, y, t, False)
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _dot_q6_k(w, r, y, t):
     return _dot_offset(w, r, y, t, True)
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _k4_scales(w, r, o):
     """Q4_K / Q5_K's 12 scale bytes at o as an I16x16: lanes 0..7 = the eight 6-bit scales,
     8..15 = the eight 6-bit mins.  Sub-block j < 4: low 6 bits of bytes j (scale) and j + 4
@@ -608,7 +712,7 @@ def _k4_scales(w, r, o):
                    ((u2 >> 4) & m4) | (((u1 >> 6) & m2) << 4))
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _dot_k4(w, r, y, t, size, o_sc, o_qs, o_qh):
     """Q4_K (o_qh < 0) or Q5_K, whose blocks share this layout:
     0..1 d | 2..3 dmin | 4..15 scales | Q5_K only: 16..47 qh (bit 2j / 2j+1 of qh[l]: fifth bit
@@ -622,26 +726,27 @@ def _dot_k4(w, r, y, t, size, o_sc, o_qs, o_qh):
         dy = f32_at(y, t, yo)
         sm = _k4_scales(w, r, o + o_sc)
         qh = load32(w, r, o + (o_qh if o_qh >= 0 else o_qs))
-        sumi = izeros()
+        sumi0, sumi1 = izeros(), izeros()  # low / high nibbles: two dependency chains
         for j in range(4):
             qv = load32(w, r, o + o_qs + 32 * j)
             lo, hi = qv & 15, qv >> 4
             if o_qh >= 0:
                 lo = lo | (((qh >> 2 * j) & 1) << 4)
                 hi = hi | (((qh >> (2 * j + 1)) & 1) << 4)
-            sumi = sumi + dot_usv(lo, _y32(y, t, yo, 64 * j), pick(sm, 2 * j, 2 * j)) \
-                + dot_usv(hi, _y32(y, t, yo, 64 * j + 32), pick(sm, 2 * j + 1, 2 * j + 1))
-        acc = fma(to_f32(sumi), f16_to_f32(w, r, o) * dy, acc)
+            sumi0 = dot_usv_acc(sumi0, lo, _y32(y, t, yo, 64 * j), pick(sm, 2 * j, 2 * j))
+            sumi1 = dot_usv_acc(sumi1, hi, _y32(y, t, yo, 64 * j + 32),
+                                pick(sm, 2 * j + 1, 2 * j + 1))
+        acc = fma(to_f32(sumi0 + sumi1), f16_to_f32(w, r, o) * dy, acc)
         acc_m += f16_to_f32(w, r, o + 2) * dy * F32(madd_sum(pairs_hi(sm), _bsums(y, t, yo)))
     return hsum(acc) - acc_m
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _dot_q4_k(w, r, y, t):
     return _dot_k4(w, r, y, t, Q4_K, Q4_K_SC, Q4_K_QS, -1)
 
 
-@njit(**JIT)
+@variant_jit(**JIT)
 def _dot_q5_k(w, r, y, t):
     return _dot_k4(w, r, y, t, Q5_K, Q5_K_SC, Q5_K_QS, Q5_K_QH)
 
