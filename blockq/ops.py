@@ -3,6 +3,7 @@
 Every architecture's block (:mod:`blockq.models`) is written once against these calls::
 
     ops.linear(lin, x)            # (n, n_in) -> (n, n_out), bias included
+    ops.linears(lins, x)          # several linears of one input (q, k, v; gate, up): a tuple
     ops.rms_norm(x, norm)         # rows of x (n, d) normalized, times norm.weight (d,)
     ops.add(x, y)                 # residual sum
     ops.swiglu(gate, up)          # silu(gate) * up
@@ -31,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .errors import BadArgument, UnsupportedModel
+from .kernels.cpu_matvec import matvec_many
 
 F32 = np.float32
 GELU_C = F32(0.7978845608028654)  # sqrt(2 / pi)
@@ -88,6 +90,9 @@ class ArrayOps:
     # -- the operations ---------------------------------------------------------------------
     def linear(self, lin, x):  # (n, n_in) -> (n, n_out)
         return lin(x)
+
+    def linears(self, lins, x):  # (n, n_in) -> a tuple of (n, n_out_i)
+        return tuple(self.linear(lin, x) for lin in lins)
 
     def rms_norm(self, x, norm):
         xp = self.xp
@@ -149,6 +154,18 @@ class CPUOps(ArrayOps):
     def linear(self, lin, x):
         return lin(x)
 
+    def linears(self, lins, x):
+        """One token: the int8 products of one input in one kernel call (its activation blocks
+        made once) where their types allow; otherwise one product each."""
+        if x.shape[0] == 1:
+            ys = matvec_many([lin.weight for lin in lins], x[0])
+            if ys is not None:
+                for lin, y in zip(lins, ys):
+                    if lin.bias is not None:
+                        y += lin.bias
+                return ys
+        return super().linears(lins, x)
+
     def rms_norm(self, x, norm):
         if x.shape[0] != 1:
             return norm(x)
@@ -205,6 +222,8 @@ class LlamaOps(CPUOps):
     def linear(self, lin, x):
         return self.dot[lin.name](x)
 
+    linears = ArrayOps.linears  # each through the kernel llama.cpp picks for it
+
     def rms_norm(self, x, norm):
         return self.L.rms_norm(x, norm.weight, norm.eps)
 
@@ -244,6 +263,11 @@ class Observed:
     def linear(self, lin, x):
         self.observe(lin.name, self.inner.to_host(x))
         return self.inner.linear(lin, x)
+
+    def linears(self, lins, x):
+        for lin in lins:
+            self.observe(lin.name, self.inner.to_host(x))
+        return self.inner.linears(lins, x)
 
     def __getattr__(self, attr):
         return getattr(self.inner, attr)

@@ -385,3 +385,47 @@ def test_tiny_model_int8_logits_near_float(tmp_path):
     # a last-bit difference between the batch and one-token kernels may flip an 8-bit code a
     # layer later (measured: 1.5 % of the largest logit)
     np.testing.assert_allclose(split, a, rtol=0, atol=0.05 * np.abs(a).max())
+
+
+@needs_int8
+@pytest.mark.parametrize("names", [("Q5_0", "Q5_0", "Q8_0"), ("Q4_K", "Q6_K"), ("Q4_0", "Q5_1"),
+                                   ("Q2_K", "Q3_K", "Q5_K")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_call_for_the_products_of_one_input(names, threads, rng):
+    """Decoding's q/k/v and gate/up products in one call (one activation quantization, one
+    parallel region) give exactly the separate products, which match the reference."""
+    from blockq.kernels.cpu_matvec import QMatrix, matvec_many
+
+    cols = 512
+    mats = []
+    for i, name in enumerate(names):
+        rows = (96, 37, 300)[i]
+        t = BY_NAME[name]
+        mats.append(QMatrix(name, random_blocks(name, rows * cols // t.block_size, rng,
+                                                scales=0.05), (rows, cols)))
+    x = rng.standard_normal(cols).astype(np.float32)
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        got = matvec_many(mats, x)
+        one_by_one = [m.matvec(x) for m in mats]
+    finally:
+        numba.set_num_threads(old)
+    assert got is not None and len(got) == len(mats)
+    for m, g, s in zip(mats, got, one_by_one):
+        assert g.shape == (1, m.shape[0]) and np.array_equal(g[0], s)
+        ref, bound = int8_reference(m.qtype, m.data, x[None])
+        assert np.all(np.abs(g - ref) <= RTOL * bound)
+
+
+@needs_int8
+def test_products_of_one_input_refused_where_activations_differ(rng):
+    from blockq.kernels.cpu_matvec import QMatrix, matvec_many
+
+    a = QMatrix("Q4_K", random_blocks("Q4_K", 8, rng, scales=0.05), (4, 512))
+    b = QMatrix("Q5_0", random_blocks("Q5_0", 64, rng, scales=0.05), (4, 512))
+    x = rng.standard_normal(512).astype(np.float32)
+    assert matvec_many([a, b], x) is None  # Q8_K and Q8_1 activation blocks
+    b.set_int8(False)
+    assert matvec_many([a, a, b], x) is None  # float numerics on one of them
+    assert matvec_many([a], x) is None

@@ -61,31 +61,41 @@ _VNNI = VARIANT in VNNI
 
 F32 = np.float32
 JIT = dict(fastmath=True, cache=True)
+INLINE = dict(JIT, inline="always")  # a row's dot and its pieces: inlined into the row loop
 EXACT = dict(cache=True)  # the activation quantizers: each float operation as ggml's C does it
 
 
-class _VariantCache(FunctionCache):
-    """Numba's disk cache with the variant in each entry's key.
+class _KeyedCache(FunctionCache):
+    """Numba's disk cache with ``extra`` in each entry's key.
 
-    NOTE: Numba keys a cached compilation by the function's bytecode and the target CPU; both
-    are the same when ``BLOCKQ_ISA`` forces another variant on the same machine, so without the
-    variant in the key a process forcing ``avx2`` would load the VNNI code a previous process
-    cached (and the reverse)."""
+    NOTE: Numba keys a cached compilation by the function's bytecode and the target CPU, not by
+    what its intrinsics expand to nor by its options: both are the same when ``BLOCKQ_ISA``
+    forces another variant on the same machine, so without the variant in the key a process
+    forcing ``avx2`` would load the VNNI code a previous process cached (and the reverse); and
+    the serial and parallel compilations of one driver would share one entry."""
+
+    def __init__(self, py_func, extra):
+        super().__init__(py_func)
+        self._extra = extra
 
     def _index_key(self, sig, codegen):
-        return super()._index_key(sig, codegen) + (VARIANT,)
+        return super()._index_key(sig, codegen) + self._extra
+
+
+def _jit(extra, options):
+    options = {k: v for k, v in options.items() if k != "cache"}
+
+    def wrap(fn):
+        d = njit(cache=True, **options)(fn)
+        d._cache = _KeyedCache(d.py_func, extra)
+        return d
+    return wrap
 
 
 def variant_jit(**options):
     """``numba.njit(cache=True, **options)`` whose cache entries belong to this variant: for
     every function that calls the dots of this module, here or elsewhere."""
-    options = {k: v for k, v in options.items() if k != "cache"}
-
-    def wrap(fn):
-        d = njit(cache=True, **options)(fn)
-        d._cache = _VariantCache(d.py_func)
-        return d
-    return wrap
+    return _jit((VARIANT,), options)
 
 _I1, _I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
 _V32I8 = ir.VectorType(_I8, 32)
@@ -501,7 +511,7 @@ Q8_0_QS = _O["Q8_0"]["qs"]
 _LQ4_0, _LQ4_1, _LQ5_0, _LQ5_1, _LQ8_0 = range(5)
 
 
-@variant_jit(**JIT)
+@variant_jit(**INLINE)
 def _legacy_block(w, r, y, t, o, yo, kind):
     """The weight block at byte o of row r times the Q8_1 block at byte yo of row t:
     (integer lanes, their scale d * d_y, the min term m * s of Q4_1 / Q5_1, else 0)."""
@@ -524,37 +534,43 @@ def _legacy_block(w, r, y, t, o, yo, kind):
 
 
 @variant_jit(**JIT)
-def _dot_legacy(w, r, y, t, size, kind):
-    """Row r of a legacy type of ``size``-byte blocks times activation row t: two blocks per
-    step into two accumulators (two dependency chains), one prefetch per step."""
+def _legacy_rows(w, r0, r1, y, t, out, size, kind):
+    """out[t, r] = row r of a legacy type of ``size``-byte blocks times activation row t, for
+    r in r0..r1-1: two blocks per step into two accumulators (two dependency chains), one
+    prefetch per step.
+
+    NOTE: the loop over rows is here, with the row's dot written inline: a call per row (even
+    one Numba inlines) costs reference-count updates of the arrays, which on SmolLM2's
+    576-column rows took as long as the dot itself."""
     nb = w.shape[1] // size
-    acc0, acc1 = zeros(), zeros()
-    m0, m1 = F32(0), F32(0)
-    for b in range(0, nb - 1, 2):
-        o, yo = b * size, b * Q8_1
-        prefetch(w, r, o + PREFETCH_BYTES)
-        p0, d0, mt0 = _legacy_block(w, r, y, t, o, yo, kind)
-        p1, d1, mt1 = _legacy_block(w, r, y, t, o + size, yo + Q8_1, kind)
-        acc0 = fma(to_f32(p0), d0, acc0)
-        acc1 = fma(to_f32(p1), d1, acc1)
-        m0 += mt0
-        m1 += mt1
-    if nb % 2:
-        p0, d0, mt0 = _legacy_block(w, r, y, t, (nb - 1) * size, (nb - 1) * Q8_1, kind)
-        acc0 = fma(to_f32(p0), d0, acc0)
-        m0 += mt0
-    return hsum(acc0 + acc1) + (m0 + m1)
+    for r in range(r0, r1):
+        acc0, acc1 = zeros(), zeros()
+        m0, m1 = F32(0), F32(0)
+        for b in range(0, nb - 1, 2):
+            o, yo = b * size, b * Q8_1
+            prefetch(w, r, o + PREFETCH_BYTES)
+            p0, d0, mt0 = _legacy_block(w, r, y, t, o, yo, kind)
+            p1, d1, mt1 = _legacy_block(w, r, y, t, o + size, yo + Q8_1, kind)
+            acc0 = fma(to_f32(p0), d0, acc0)
+            acc1 = fma(to_f32(p1), d1, acc1)
+            m0 += mt0
+            m1 += mt1
+        if nb % 2:
+            p0, d0, mt0 = _legacy_block(w, r, y, t, (nb - 1) * size, (nb - 1) * Q8_1, kind)
+            acc0 = fma(to_f32(p0), d0, acc0)
+            m0 += mt0
+        out[t, r] = hsum(acc0 + acc1) + (m0 + m1)
 
 
 def _legacy_kernel(size, kind):
-    """The dot kernel of one legacy type (size and kind are compile-time constants in it)."""
+    """The kernel of one legacy type (size and kind are compile-time constants in it)."""
     @variant_jit(**JIT)
-    def dot(w, r, y, t):
-        return _dot_legacy(w, r, y, t, size, kind)
-    return dot
+    def rows(w, r0, r1, y, t, out):
+        _legacy_rows(w, r0, r1, y, t, out, size, kind)
+    return rows
 
 
-_dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q8_0 = (
+_rows_q4_0, _rows_q4_1, _rows_q5_0, _rows_q5_1, _rows_q8_0 = (
     _legacy_kernel(size, kind) for size, kind in ((Q4_0, _LQ4_0), (Q4_1, _LQ4_1),
                                                   (Q5_0, _LQ5_0), (Q5_1, _LQ5_1),
                                                   (Q8_0, _LQ8_0)))
@@ -575,46 +591,47 @@ assert _O["Q4_K"]["dmin"] == _O["Q5_K"]["dmin"] == 2 and _O["Q4_K"]["d"] == _O["
 Q6_K_QL, Q6_K_QH, Q6_K_SC, Q6_K_D = (_O["Q6_K"][f] for f in ("ql", "qh", "scales", "d"))
 
 
-@variant_jit(**JIT)
+@variant_jit(**INLINE)
 def _y32(y, t, yo, k):
     """Activation codes k..k+31 of the Q8_K block at byte yo."""
     return load32(y, t, yo + Q8K_QS + k)
 
 
-@variant_jit(**JIT)
+@variant_jit(**INLINE)
 def _bsums(y, t, yo):
     """The 16 sums of 16 codes of the Q8_K block at byte yo (I16x16)."""
     return load16(y, t, yo + Q8K_BSUMS)
 
 
 @variant_jit(**JIT)
-def _dot_q2_k(w, r, y, t):
+def _rows_q2_k(w, r0, r1, y, t, out):
     # 84 bytes: 0..15 scales (sub-block s: scale = low nibble, min = high nibble) | 16..79 qs:
     # in half h, bits 2j..2j+1 of qs[32h + l] = weight 128h + 32j + l | 80..81 d | 82..83 dmin
-    acc = zeros()
-    acc_m = F32(0)
-    for b in range(w.shape[1] // Q2_K):
-        o, yo = b * Q2_K, b * Q8K
-        prefetch(w, r, o + PREFETCH_BYTES)
-        dy = f32_at(y, t, yo)
-        sm = u8x16(w, r, o + Q2_K_SC)
-        sc = sm & 15
-        sumi0, sumi1 = izeros(), izeros()  # even / odd bit pairs: two dependency chains
-        for h in range(2):
-            qv = load32(w, r, o + Q2_K_QS + 32 * h)
-            for j in range(0, 4, 2):
-                s, k = 8 * h + 2 * j, 128 * h + 32 * j
-                sumi0 = dot_usv_acc(sumi0, (qv >> 2 * j) & 3, _y32(y, t, yo, k),
-                                    pick(sc, s, s + 1))
-                sumi1 = dot_usv_acc(sumi1, (qv >> 2 * j + 2) & 3, _y32(y, t, yo, k + 32),
-                                    pick(sc, s + 2, s + 3))
-        mins = madd_sum(sm >> 4, _bsums(y, t, yo))
-        acc = fma(to_f32(sumi0 + sumi1), f16_to_f32(w, r, o + Q2_K_D) * dy, acc)
-        acc_m += f16_to_f32(w, r, o + Q2_K_DMIN) * dy * F32(mins)
-    return hsum(acc) - acc_m
+    for r in range(r0, r1):
+        acc = zeros()
+        acc_m = F32(0)
+        for b in range(w.shape[1] // Q2_K):
+            o, yo = b * Q2_K, b * Q8K
+            prefetch(w, r, o + PREFETCH_BYTES)
+            dy = f32_at(y, t, yo)
+            sm = u8x16(w, r, o + Q2_K_SC)
+            sc = sm & 15
+            sumi0, sumi1 = izeros(), izeros()  # even / odd bit pairs: two dependency chains
+            for h in range(2):
+                qv = load32(w, r, o + Q2_K_QS + 32 * h)
+                for j in range(0, 4, 2):
+                    s, k = 8 * h + 2 * j, 128 * h + 32 * j
+                    sumi0 = dot_usv_acc(sumi0, (qv >> 2 * j) & 3, _y32(y, t, yo, k),
+                                        pick(sc, s, s + 1))
+                    sumi1 = dot_usv_acc(sumi1, (qv >> 2 * j + 2) & 3, _y32(y, t, yo, k + 32),
+                                        pick(sc, s + 2, s + 3))
+            mins = madd_sum(sm >> 4, _bsums(y, t, yo))
+            acc = fma(to_f32(sumi0 + sumi1), f16_to_f32(w, r, o + Q2_K_D) * dy, acc)
+            acc_m += f16_to_f32(w, r, o + Q2_K_DMIN) * dy * F32(mins)
+        out[t, r] = hsum(acc) - acc_m
 
 
-@variant_jit(**JIT)
+@variant_jit(**INLINE)
 def _q3_k_scales(w, r, o):
     """The 16 signed 6-bit sub-block scales from the 12 bytes at o (I16x16, in order):
     byte k (k < 8): low 4 bits of sub-blocks k (low nibble) and k + 8 (high nibble);
@@ -626,7 +643,7 @@ def _q3_k_scales(w, r, o):
                    ((a1 >> 4) & m4) | (((hi >> 6) & m2) << 4)) - 32
 
 
-@variant_jit(**JIT)
+@variant_jit(**INLINE)
 def _q3_k_sumi(w, r, y, t, o, yo, sc):
     # 110 bytes: 0..31 hmask (bit 4h + j of hmask[l]: high bit of weight 128h + 32j + l)
     # | 32..95 qs (low 2 bits, as Q2_K) | 96..107 scales | 108..109 d
@@ -644,7 +661,7 @@ def _q3_k_sumi(w, r, y, t, o, yo, sc):
     return sumi0 + sumi1
 
 
-@variant_jit(**JIT)
+@variant_jit(**INLINE)
 def _q6_k_sumi(w, r, y, t, o, yo, sc):
     # 210 bytes: 0..127 ql | 128..191 qh | 192..207 scales (int8, sub-blocks of 16) | 208 d.
     # Half h (128 weights), l < 32: weight 128h + 32k + l has low 4 bits in ql[64h + l] (k = 0:
@@ -668,40 +685,42 @@ def _q6_k_sumi(w, r, y, t, o, yo, sc):
 
 
 @variant_jit(**JIT)
-def _dot_offset(w, r, y, t, q6):
+def _offset_rows(w, r0, r1, y, t, out, q6):
     """Q3_K (q6 False) or Q6_K: 16 signed sub-block scales and codes with a constant offset
     (-4 / -32), which goes through the activation sums once per super-block."""
     size = Q6_K if q6 else Q3_K
-    acc = zeros()
-    acc_c = F32(0)
-    for b in range(w.shape[1] // size):
-        o, yo = b * size, b * Q8K
-        prefetch(w, r, o + PREFETCH_BYTES)
-        dy = f32_at(y, t, yo)
-        if q6:
-            sc = i8x16(w, r, o + Q6_K_SC)
-            sumi = _q6_k_sumi(w, r, y, t, o, yo, sc)
-            d, off = f16_to_f32(w, r, o + Q6_K_D) * dy, 32
-        else:
-            sc = _q3_k_scales(w, r, o + Q3_K_SC)
-            sumi = _q3_k_sumi(w, r, y, t, o, yo, sc)
-            d, off = f16_to_f32(w, r, o + Q3_K_D) * dy, 4
-        acc = fma(to_f32(sumi), d, acc)
-        acc_c += d * F32(off * madd_sum(sc, _bsums(y, t, yo)))
-    return hsum(acc) - acc_c
+    for r in range(r0, r1):
+        acc = zeros()
+        acc_c = F32(0)
+        for b in range(w.shape[1] // size):
+            o, yo = b * size, b * Q8K
+            prefetch(w, r, o + PREFETCH_BYTES)
+            dy = f32_at(y, t, yo)
+            if q6:
+                sc = i8x16(w, r, o + Q6_K_SC)
+                sumi = _q6_k_sumi(w, r, y, t, o, yo, sc)
+                d, off = f16_to_f32(w, r, o + Q6_K_D) * dy, 32
+            else:
+                sc = _q3_k_scales(w, r, o + Q3_K_SC)
+                sumi = _q3_k_sumi(w, r, y, t, o, yo, sc)
+                d, off = f16_to_f32(w, r, o + Q3_K_D) * dy, 4
+            acc = fma(to_f32(sumi), d, acc)
+            acc_c += d * F32(off * madd_sum(sc, _bsums(y, t, yo)))
+        out[t, r] = hsum(acc) - acc_c
 
 
-@variant_jit(**JIT)
-def _dot_q3_k(w, r, y, t):
-    return _dot_offset(w, r, y, t, False)
+def _offset_kernel(q6):
+    """The kernel of Q3_K (q6 False) or Q6_K."""
+    @variant_jit(**JIT)
+    def rows(w, r0, r1, y, t, out):
+        _offset_rows(w, r0, r1, y, t, out, q6)
+    return rows
 
 
-@variant_jit(**JIT)
-def _dot_q6_k(w, r, y, t):
-    return _dot_offset(w, r, y, t, True)
+_rows_q3_k, _rows_q6_k = _offset_kernel(False), _offset_kernel(True)
 
 
-@variant_jit(**JIT)
+@variant_jit(**INLINE)
 def _k4_scales(w, r, o):
     """Q4_K / Q5_K's 12 scale bytes at o as an I16x16: lanes 0..7 = the eight 6-bit scales,
     8..15 = the eight 6-bit mins.  Sub-block j < 4: low 6 bits of bytes j (scale) and j + 4
@@ -713,42 +732,45 @@ def _k4_scales(w, r, o):
 
 
 @variant_jit(**JIT)
-def _dot_k4(w, r, y, t, size, o_sc, o_qs, o_qh):
+def _k4_rows(w, r0, r1, y, t, out, size, o_sc, o_qs, o_qh):
     """Q4_K (o_qh < 0) or Q5_K, whose blocks share this layout:
     0..1 d | 2..3 dmin | 4..15 scales | Q5_K only: 16..47 qh (bit 2j / 2j+1 of qh[l]: fifth bit
     of weight 64j + l / 64j + 32 + l) | qs: in chunk j (64 weights), qs[32j + l] = weight
     64j + l (low nibble), 64j + 32 + l (high)."""
-    acc = zeros()
-    acc_m = F32(0)
-    for b in range(w.shape[1] // size):
-        o, yo = b * size, b * Q8K
-        prefetch(w, r, o + PREFETCH_BYTES)
-        dy = f32_at(y, t, yo)
-        sm = _k4_scales(w, r, o + o_sc)
-        qh = load32(w, r, o + (o_qh if o_qh >= 0 else o_qs))
-        sumi0, sumi1 = izeros(), izeros()  # low / high nibbles: two dependency chains
-        for j in range(4):
-            qv = load32(w, r, o + o_qs + 32 * j)
-            lo, hi = qv & 15, qv >> 4
-            if o_qh >= 0:
-                lo = lo | (((qh >> 2 * j) & 1) << 4)
-                hi = hi | (((qh >> (2 * j + 1)) & 1) << 4)
-            sumi0 = dot_usv_acc(sumi0, lo, _y32(y, t, yo, 64 * j), pick(sm, 2 * j, 2 * j))
-            sumi1 = dot_usv_acc(sumi1, hi, _y32(y, t, yo, 64 * j + 32),
-                                pick(sm, 2 * j + 1, 2 * j + 1))
-        acc = fma(to_f32(sumi0 + sumi1), f16_to_f32(w, r, o) * dy, acc)
-        acc_m += f16_to_f32(w, r, o + 2) * dy * F32(madd_sum(pairs_hi(sm), _bsums(y, t, yo)))
-    return hsum(acc) - acc_m
+    for r in range(r0, r1):
+        acc = zeros()
+        acc_m = F32(0)
+        for b in range(w.shape[1] // size):
+            o, yo = b * size, b * Q8K
+            prefetch(w, r, o + PREFETCH_BYTES)
+            dy = f32_at(y, t, yo)
+            sm = _k4_scales(w, r, o + o_sc)
+            qh = load32(w, r, o + (o_qh if o_qh >= 0 else o_qs))
+            sumi0, sumi1 = izeros(), izeros()  # low / high nibbles: two dependency chains
+            for j in range(4):
+                qv = load32(w, r, o + o_qs + 32 * j)
+                lo, hi = qv & 15, qv >> 4
+                if o_qh >= 0:
+                    lo = lo | (((qh >> 2 * j) & 1) << 4)
+                    hi = hi | (((qh >> (2 * j + 1)) & 1) << 4)
+                sumi0 = dot_usv_acc(sumi0, lo, _y32(y, t, yo, 64 * j), pick(sm, 2 * j, 2 * j))
+                sumi1 = dot_usv_acc(sumi1, hi, _y32(y, t, yo, 64 * j + 32),
+                                    pick(sm, 2 * j + 1, 2 * j + 1))
+            acc = fma(to_f32(sumi0 + sumi1), f16_to_f32(w, r, o) * dy, acc)
+            acc_m += f16_to_f32(w, r, o + 2) * dy * F32(madd_sum(pairs_hi(sm), _bsums(y, t, yo)))
+        out[t, r] = hsum(acc) - acc_m
 
 
-@variant_jit(**JIT)
-def _dot_q4_k(w, r, y, t):
-    return _dot_k4(w, r, y, t, Q4_K, Q4_K_SC, Q4_K_QS, -1)
+def _k4_kernel(size, o_sc, o_qs, o_qh):
+    """The kernel of Q4_K (o_qh < 0) or Q5_K."""
+    @variant_jit(**JIT)
+    def rows(w, r0, r1, y, t, out):
+        _k4_rows(w, r0, r1, y, t, out, size, o_sc, o_qs, o_qh)
+    return rows
 
 
-@variant_jit(**JIT)
-def _dot_q5_k(w, r, y, t):
-    return _dot_k4(w, r, y, t, Q5_K, Q5_K_SC, Q5_K_QS, Q5_K_QH)
+_rows_q4_k = _k4_kernel(Q4_K, Q4_K_SC, Q4_K_QS, -1)
+_rows_q5_k = _k4_kernel(Q5_K, Q5_K_SC, Q5_K_QS, Q5_K_QH)
 
 
 # =============================================================================================
@@ -758,9 +780,9 @@ def _dot_q5_k(w, r, y, t):
 # (llama.cpp's vec_dot_type).  Q8_0 and Q8_1 blocks share d and codes, so the legacy types all
 # take the Q8_1 layout above (Q4_0 / Q5_0 / Q8_0 never read its s).
 KERNELS = {
-    "Q4_0": _dot_q4_0, "Q4_1": _dot_q4_1, "Q5_0": _dot_q5_0, "Q5_1": _dot_q5_1,
-    "Q8_0": _dot_q8_0, "Q2_K": _dot_q2_k, "Q3_K": _dot_q3_k, "Q4_K": _dot_q4_k,
-    "Q5_K": _dot_q5_k, "Q6_K": _dot_q6_k,
+    "Q4_0": _rows_q4_0, "Q4_1": _rows_q4_1, "Q5_0": _rows_q5_0, "Q5_1": _rows_q5_1,
+    "Q8_0": _rows_q8_0, "Q2_K": _rows_q2_k, "Q3_K": _rows_q3_k, "Q4_K": _rows_q4_k,
+    "Q5_K": _rows_q5_k, "Q6_K": _rows_q6_k,
 }
 _ACT = {"Q8_K": (_quantize_q8_k, QK_K, Q8K), "Q8_0": (_quantize_q8_1, QK, Q8_1),
         "Q8_1": (_quantize_q8_1, QK, Q8_1)}  # dot type -> (quantizer, values per block, bytes)
@@ -783,7 +805,8 @@ def activation_bytes(name: str, cols: int) -> int:
 _W = types.Array(types.uint8, 2, "C", readonly=True)  # weight blocks (rows, row_bytes)
 _Y = types.Array(types.uint8, 2, "C")  # activation blocks (n, activation_bytes)
 _X = types.Array(types.float32, 2, "C")  # float activations (n, cols)
-DOT_SIG = types.float32(_W, types.int64, _Y, types.int64)  # (w, r, y, t) -> row r . token t
+# (w, r0, r1, y, t, out): out[t, r] = row r . token t for r in r0..r1-1
+DOT_SIG = types.void(_W, types.int64, types.int64, _Y, types.int64, _X)
 QUANT_SIG = types.void(_X, _Y)
 
 
@@ -791,22 +814,42 @@ _dot_at = _function_at(DOT_SIG)
 _quant_at = _function_at(QUANT_SIG)
 
 
-def _run(quant, dot, w, X, Y, out, n_threads):
-    """Y = the activation blocks of X, then out[t, r] = dot(w, r, Y, t) for all rows and
-    tokens: each thread a range of rows, in tiles of TILE_ROWS rows that every token passes over
-    while they are in cache."""
+def _run(quant, dot, w, X, Y, out, n_threads):  # (n, cols) -> (n, rows)
+    """Y = the activation blocks of X, then out[t, r] = row r . token t for all rows and
+    tokens: each thread a range of rows (one kernel call for one token; for more, tiles of
+    TILE_ROWS rows that every token passes over while they are in cache)."""
     _quant_at(quant)(X, Y)
     rows, n = w.shape[0], X.shape[0]
     for c in prange(n_threads):
         r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+        if n == 1:
+            _dot_at(dot)(w, r0, r1, Y, 0, out)
+            continue
         for rt in range(r0, r1, TILE_ROWS):
-            re = min(rt + TILE_ROWS, r1)
             for t in range(n):
-                for r in range(rt, re):
-                    out[t, r] = _dot_at(dot)(w, r, Y, t)
+                _dot_at(dot)(w, rt, min(rt + TILE_ROWS, r1), Y, t, out)
+
+
+def _run_many(quant, dots, ws, x, Y, outs, n_threads):  # (1, cols) -> (1, rows_i) each
+    """One token times several matrices of the same input (q, k, v; gate, up): Y = the
+    activation blocks of x once, then each thread its share of the rows of every matrix, all in
+    one parallel region."""
+    _quant_at(quant)(x, Y)
+    for c in prange(n_threads):
+        for i in range(len(ws)):
+            rows = ws[i].shape[0]
+            _dot_at(dots[i])(ws[i], rows * c // n_threads, rows * (c + 1) // n_threads, Y, 0,
+                             outs[i])
 
 
 RUN_SIG = types.void(types.int64, types.int64, _W, _X, _Y, _X, types.int64)
+MAX_MANY = 3  # matrices of one input: q, k and v
+
+
+def _many_sig(m: int):
+    return types.void(types.int64, types.UniTuple(types.int64, m), types.UniTuple(_W, m), _X, _Y,
+                      types.UniTuple(_X, m), types.int64)
+
 
 # Below this many weight-token products a product runs on the calling thread: waking the
 # thread pool costs more.
@@ -814,8 +857,11 @@ PARALLEL_MIN_WORK = 1 << 16
 
 
 @functools.cache
-def _driver(parallel: bool):
-    return compiled(njit(cache=True, parallel=parallel)(_run), RUN_SIG)[0]
+def _driver(parallel: bool, m: int = 0):
+    """The driver of one matrix (m = 0) or of m matrices of one token, serial or threaded."""
+    fn = _jit(("parallel" if parallel else "serial",), dict(parallel=parallel))(
+        _run_many if m else _run)
+    return compiled(fn, _many_sig(m) if m else RUN_SIG)[0]
 
 
 def compiled(fn, sig):
@@ -875,3 +921,25 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         _driver(False)(quant, dot, w, X, Y, out, 1)
     else:
         _driver(True)(quant, dot, w, X, Y, out, min(n_threads, w.shape[0]))
+
+
+def can_share_input(names) -> bool:
+    """Whether matrices of these types can run as one :func:`products` call (one activation
+    quantization serves them all: the same activation blocks)."""
+    return 1 < len(names) <= MAX_MANY and all(n in KERNELS for n in names) and \
+        len({_ACT[activation_type(n)][0] for n in names}) == 1
+
+
+def products(names, ws, x: np.ndarray, outs) -> None:
+    """``outs[i] = Q8(x) @ W_i.T`` for one token and two or three matrices (``can_share_input``)
+    in one call: x float32 (1, cols) C-contiguous, ws read-only uint8 (rows_i, row_bytes_i),
+    outs float32 (1, rows_i)."""
+    quant = _addresses(names[0])[0]
+    dots = tuple(_addresses(n)[1] for n in names)
+    Y = np.empty((1, activation_bytes(names[0], x.shape[1])), np.uint8)
+    m = len(ws)
+    n_threads = numba.get_num_threads()
+    if n_threads == 1 or sum(w.shape[0] for w in ws) * x.size < PARALLEL_MIN_WORK:
+        _driver(False, m)(quant, dots, tuple(ws), x, Y, tuple(outs), 1)
+    else:
+        _driver(True, m)(quant, dots, tuple(ws), x, Y, tuple(outs), n_threads)
