@@ -33,6 +33,7 @@ from numba import njit, prange
 
 from .errors import BadArgument, UnsupportedModel
 from .kernels.cpu_matvec import matvec_many
+from .kernels.jitcache import keyed_jit
 
 F32 = np.float32
 GELU_C = F32(0.7978845608028654)  # sqrt(2 / pi)
@@ -189,7 +190,10 @@ class CPUOps(ArrayOps):
         rope = step.ropes[il]
         cos, sin = step.tables(rope)
         att = np.empty((a.n_head, a.head_dim), np.float32)
-        _rope_store_attend(q.reshape(a.n_head, a.head_dim), k.reshape(a.n_head_kv, a.head_dim),
+        seen = step.p0 + 1 if not step.windows[il] else min(step.p0 + 1, step.windows[il])
+        attend = _rope_store_attend if a.n_head * seen * a.head_dim >= ATTEND_PARALLEL_MIN \
+            else _rope_store_attend_serial
+        attend(q.reshape(a.n_head, a.head_dim), k.reshape(a.n_head_kv, a.head_dim),
                            v.reshape(a.n_head_kv, a.head_dim), cos[0], sin[0], rope.neox,
                            cache.k[il], cache.v[il], step.p0, F32(a.attn_scale),
                            cache.cache_type == "f16", step.windows[il], F32(a.attn_softcap), att)
@@ -324,8 +328,8 @@ def _rope_one(x, cos, sin, neox):  # x (heads, head_dim) rotated in place; cos, 
             x[r, b] = x0 * sin[i] + x1 * cos[i]
 
 
-@njit(parallel=True, **_JIT)
-def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap, out):
+def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap,
+                          out):
     """Rotate q, k of one token at ``pos``; store k, v in the layer's cache; attend over the
     keys it sees (0..pos, or the last ``window`` of them when window > 0), scores soft-capped
     when softcap > 0.
@@ -368,3 +372,11 @@ def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window,
             w = s[t - t0] * inv
             for d in range(hd):
                 out[hh, d] += w * vc[kv, t, d]
+
+
+# NOTE: one token's attention over a short context is a few microseconds of work, less than
+# waking the thread pool; below this many query-head x key x head-dim products it runs on the
+# calling thread (SmolLM2 at 100 positions: 58 k).
+ATTEND_PARALLEL_MIN = 1 << 18
+_rope_store_attend = keyed_jit(("parallel",), parallel=True, **_JIT)(_rope_store_attend_py)
+_rope_store_attend_serial = keyed_jit(("serial",), **_JIT)(_rope_store_attend_py)

@@ -43,7 +43,6 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.core.caching import FunctionCache
 from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global, signature
 from numba.extending import intrinsic, models, register_model
@@ -51,6 +50,7 @@ from numba.extending import intrinsic, models, register_model
 from ..types import BY_NAME, QK, QK_K
 from .cpu_isa import VNNI, announce_compile, isa
 from .cpu_matvec import _function_at
+from .jitcache import keyed_jit
 from .cpu_simd import I32x8, _as_i64, _row_ptr, _row_reader, f16_to_f32, f32_at, fma, hsum, \
     to_f32, u32_at, zeros
 
@@ -65,37 +65,14 @@ INLINE = dict(JIT, inline="always")  # a row's dot and its pieces: inlined into 
 EXACT = dict(cache=True)  # the activation quantizers: each float operation as ggml's C does it
 
 
-class _KeyedCache(FunctionCache):
-    """Numba's disk cache with ``extra`` in each entry's key.
-
-    NOTE: Numba keys a cached compilation by the function's bytecode and the target CPU, not by
-    what its intrinsics expand to nor by its options: both are the same when ``BLOCKQ_ISA``
-    forces another variant on the same machine, so without the variant in the key a process
-    forcing ``avx2`` would load the VNNI code a previous process cached (and the reverse); and
-    the serial and parallel compilations of one driver would share one entry."""
-
-    def __init__(self, py_func, extra):
-        super().__init__(py_func)
-        self._extra = extra
-
-    def _index_key(self, sig, codegen):
-        return super()._index_key(sig, codegen) + self._extra
-
-
-def _jit(extra, options):
-    options = {k: v for k, v in options.items() if k != "cache"}
-
-    def wrap(fn):
-        d = njit(cache=True, **options)(fn)
-        d._cache = _KeyedCache(d.py_func, extra)
-        return d
-    return wrap
-
-
 def variant_jit(**options):
     """``numba.njit(cache=True, **options)`` whose cache entries belong to this variant: for
-    every function that calls the dots of this module, here or elsewhere."""
-    return _jit((VARIANT,), options)
+    every function that calls the dots of this module, here or elsewhere.
+
+    NOTE: the kernels' Python source is the same for every variant, the machine code their
+    intrinsics expand to is not; without the variant in the cache key a process forcing
+    ``avx2`` would load the VNNI code a previous process cached (and the reverse)."""
+    return keyed_jit((VARIANT,), **options)
 
 _I1, _I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
 _V32I8 = ir.VectorType(_I8, 32)
@@ -116,6 +93,10 @@ def _offsets(name: str) -> dict[str, int]:
 # Activation blocks.  Q8_K is in the type table.  Q8_1 (ggml's block_q8_1, not a file type)
 # is laid out as Q8_0 with the scaled sum after the scale:
 #   36 bytes: 0..1 d (f16) | 2..3 s = d * sum(qs) (f16) | 4..35 qs (int8)
+# and the Q8_0 blocks of Q4_0 / Q5_0 / Q8_0 weights the same way with the exact sum instead:
+#   36 bytes: 0..1 d (f16) | 2..3 sum(qs) (int16) | 4..35 qs (int8)
+# (d and qs are ggml's Q8_0, which has no sum; the kernels use it to take the weights' codes
+# unsigned and subtract their offset once per block)
 Q8K = BY_NAME["Q8_K"].type_size  # 292: 0..3 d (f32) | 4..259 qs (int8) | 260..291 bsums (i16)
 Q8K_QS, Q8K_BSUMS = _offsets("Q8_K")["qs"], _offsets("Q8_K")["bsums"]
 Q8_1 = BY_NAME["Q8_0"].type_size + 2
@@ -379,6 +360,15 @@ def dot_ss_acc(typingctx, acc, a, b):
 
 
 @intrinsic
+def lane0(typingctx, v):
+    """An I32x8 of the integer v (its low 32 bits) in lane 0 and zeros elsewhere."""
+    def codegen(context, builder, signature, args):
+        x = builder.trunc(context.cast(builder, args[0], signature.args[0], types.int64), _I32)
+        return builder.insert_element(_izero(), x, ir.Constant(_I32, 0))
+    return I32x8(v), codegen
+
+
+@intrinsic
 def izeros(typingctx):
     def codegen(context, builder, signature, args):
         return _izero()
@@ -424,6 +414,7 @@ def _as_f32(context, builder, ty, v):
 put_f32 = _writer(_as_f32, "a[r, i:i+4] = float32 v")
 put_f16 = _writer(lambda c, b, t, v: b.bitcast(b.fptrunc(_as_f32(c, b, t, v), ir.HalfType()), _I16),
                   "a[r, i:i+2] = the IEEE half nearest to v (F16C vcvtps2ph)")
+i16_at = _row_reader(types.int64, _I16, lambda b, v: b.sext(v, _I64))  # int16 at byte i
 put_i16 = _writer(lambda c, b, t, v: b.trunc(c.cast(b, v, t, types.int64), _I16),
                   "a[r, i:i+2] = the low 16 bits of the integer v")
 
@@ -459,9 +450,10 @@ def _quantize_q8_k(X, Y):
 
 
 @variant_jit(**EXACT)
-def _quantize_q8_1(X, Y):
+def _quantize_q8_32(X, Y, exact_sum):
     """ggml's AVX2 ``quantize_row_q8_1`` per row of X (n, cols) into Y (n, cols / 32 * 36):
-    ``d = amax / 127``, ``q = rint(x * (127 / amax))``, ``s = d * sum(q)``, both as f16."""
+    ``d = amax / 127``, ``q = rint(x * (127 / amax))``, ``s = d * sum(q)``, both as f16; with
+    ``exact_sum`` the Q8_0 blocks above (the same d and q, the int16 sum(q) for s)."""
     n, cols = X.shape
     for t in range(n):
         for b in range(cols // QK):
@@ -477,7 +469,20 @@ def _quantize_q8_1(X, Y):
                 s += q
             d = F32(amax / F32(127.0))
             put_f16(Y, t, yo, d)
-            put_f16(Y, t, yo + 2, F32(d * F32(s)))
+            if exact_sum:
+                put_i16(Y, t, yo + 2, s)
+            else:
+                put_f16(Y, t, yo + 2, F32(d * F32(s)))
+
+
+def _q8_32_quantizer(exact_sum):
+    @variant_jit(**EXACT)
+    def quantize(X, Y):
+        _quantize_q8_32(X, Y, exact_sum)
+    return quantize
+
+
+_quantize_q8_1, _quantize_q8_0 = _q8_32_quantizer(False), _q8_32_quantizer(True)
 
 
 @variant_jit(**EXACT)
@@ -516,13 +521,17 @@ def _legacy_block(w, r, y, t, o, yo, kind):
     """The weight block at byte o of row r times the Q8_1 block at byte yo of row t:
     (integer lanes, their scale d * d_y, the min term m * s of Q4_1 / Q5_1, else 0)."""
     ys = load32(y, t, yo + Q8_1_QS)
-    if kind == _LQ8_0:  # w = d * q, q int8
-        p = dot_ss(load32(w, r, o + Q8_0_QS), ys)
-    elif kind == _LQ4_0:  # w = d * (q - 8): signed codes, sign trick
-        p = dot_ss(nibbles(w, r, o + Q4_0_QS) - 8, ys)
-    elif kind == _LQ5_0:  # w = d * (q - 16), q = nibble | fifth bit << 4
-        p = dot_ss((nibbles(w, r, o + Q5_0_QS) | (bits32(u32_at(w, r, o + Q5_0_QH)) << 4)) - 16,
-                   ys)
+    # Q4_0 / Q5_0 / Q8_0: w = d * (u - off) with unsigned codes u; the activation block's exact
+    # code sum (Q8_0 blocks above) takes -off * sum(y) into lane 0 of the integer lanes
+    if kind == _LQ8_0 and not _VNNI:  # w = d * q, q int8: the sign trick (pmaddubsw would
+        p = dot_ss(load32(w, r, o + Q8_0_QS), ys)  # saturate on u = q + 128)
+    elif kind == _LQ8_0:
+        p = dot_us_acc(lane0(-128 * i16_at(y, t, yo + 2)), load32(w, r, o + Q8_0_QS) + 128, ys)
+    elif kind == _LQ4_0:  # u = nibble
+        p = dot_us_acc(lane0(-8 * i16_at(y, t, yo + 2)), nibbles(w, r, o + Q4_0_QS), ys)
+    elif kind == _LQ5_0:  # u = nibble | fifth bit << 4
+        p = dot_us_acc(lane0(-16 * i16_at(y, t, yo + 2)),
+                       nibbles(w, r, o + Q5_0_QS) | (bits32(u32_at(w, r, o + Q5_0_QH)) << 4), ys)
     elif kind == _LQ4_1:  # w = d * q + m: the sum is d * dy * q.y + m * s
         p = dot_us(nibbles(w, r, o + Q4_1_QS), ys)
     else:  # Q5_1: w = d * q + m
@@ -777,14 +786,14 @@ _rows_q5_k = _k4_kernel(Q5_K, Q5_K_SC, Q5_K_QS, Q5_K_QH)
 # the table: weight type -> (its dot kernel, the activation blocks it takes)
 
 # weight type -> its dot kernel; what the activations are quantized to is the table's ``dot``
-# (llama.cpp's vec_dot_type).  Q8_0 and Q8_1 blocks share d and codes, so the legacy types all
-# take the Q8_1 layout above (Q4_0 / Q5_0 / Q8_0 never read its s).
+# (llama.cpp's vec_dot_type).  Q8_0 and Q8_1 blocks share d and codes; both are laid out as
+# above, with the exact code sum (Q8_0: Q4_0, Q5_0, Q8_0) or the f16 scaled sum (Q8_1).
 KERNELS = {
     "Q4_0": _rows_q4_0, "Q4_1": _rows_q4_1, "Q5_0": _rows_q5_0, "Q5_1": _rows_q5_1,
     "Q8_0": _rows_q8_0, "Q2_K": _rows_q2_k, "Q3_K": _rows_q3_k, "Q4_K": _rows_q4_k,
     "Q5_K": _rows_q5_k, "Q6_K": _rows_q6_k,
 }
-_ACT = {"Q8_K": (_quantize_q8_k, QK_K, Q8K), "Q8_0": (_quantize_q8_1, QK, Q8_1),
+_ACT = {"Q8_K": (_quantize_q8_k, QK_K, Q8K), "Q8_0": (_quantize_q8_0, QK, Q8_1),
         "Q8_1": (_quantize_q8_1, QK, Q8_1)}  # dot type -> (quantizer, values per block, bytes)
 
 
@@ -859,7 +868,7 @@ PARALLEL_MIN_WORK = 1 << 16
 @functools.cache
 def _driver(parallel: bool, m: int = 0):
     """The driver of one matrix (m = 0) or of m matrices of one token, serial or threaded."""
-    fn = _jit(("parallel" if parallel else "serial",), dict(parallel=parallel))(
+    fn = keyed_jit(("parallel" if parallel else "serial",), parallel=parallel)(
         _run_many if m else _run)
     return compiled(fn, _many_sig(m) if m else RUN_SIG)[0]
 
