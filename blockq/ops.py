@@ -3,6 +3,7 @@
 Every architecture's block (:mod:`blockq.models`) is written once against these calls::
 
     ops.linear(lin, x)            # (n, n_in) -> (n, n_out), bias included
+    ops.linears(lins, x)          # several linears of one input (q, k, v; gate, up): a tuple
     ops.rms_norm(x, norm)         # rows of x (n, d) normalized, times norm.weight (d,)
     ops.add(x, y)                 # residual sum
     ops.swiglu(gate, up)          # silu(gate) * up
@@ -31,6 +32,8 @@ import numpy as np
 from numba import njit, prange
 
 from .errors import BadArgument, UnsupportedModel
+from .kernels.cpu_matvec import matvec_many
+from .kernels.jitcache import keyed_jit
 
 F32 = np.float32
 GELU_C = F32(0.7978845608028654)  # sqrt(2 / pi)
@@ -88,6 +91,9 @@ class ArrayOps:
     # -- the operations ---------------------------------------------------------------------
     def linear(self, lin, x):  # (n, n_in) -> (n, n_out)
         return lin(x)
+
+    def linears(self, lins, x):  # (n, n_in) -> a tuple of (n, n_out_i)
+        return tuple(self.linear(lin, x) for lin in lins)
 
     def rms_norm(self, x, norm):
         xp = self.xp
@@ -149,6 +155,18 @@ class CPUOps(ArrayOps):
     def linear(self, lin, x):
         return lin(x)
 
+    def linears(self, lins, x):
+        """One token: the int8 products of one input in one kernel call (its activation blocks
+        made once) where their types allow; otherwise one product each."""
+        if x.shape[0] == 1:
+            ys = matvec_many([lin.weight for lin in lins], x[0])
+            if ys is not None:
+                for lin, y in zip(lins, ys):
+                    if lin.bias is not None:
+                        y += lin.bias
+                return ys
+        return super().linears(lins, x)
+
     def rms_norm(self, x, norm):
         if x.shape[0] != 1:
             return norm(x)
@@ -172,7 +190,10 @@ class CPUOps(ArrayOps):
         rope = step.ropes[il]
         cos, sin = step.tables(rope)
         att = np.empty((a.n_head, a.head_dim), np.float32)
-        _rope_store_attend(q.reshape(a.n_head, a.head_dim), k.reshape(a.n_head_kv, a.head_dim),
+        seen = step.p0 + 1 if not step.windows[il] else min(step.p0 + 1, step.windows[il])
+        attend = _rope_store_attend if a.n_head * seen * a.head_dim >= ATTEND_PARALLEL_MIN \
+            else _rope_store_attend_serial
+        attend(q.reshape(a.n_head, a.head_dim), k.reshape(a.n_head_kv, a.head_dim),
                            v.reshape(a.n_head_kv, a.head_dim), cos[0], sin[0], rope.neox,
                            cache.k[il], cache.v[il], step.p0, F32(a.attn_scale),
                            cache.cache_type == "f16", step.windows[il], F32(a.attn_softcap), att)
@@ -204,6 +225,8 @@ class LlamaOps(CPUOps):
 
     def linear(self, lin, x):
         return self.dot[lin.name](x)
+
+    linears = ArrayOps.linears  # each through the kernel llama.cpp picks for it
 
     def rms_norm(self, x, norm):
         return self.L.rms_norm(x, norm.weight, norm.eps)
@@ -244,6 +267,11 @@ class Observed:
     def linear(self, lin, x):
         self.observe(lin.name, self.inner.to_host(x))
         return self.inner.linear(lin, x)
+
+    def linears(self, lins, x):
+        for lin in lins:
+            self.observe(lin.name, self.inner.to_host(x))
+        return self.inner.linears(lins, x)
 
     def __getattr__(self, attr):
         return getattr(self.inner, attr)
@@ -300,8 +328,8 @@ def _rope_one(x, cos, sin, neox):  # x (heads, head_dim) rotated in place; cos, 
             x[r, b] = x0 * sin[i] + x1 * cos[i]
 
 
-@njit(parallel=True, **_JIT)
-def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap, out):
+def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap,
+                          out):
     """Rotate q, k of one token at ``pos``; store k, v in the layer's cache; attend over the
     keys it sees (0..pos, or the last ``window`` of them when window > 0), scores soft-capped
     when softcap > 0.
@@ -344,3 +372,11 @@ def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window,
             w = s[t - t0] * inv
             for d in range(hd):
                 out[hh, d] += w * vc[kv, t, d]
+
+
+# NOTE: one token's attention over a short context is a few microseconds of work, less than
+# waking the thread pool; below this many query-head x key x head-dim products it runs on the
+# calling thread (SmolLM2 at 100 positions: 58 k).
+ATTEND_PARALLEL_MIN = 1 << 18
+_rope_store_attend = keyed_jit(("parallel",), parallel=True, **_JIT)(_rope_store_attend_py)
+_rope_store_attend_serial = keyed_jit(("serial",), **_JIT)(_rope_store_attend_py)

@@ -948,6 +948,21 @@ def int8_kernels():
     return cpu_int8
 
 
+def matvec_many(mats: "list[QMatrix]", x: np.ndarray) -> "tuple[np.ndarray, ...] | None":
+    """``W_i @ x`` (each (1, rows_i)) for two or three matrices of one input x (cols,) in one
+    int8 kernel call, its activation blocks made once (decoding: q, k, v; gate, up); None where
+    that cannot be done (float numerics, types whose activation blocks differ), and the caller
+    takes them one by one."""
+    k8 = int8_kernels()
+    if k8 is None or not all(m.int8 for m in mats) or \
+            len({m.shape[1] for m in mats}) != 1 or not k8.can_share_input([m.qtype for m in mats]):
+        return None
+    x = mats[0]._vector(x)  # (cols,)
+    outs = tuple(np.empty((1, m.shape[0]), F32) for m in mats)  # (1, rows_i) each
+    k8.products([m.qtype for m in mats], [m.data for m in mats], x[None], outs)
+    return outs
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     # NOTE: kernels always see read-only arrays so that Numba compiles (and caches) one
     # specialization per type, whether the bytes come from a read-only mmap or from memory.
