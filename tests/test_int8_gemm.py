@@ -28,6 +28,20 @@ def _gemm():
     return cpu_int8_gemm
 
 
+def _variants():
+    """The k-quant tile builds this machine can run (zmm only with AVX-512 F + BW)."""
+    from blockq.kernels.cpu_isa import host_features
+    f = host_features()
+    return [False] + ([True] if f.get("avx512f") and f.get("avx512bw") else [])
+
+
+@pytest.fixture(params=_variants() if cpu_isa.isa() != "float" else [False],
+                ids=lambda z: "zmm" if z else "ymm")
+def variant(request, monkeypatch):
+    monkeypatch.setattr(_gemm(), "ZMM", request.param)
+    return request.param
+
+
 def check_gemm(name, w, X, threads=1):
     w = np.ascontiguousarray(w).view()  # (rows, row_bytes)
     w.flags.writeable = False
@@ -47,6 +61,18 @@ def check_gemm(name, w, X, threads=1):
     return out
 
 
+def test_zmm_only_where_the_host_has_it(monkeypatch):
+    """The zmm tiles are chosen only with AVX-512 F + BW, and never when another variant is
+    forced (BLOCKQ_ISA=avx2 times the 32-byte kernels alone)."""
+    g = _gemm()
+    avx512 = dict(avx2=True, fma=True, f16c=True, avx512f=True, avx512bw=True)
+    for feats, forced, want in [(avx512, "", True), (avx512, "avx2", False),
+                                (dict(avx512, avx512bw=False), "", False)]:
+        monkeypatch.setattr(g, "host_features", lambda feats=feats: feats)
+        monkeypatch.setenv("BLOCKQ_ISA", forced)
+        assert g._zmm_ok() is want, (feats, forced)
+
+
 def test_covers_every_int8_type():
     from blockq.kernels import cpu_int8
     assert set(_gemm().UNPACK) == set(cpu_int8.KERNELS) == set(TYPES)
@@ -56,7 +82,7 @@ def test_covers_every_int8_type():
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows, cols, n, threads", [
     (1, 256, 4, 1), (37, 512, 5, 1), (16, 768, 8, 1), (70, 512, 13, 2), (33, 256, 130, 2)])
-def test_gemm_random_blocks(name, rows, cols, n, threads, rng):
+def test_gemm_random_blocks(name, rows, cols, n, threads, rng, variant):
     t = BY_NAME[name]
     w = random_blocks(name, rows * cols // t.block_size, rng, scales=0.05).reshape(rows, -1)
     X = rng.standard_normal((n, cols)).astype(np.float32)
@@ -65,7 +91,7 @@ def test_gemm_random_blocks(name, rows, cols, n, threads, rng):
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_gemm_extreme_codes(name, rng):
+def test_gemm_extreme_codes(name, rng, variant):
     """All-ones, all-zero and half bytes (largest codes: Q8_0 -1 / -128, Q6_K 63, Q3_K's
     offset, ...) against activations at +-127: no int16 saturation anywhere."""
     t = BY_NAME[name]
@@ -97,7 +123,7 @@ def test_gemm_zero_weights_give_zero(name, fill):
 
 @pytest.mark.realfile
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1"])
-def test_gemm_real_rows(name, smollm2_file, gemma3_file):
+def test_gemm_real_rows(name, smollm2_file, gemma3_file, variant):
     """80 rows of every real tensor of this type in both files, times real token embeddings."""
     sys.path.insert(0, os.path.dirname(__file__))
     from test_int8 import _embeddings

@@ -28,17 +28,19 @@ activation quantizers are cpu_int8's (ggml's, byte for byte).  The vectors are c
 from __future__ import annotations
 
 import functools
+import os
 
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, models, register_model
 
 from . import cpu_int8 as k8
 from .cpu_int8 import (I8x32, I16x16, Q8_1, Q8K, Q8K_BSUMS, Q8K_QS, _call, _madd, _writer,
                        bits32, compiled, dot_us, dot_usv, izeros, load16, load32, nibbles,
                        pairs_hi, pick, u8x16, i8x16)
+from .cpu_isa import ENV, host_features, isa
 from .cpu_matvec import _function_at
 from .cpu_simd import I32x8, f16_to_f32, f32_at, fma, hsum, to_f32, u32_at, zeros
 
@@ -351,6 +353,155 @@ def _q8_1_factors(Y, dy, sy):
 
 
 # =============================================================================================
+# AVX-512 (zmm) k-quant tiles: the same unpacked tile, 64 weights per instruction.  The scales
+# of 64 consecutive weights are 64 consecutive bytes of ``scales`` (four I16x16 halves in
+# order), so one 64-byte load gives pmaddwd's second operand.
+
+
+def _zmm_ok() -> bool:
+    """Whether the k-quant tiles run in zmm registers: the host has AVX-512 F and BW, an int8
+    variant runs, and no variant other than an AVX-512 one is forced (BLOCKQ_ISA=avx2 keeps
+    the 32-byte kernels, so that variant can be timed alone)."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    f = host_features()
+    return isa() != "float" and bool(f.get("avx512f")) and bool(f.get("avx512bw")) and \
+        (not forced or forced.startswith("avx512"))
+
+
+ZMM = _zmm_ok()
+
+_V16I32 = ir.VectorType(ir.IntType(32), 16)
+_V16F32 = ir.VectorType(ir.FloatType(), 16)
+
+
+class I32x16Type(types.Type):
+    def __init__(self):
+        super().__init__(name="I32x16")
+
+
+class F32x16Type(types.Type):
+    def __init__(self):
+        super().__init__(name="F32x16")
+
+
+I32x16, F32x16 = I32x16Type(), F32x16Type()
+
+
+@register_model(I32x16Type)
+class _I32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16I32)
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16F32)
+
+
+@intrinsic
+def zeros16(typingctx, like):
+    """All-zero I32x16 (like an int) or F32x16 (like a float)."""
+    ret, lty = (F32x16, _V16F32) if isinstance(like, types.Float) else (I32x16, _V16I32)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(lty, [0.0 if lty is _V16F32 else 0] * 16)
+    return ret(like), codegen
+
+
+def _ptr(context, builder, aty, arr, rty, r, ity, i):
+    from .cpu_simd import _as_i64, _row_ptr
+    return _row_ptr(context, builder, aty, arr, _as_i64(context, builder, rty, r),
+                    _as_i64(context, builder, ity, i))
+
+
+@intrinsic
+def dot64_acc(typingctx, acc, q, i, c, y, t, k, sc):
+    """acc + pmaddwd(pmaddubsw(q[i, c:c+64], y[t, k:k+64]), sc[i, c:c+64] as 32 int16): zmm."""
+    def codegen(context, builder, signature, args):
+        at, qt, it, ct, yt, tt, kt, st = signature.args
+        acc_v, qa, iv, cv, ya, tv, kv, sa = args
+        v64 = ir.VectorType(ir.IntType(8), 64)
+        v32 = ir.VectorType(ir.IntType(16), 32)
+
+        def load(ptr, vty):
+            return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
+        qv = load(_ptr(context, builder, qt, qa, it, iv, ct, cv), v64)
+        yv = load(_ptr(context, builder, yt, ya, tt, tv, kt, kv), v64)
+        sv = load(_ptr(context, builder, st, sa, it, iv, ct, cv), v32)
+        p = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", v32, [qv, yv])
+        return builder.add(acc_v, _call(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I32, [p, sv]))
+    return I32x16(acc, q, i, c, y, t, k, sc), codegen
+
+
+@intrinsic
+def fma16(typingctx, acc, s, f):
+    """acc + float(s) * f: F32x16 acc, I32x16 s, scalar f."""
+    def codegen(context, builder, signature, args):
+        fv = context.cast(builder, args[2], signature.args[2], types.float32)
+        vec = builder.insert_element(ir.Constant(_V16F32, ir.Undefined), fv,
+                                     ir.Constant(ir.IntType(32), 0))
+        vec = builder.shuffle_vector(vec, ir.Constant(_V16F32, ir.Undefined),
+                                     ir.Constant(_V16I32, [0] * 16))
+        x = builder.sitofp(args[1], _V16F32)
+        from numba.core import cgutils
+        f3 = cgutils.get_or_insert_function(builder.module,
+                                            ir.FunctionType(_V16F32, [_V16F32] * 3),
+                                            "llvm.fmuladd.v16f32")
+        return builder.call(f3, [x, vec, args[0]])
+    return F32x16(acc, s, f), codegen
+
+
+@intrinsic
+def hsum16(typingctx, v):
+    """The float32 sum of the 16 lanes of an F32x16."""
+    def codegen(context, builder, signature, args):
+        x, width = args[0], 16
+        while width > 1:
+            width //= 2
+            half = ir.VectorType(ir.IntType(32), width)
+            lo = builder.shuffle_vector(x, x, ir.Constant(half, list(range(width))))
+            hi = builder.shuffle_vector(x, x, ir.Constant(half, list(range(width, 2 * width))))
+            x = builder.fadd(lo, hi)
+        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+    return types.float32(v), codegen
+
+
+@njit(**JIT)
+def _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, r0):
+    """_kq_tile in zmm registers: 64 weights per pmaddubsw / pmaddwd."""
+    n, nsb = Y.shape[0], d.shape[1]
+    for t0 in range(0, n, 4):
+        t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
+        for i in range(m):
+            a0, a1, a2, a3 = zeros16(0.0), zeros16(0.0), zeros16(0.0), zeros16(0.0)
+            c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()  # the min terms
+            for b in range(nsb):
+                ib, yo = b * KQ, b * Q8K
+                s0, s1, s2, s3 = zeros16(0), zeros16(0), zeros16(0), zeros16(0)
+                for c in range(4):
+                    o, k = ib + 64 * c, yo + Q8K_QS + 64 * c
+                    s0 = dot64_acc(s0, codes, i, o, Y, t0, k, scales)
+                    s1 = dot64_acc(s1, codes, i, o, Y, t1, k, scales)
+                    s2 = dot64_acc(s2, codes, i, o, Y, t2, k, scales)
+                    s3 = dot64_acc(s3, codes, i, o, Y, t3, k, scales)
+                mv = load16(mins, i, 32 * b)
+                f, g = d[i, b], -dm[i, b]
+                y0, y1, y2, y3 = f32_at(Y, t0, yo), f32_at(Y, t1, yo), f32_at(Y, t2, yo), \
+                    f32_at(Y, t3, yo)
+                a0 = fma16(a0, s0, f * y0)
+                a1 = fma16(a1, s1, f * y1)
+                a2 = fma16(a2, s2, f * y2)
+                a3 = fma16(a3, s3, f * y3)
+                c0 = fma(to_f32(madd16(mv, load16(Y, t0, yo + Q8K_BSUMS))), g * y0, c0)
+                c1 = fma(to_f32(madd16(mv, load16(Y, t1, yo + Q8K_BSUMS))), g * y1, c1)
+                c2 = fma(to_f32(madd16(mv, load16(Y, t2, yo + Q8K_BSUMS))), g * y2, c2)
+                c3 = fma(to_f32(madd16(mv, load16(Y, t3, yo + Q8K_BSUMS))), g * y3, c3)
+            _store4(out, r0 + i, t0, hsum16(a0) + hsum(c0), hsum16(a1) + hsum(c1),
+                    hsum16(a2) + hsum(c2), hsum16(a3) + hsum(c3))
+
+
+# =============================================================================================
 # the table and the threaded drivers
 
 # weight type -> (unpacking kernel, family): "kq" k-quant, "signed" / "min" legacy
@@ -375,19 +526,38 @@ _quant_at = _function_at(k8.QUANT_SIG)
 _lg_at = _function_at(LG_SIG)
 
 
+@njit(**JIT)
+def _kq_buffers(nsb):
+    """A thread's k-quant tile: codes, scales (an I16x16 per 32 weights), mins (an I16x16 per
+    super-block), d, dm."""
+    return (np.empty((TILE_ROWS, nsb * KQ), np.uint8), np.empty((TILE_ROWS, nsb * KQ), np.uint8),
+            np.empty((TILE_ROWS, nsb * 32), np.uint8), np.empty((TILE_ROWS, nsb), F32),
+            np.empty((TILE_ROWS, nsb), F32))
+
+
 def _run_kq(un, w, Y, out, n_threads):
     rows, nsb = w.shape[0], Y.shape[1] // Q8K
     for c in prange(n_threads):
         r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
-        codes = np.empty((TILE_ROWS, nsb * KQ), np.uint8)  # this thread's tile
-        scales = np.empty((TILE_ROWS, nsb * KQ), np.uint8)  # I16x16 per 32 weights
-        mins = np.empty((TILE_ROWS, nsb * 32), np.uint8)  # I16x16 per super-block
-        d = np.empty((TILE_ROWS, nsb), F32)
-        dm = np.empty((TILE_ROWS, nsb), F32)
+        codes, scales, mins, d, dm = _kq_buffers(nsb)  # this thread's tile
         for rt in range(r0, r1, TILE_ROWS):
             m = min(TILE_ROWS, r1 - rt)
             _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
             _kq_tile(codes, scales, mins, d, dm, m, Y, out, rt)
+
+
+def _run_kq_zmm(un, w, Y, out, n_threads):
+    """_run_kq with the zmm tile kernel.  NOTE: a function of its own, not a flag: a CPU
+    without AVX-512 must never compile the zmm kernel (LLVM aborts), and Numba's cache is per
+    function, so the two builds never share an entry."""
+    rows, nsb = w.shape[0], Y.shape[1] // Q8K
+    for c in prange(n_threads):
+        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+        codes, scales, mins, d, dm = _kq_buffers(nsb)
+        for rt in range(r0, r1, TILE_ROWS):
+            m = min(TILE_ROWS, r1 - rt)
+            _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
+            _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, rt)
 
 
 def _run_lg(un, signed, w, Y, dy, sy, out, n_threads):
@@ -416,7 +586,8 @@ def _driver(family: str):
     # NOTE: always the parallel build.  Numba's disk cache keys a function's compilations by
     # signature and bytecode, not by flags, so a serial and a parallel njit of one Python
     # function share one cache entry and whichever was compiled first is loaded for both.
-    fn, sig = (_run_kq, RUN_KQ_SIG) if family == "kq" else (_run_lg, RUN_LG_SIG)
+    fn, sig = {"kq": (_run_kq, RUN_KQ_SIG), "kq_zmm": (_run_kq_zmm, RUN_KQ_SIG),
+               "lg": (_run_lg, RUN_LG_SIG)}[family]
     return compiled(njit(cache=True, parallel=True)(fn), sig)[0]
 
 
@@ -462,7 +633,7 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         n_threads = 1
     Y = quantize_activations(name, X, n_threads)  # (n, activation bytes)
     n_threads = max(1, min(n_threads, -(-rows // TILE_ROWS)))
-    run = _driver(family)
+    run = _driver(("kq_zmm" if ZMM else "kq") if family == "kq" else "lg")
     if family == "kq":
         run(_unpacker(name), w, Y, out, n_threads)
         return
