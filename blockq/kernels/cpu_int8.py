@@ -770,3 +770,7 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         _driver(False)(quant, dot, w, X, Y, out, 1)
     else:
         _driver(True)(quant, dot, w, X, Y, out, min(n_threads, w.shape[0]))
+
+# IQ4_NL / IQ4_XS: a table lookup before the same dots, in their own module
+from .cpu_int8_iquant import KERNELS as _IQ4  # noqa: E402 (it imports this module's pieces)
+KERNELS.update(_IQ4)
