@@ -3,8 +3,9 @@
     python tools/bench_runtime.py [-t 1,2] [-p 128] [-n 64] [-r 3] [--files F ...] [--json-out F]
                                   [--isa avx512vnni,avxvnni,avx2,float]
 
-For each file (default: SmolLM2-135M requantized to Q4_K_M, and the synthetic 0.56 B of
-tools/make_synthetic.py at Q4_K_M, Q6_K and Q2_K) and each thread count:
+For each file (default: SmolLM2-135M requantized to Q4_K_M, the synthetic 0.56 B of
+tools/make_synthetic.py at Q4_K_M, Q6_K and Q2_K, and the Gemma-3-270M Q4_K_M file of the test
+extra) and each thread count:
 
 - prompt (pp) and decode (tg) tokens/s of both engines, llama-bench style (random tokens, an
   empty cache, one warm-up, then ``-r`` repetitions, the engines interleaved so that load on
@@ -407,7 +408,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.isa:
         return per_variant(a, argv if argv is not None else sys.argv[1:])
-    files = a.files or [smollm2_q4km()] + [synthetic(p) for p in ("Q4_K_M", "Q6_K", "Q2_K")]
+    files = a.files or [smollm2_q4km()] + [synthetic(p) for p in ("Q4_K_M", "Q6_K", "Q2_K")] \
+        + [fetch.gemma3_path()]
     threads = [int(t) for t in a.threads.split(",")]
     report = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "results": [],
               "memory": [], "startup": []}

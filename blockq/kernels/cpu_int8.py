@@ -952,3 +952,8 @@ def products(names, ws, x: np.ndarray, outs) -> None:
         _driver(False, m)(quant, dots, tuple(ws), x, Y, tuple(outs), 1)
     else:
         _driver(True, m)(quant, dots, tuple(ws), x, Y, tuple(outs), n_threads)
+
+
+# IQ4_NL / IQ4_XS: a table lookup before the same dots, in their own module
+from .cpu_int8_iquant import KERNELS as _IQ4  # noqa: E402 (it imports this module's pieces)
+KERNELS.update(_IQ4)
