@@ -31,6 +31,9 @@ integer dots (as llama.cpp's CPU backend does); that adds the same noise floor t
     python tools/quality_table.py [--work /tmp/quality] [--calib-chunks 32] [--eval-chunks 8]
                                   [--presets Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q6_K] [--json]
                                   [--base smollm2|gemma3] [--base-noise 0.1]
+
+``--presets`` takes any preset of ``blockq.presets``; ``--presets IQ4_XS,IQ4_NL`` measures the
+i-quant presets, whose IQ4_NL / IQ4_XS matrices get error-compensated rounding too.
 """
 from __future__ import annotations
 
