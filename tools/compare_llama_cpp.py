@@ -4,9 +4,9 @@
                                       [--record] [--json-out FILE]
 
 For each file (SmolLM2-135M-Instruct Q4_1 as llama.cpp wrote it; the same weights through
-``blockq convert`` with the Q4_K_M preset: Q5_0, Q8_0, Q4_K, Q6_K; and a mix requantized by
+``blockq convert`` with the Q4_K_M preset: Q5_0, Q8_0, Q4_K, Q6_K; a mix requantized by
 blockq whose matrices cycle through Q2_K..Q6_K, the 576-column ones taking llama.cpp's fallbacks
-Q4_0/Q5_0/Q5_1/Q8_0):
+Q4_0/Q5_0/Q5_1/Q8_0; and the Gemma-3-270M Q4_K_M file of the test extra):
 
 - perplexity by llama-perplexity's protocol, both engines fed the same token ids (llama.cpp's
   tokenization; blockq's is checked against it) and scored by the same code
@@ -22,10 +22,11 @@ Q4_0/Q5_0/Q5_1/Q8_0):
   does (with logits for every token its last layer multiplies more rows, and some kernels pick
   their path by the row count).
 
-``--files ~/.cache/blockq/gemma-3-270m-Q4_K_M.gguf`` compares Gemma 3 (the numerics='llama'
-part is skipped: it covers SwiGLU models); ``--record-gemma3`` saves llama.cpp's outputs on that
-file for tests/test_model.py.  Every file also reports the share of scored positions where
-both engines' most likely token agrees (bar for Gemma 3: >= 95%).
+``--files ~/.cache/blockq/gemma-3-270m-Q4_K_M.gguf`` compares Gemma 3 alone (the
+numerics='llama' part is skipped for it: it covers SwiGLU models); ``--record-gemma3`` saves
+llama.cpp's outputs on that file for tests/test_model.py.  Every file also reports the share of
+scored positions where both engines' most likely token agrees (bar for Gemma 3: >= 95%), beside
+the same share for llama.cpp against itself with an f32 KV cache (its noise floor).
 
 ``--record`` saves llama.cpp's greedy ids for the Q4_1 file to tests/data/llama_cpp_greedy.json
 (read by tests/test_model.py) and for the Q4_K_M file to llama_cpp_greedy_q4_k_m.json.  llama-cpp-python is needed here only, never by the tests.
@@ -253,6 +254,10 @@ def compare_file(path: Path, text: str, n_ctx: int, n_chunks: int, threads: int,
 
     # the noise floor: llama.cpp against itself with its KV cache in f32 instead of f16
     lc32 = LlamaCpp(path, n_ctx, threads, type_k=0, type_v=0)  # GGML_TYPE_F32
+    top_32: list = []
+    p_32, _, _ = llama_cpp_perplexity(lc32, tokens, n_ctx, n_chunks, bos, top_32)
+    res.update(ppl_llama_cpp_f32kv=round(p_32, 4), top1_llama_cpp_f32kv=round(
+        float(np.mean(np.array(top_32) == np.array(top_lc))), 5))
     floor = []
     for g in greedy:
         other = lc32.greedy(list(g["prompt_ids"]), N_GREEDY)
@@ -309,7 +314,8 @@ def main(argv=None):
     ap.add_argument("--chunks", type=int, default=-1)
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("--files", nargs="*", type=Path, default=None,
-                    help="default: SmolLM2 Q4_1, its Q4_K_M and its k-quant mix")
+                    help="default: SmolLM2 Q4_1, its Q4_K_M and its k-quant mix, Gemma-3-270M "
+                         "Q4_K_M")
     ap.add_argument("--record", action="store_true",
                     help="save llama.cpp's greedy ids to tests/data/llama_cpp_greedy.json")
     ap.add_argument("--record-gemma3", action="store_true",
@@ -323,7 +329,7 @@ def main(argv=None):
     text = a.text.read_text(encoding="utf-8")
     if a.record_gemma3:
         return record_gemma3(text, a.threads)
-    files = a.files or [fetch.smollm2_path(), q4km_path(), kmix_path()]
+    files = a.files or [fetch.smollm2_path(), q4km_path(), kmix_path(), fetch.gemma3_path()]
     report = {"text": str(a.text), "n_ctx": a.ctx_size, "threads": a.threads, "files": []}
     for f in files:
         r = compare_file(f, text, a.ctx_size, a.chunks, a.threads, a.numerics)
@@ -337,7 +343,9 @@ def main(argv=None):
               f"diff {100 * r['ppl_rel_diff']:+.3f}% [{'ok' if ok_ppl else 'FAIL'} <= 1%]")
         print(f"  top-1 token agreement with llama.cpp: {100 * r['top1_agreement']:.2f}% of "
               f"{r['top1_positions']} scored positions "
-              f"[{'ok' if r['top1_agreement'] >= 0.95 else 'FAIL'} >= 95%]")
+              f"[{'ok' if r['top1_agreement'] >= 0.95 else 'FAIL'} >= 95%]; llama.cpp itself "
+              f"with an f32 KV cache: {100 * r['top1_llama_cpp_f32kv']:.2f}% (its PPL "
+              f"{r['ppl_llama_cpp_f32kv']:.4f})")
         print(f"  greedy 32 tokens identical: {r['greedy_identical']}/5 "
               f"(first divergence: {[g['agree_first'] for g in r['greedy']]}) "
               f"[{'ok' if ok_greedy else 'FAIL'} >= 4]; llama.cpp itself with an f32 KV "

@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -134,19 +135,26 @@ def start_engine(engine: str, model: Path, threads: int, n_ctx: int, parallel: i
     else:
         try:
             import llama_cpp.server.app  # noqa: F401
+            # NOTE: --interrupt_requests False: by default llama_cpp.server ends a stream as
+            # soon as another request arrives, which would cut most streams of this workload
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port",
-                   str(port), "--n_threads", str(threads), "--n_ctx", str(n_ctx)]
+                   str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                   "--n_ctx", str(n_ctx), "--interrupt_requests", "False"]
             label = "llama_cpp.server"
         except ImportError:
             cmd = [sys.executable, "-c", LLAMA_SHIM, str(model), str(port), str(threads),
                    str(n_ctx)]
             label = "llama_cpp.Llama behind a minimal HTTP wrapper (llama_cpp.server absent)"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # NOTE: stderr goes to a file, not a pipe: llama_cpp.server logs every request (and
+    # llama.cpp its load) there, and a full pipe nobody reads would stall the server
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+                            text=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{engine} server exited: {proc.stderr.read()}")
+            log.seek(0)
+            raise SystemExit(f"{engine} server exited: {log.read()[-4000:]}")
         if health(port, "/health" if engine == "blockq" or "wrapper" in label else "/v1/models"):
             return proc, port, label
         time.sleep(0.5)

@@ -948,6 +948,31 @@ def int8_kernels():
     return cpu_int8
 
 
+def matvec_many(mats: "list[QMatrix]", x: np.ndarray) -> "tuple[np.ndarray, ...] | None":
+    """``W_i @ x`` (each (1, rows_i)) for two or three matrices of one input x (cols,) in one
+    int8 kernel call, its activation blocks made once (decoding: q, k, v; gate, up); None where
+    that cannot be done (float numerics, types whose activation blocks differ), and the caller
+    takes them one by one."""
+    k8 = int8_kernels()
+    if k8 is None or not all(m.int8 for m in mats) or \
+            len({m.shape[1] for m in mats}) != 1 or not k8.can_share_input([m.qtype for m in mats]):
+        return None
+    x = mats[0]._vector(x)  # (cols,)
+    outs = tuple(np.empty((1, m.shape[0]), F32) for m in mats)  # (1, rows_i) each
+    k8.products([m.qtype for m in mats], [m.data for m in mats], x[None], outs)
+    return outs
+
+
+@functools.cache
+def int8_gemm():
+    """:mod:`blockq.kernels.cpu_int8_gemm` (the int8 tiled prompt matmul) where this process
+    runs an int8 variant, else None."""
+    if int8_kernels() is None:
+        return None
+    from . import cpu_int8_gemm
+    return cpu_int8_gemm
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     # NOTE: kernels always see read-only arrays so that Numba compiles (and caches) one
     # specialization per type, whether the bytes come from a read-only mmap or from memory.
@@ -1040,11 +1065,14 @@ class QMatrix:
             out = np.empty((X.shape[0], rows), F32)  # (n, rows)
             int8_kernels().product(self.qtype, self.data, X, out)
             return out
+        if self.int8 and self.qtype in int8_gemm().PROMPT_TYPES:
+            out = np.empty((X.shape[0], rows), F32)  # (n, rows)
+            int8_gemm().product(self.qtype, self.data, X, out)
+            return out
         if self.int8:
             # NOTE: the int8 numerics (dequantized weights . dequantized 8-bit activations), with
             # the activations rounded to their 8-bit blocks and the product taken by the float
-            # tile kernel below: one int8 dot per row and token was measured 2x slower than the
-            # tiles (pp128 on SmolLM2 Q4_K_M), which reuse each decoded weight for every token.
+            # tile kernel below, for the types whose int8 tiles (cpu_int8_gemm) measured slower.
             X = int8_kernels().round_trip(self.qtype, X)  # (n, cols)
         if X.shape[0] < MATMUL_MIN_TOKENS:
             return np.stack([self.matvec(x) for x in X])
