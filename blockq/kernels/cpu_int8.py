@@ -943,15 +943,27 @@ def products(names, ws, x: np.ndarray, outs) -> None:
     """``outs[i] = Q8(x) @ W_i.T`` for one token and two or three matrices (``can_share_input``)
     in one call: x float32 (1, cols) C-contiguous, ws read-only uint8 (rows_i, row_bytes_i),
     outs float32 (1, rows_i)."""
+    prepare_products(names, ws, x.shape[1])(x, tuple(outs))
+
+
+def prepare_products(names, ws, cols: int):
+    """:func:`products` with everything but the input fixed: ``run(x, outs)`` (outs a tuple),
+    for the decode step, which calls it once per token for the same matrices."""
     quant = _addresses(names[0])[0]
     dots = tuple(_addresses(n)[1] for n in names)
-    Y = np.empty((1, activation_bytes(names[0], x.shape[1])), np.uint8)
-    m = len(ws)
-    n_threads = numba.get_num_threads()
-    if n_threads == 1 or sum(w.shape[0] for w in ws) * x.size < PARALLEL_MIN_WORK:
-        _driver(False, m)(quant, dots, tuple(ws), x, Y, tuple(outs), 1)
-    else:
-        _driver(True, m)(quant, dots, tuple(ws), x, Y, tuple(outs), n_threads)
+    ws = tuple(ws)
+    nbytes = activation_bytes(names[0], cols)
+    serial, parallel = _driver(False, len(ws)), _driver(True, len(ws))
+    small = sum(w.shape[0] for w in ws) * cols < PARALLEL_MIN_WORK
+
+    def run(x, outs):
+        Y = np.empty((1, nbytes), np.uint8)
+        n_threads = numba.get_num_threads()
+        if n_threads == 1 or small:
+            serial(quant, dots, ws, x, Y, outs, 1)
+        else:
+            parallel(quant, dots, ws, x, Y, outs, n_threads)
+    return run
 
 
 # IQ4_NL / IQ4_XS: a table lookup before the same dots, in their own module

@@ -953,13 +953,23 @@ def matvec_many(mats: "list[QMatrix]", x: np.ndarray) -> "tuple[np.ndarray, ...]
     int8 kernel call, its activation blocks made once (decoding: q, k, v; gate, up); None where
     that cannot be done (float numerics, types whose activation blocks differ), and the caller
     takes them one by one."""
-    k8 = int8_kernels()
-    if k8 is None or not all(m.int8 for m in mats) or \
-            len({m.shape[1] for m in mats}) != 1 or not k8.can_share_input([m.qtype for m in mats]):
+    # NOTE: what is fixed for these matrices is prepared once and kept on the first of them,
+    # keyed by all of them (alive as long as it is) and by their int8 switches
+    key = (tuple(id(m) for m in mats), tuple(m.int8 for m in mats))
+    run = mats[0]._shared.get(key, False)
+    if run is False:
+        k8 = int8_kernels()
+        run = None
+        if k8 is not None and all(key[1]) and len({m.shape[1] for m in mats}) == 1 and \
+                k8.can_share_input([m.qtype for m in mats]):
+            run = k8.prepare_products([m.qtype for m in mats], [m.data for m in mats],
+                                      mats[0].shape[1])
+        mats[0]._shared[key] = run
+    if run is None:
         return None
     x = mats[0]._vector(x)  # (cols,)
     outs = tuple(np.empty((1, m.shape[0]), F32) for m in mats)  # (1, rows_i) each
-    k8.products([m.qtype for m in mats], [m.data for m in mats], x[None], outs)
+    run(x[None], outs)
     return outs
 
 
@@ -1011,6 +1021,7 @@ class QMatrix:
         # (blockq.kernels.cpu_int8); False: float32 activations times decoded weights.
         self.int8: bool = False
         self.set_int8(True)
+        self._shared: dict = {}  # matvec_many's prepared calls with this matrix first
 
     @property
     def nbytes(self) -> int:
