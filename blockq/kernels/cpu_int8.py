@@ -866,9 +866,12 @@ def _many_sig(m: int):
                       types.UniTuple(_X, m), types.int64)
 
 
-# Below this many weight-token products a product runs on the calling thread: waking the
-# thread pool costs more.
-PARALLEL_MIN_WORK = 1 << 16
+# A product that reads fewer weight bytes than this (times its tokens) runs on the calling
+# thread: waking the other threads costs more.  NOTE: measured on a 2-core machine shared with
+# other jobs, where waking a thread whose core is busy is slow: with 64 KiB-products as the
+# limit SmolLM2 decoded at -t 2 at 35-55 % of its -t 1 speed; alternating runs at -t 2 with
+# 1 / 2 / 4 MiB: SmolLM2 111 / 143-151 / 145 tok/s, synthetic 0.56 B Q4_K_M 64-67 / 67-68 / 65-68.
+PARALLEL_MIN_BYTES = 2 << 20
 
 
 @functools.cache
@@ -932,7 +935,7 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
     quant, dot = _addresses(name)
     Y = np.empty((X.shape[0], activation_bytes(name, X.shape[1])), np.uint8)
     n_threads = numba.get_num_threads()
-    if n_threads == 1 or w.shape[0] * X.size < PARALLEL_MIN_WORK:
+    if n_threads == 1 or w.nbytes * X.shape[0] < PARALLEL_MIN_BYTES:
         _driver(False)(quant, dot, w, X, Y, out, 1)
     else:
         _driver(True)(quant, dot, w, X, Y, out, min(n_threads, w.shape[0]))
@@ -960,7 +963,7 @@ def prepare_products(names, ws, cols: int):
     ws = tuple(ws)
     nbytes = activation_bytes(names[0], cols)
     serial, parallel = _driver(False, len(ws)), _driver(True, len(ws))
-    small = sum(w.shape[0] for w in ws) * cols < PARALLEL_MIN_WORK
+    small = sum(w.nbytes for w in ws) < PARALLEL_MIN_BYTES
 
     def run(x, outs):
         Y = np.empty((1, nbytes), np.uint8)
