@@ -243,12 +243,15 @@ def check_product(name, w, X, threads=1):
     w = w.view()  # (rows, row_bytes)
     w.flags.writeable = False
     out = np.full((X.shape[0], w.shape[0]), np.nan, np.float32)
-    old = numba.get_num_threads()
+    old, old_min = numba.get_num_threads(), _k8().PARALLEL_MIN_BYTES
     numba.set_num_threads(threads)
+    if threads > 1:  # the threaded driver even for these small matrices
+        _k8().PARALLEL_MIN_BYTES = 0
     try:
         _k8().product(name, w, np.ascontiguousarray(X, np.float32), out)
     finally:
         numba.set_num_threads(old)
+        _k8().PARALLEL_MIN_BYTES = old_min
     ref, bound = int8_reference(name, w, X)
     err = np.abs(out - ref)
     worst = np.unravel_index(np.argmax(err - RTOL * bound), err.shape)
@@ -396,10 +399,13 @@ def test_tiny_model_int8_logits_near_float(tmp_path):
 @pytest.mark.parametrize("names", [("Q5_0", "Q5_0", "Q8_0"), ("Q4_K", "Q6_K"), ("Q4_1", "Q5_1"),
                                    ("Q2_K", "Q3_K", "Q5_K")])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_one_call_for_the_products_of_one_input(names, threads, rng):
+def test_one_call_for_the_products_of_one_input(names, threads, rng, monkeypatch):
     """Decoding's q/k/v and gate/up products in one call (one activation quantization, one
     parallel region) give exactly the separate products, which match the reference."""
     from blockq.kernels.cpu_matvec import QMatrix, matvec_many
+
+    if threads > 1:  # the threaded drivers even for these small matrices
+        monkeypatch.setattr(_k8(), "PARALLEL_MIN_BYTES", 0)
 
     cols = 512
     mats = []

@@ -423,7 +423,8 @@ def main(argv=None):
             report["results"].append(r)
             print(f"{r['file']} -t {t}: {r['validated']}", flush=True)
             if a.blockq_only:
-                print(f"{r['file']} -t {t} [{r['isa']}]: pp{a.n_prompt} blockq {r['blockq_pp']:.1f} tok/s "
+                print(f"{r['file']} -t {t} [{r['isa']}]: pp{a.n_prompt} blockq "
+                      f"{r['blockq_pp']:.1f} tok/s "
                       f"{r['all_runs']['blockq_pp']} | tg{a.n_gen} blockq {r['blockq_tg']:.1f} "
                       f"tok/s {r['all_runs']['blockq_tg']} | decode reads {r['gbps_blockq_tg']} "
                       f"GB/s of weights (read bandwidth {r['read_bandwidth_gbps']} GB/s)",

@@ -315,6 +315,14 @@ def pairs_hi(typingctx, v):
 
 
 @intrinsic
+def madd16(typingctx, a, b):
+    """An I32x8 of the sums of adjacent int16 products of two I16x16 (``pmaddwd``)."""
+    def codegen(context, builder, signature, args):
+        return _madd(builder, args[0], args[1])
+    return I32x8(a, b), codegen
+
+
+@intrinsic
 def madd_sum(typingctx, a, b):
     """sum over the 16 lanes of a * b (two I16x16), as an int64."""
     def codegen(context, builder, signature, args):
@@ -588,7 +596,8 @@ _rows_q4_0, _rows_q4_1, _rows_q5_0, _rows_q5_1, _rows_q8_0 = (
 # =============================================================================================
 # k-quants x Q8_K.  Per super-block the integer lanes of all sub-blocks (codes times sub-block
 # scales) are summed first, then scaled once by d * d_y; offsets and mins go through Q8_K's sums
-# of 16 codes (``bsum(s)``, sub-block s of 16).
+# of 16 codes (``bsum(s)``, sub-block s of 16): Q3_K / Q6_K's offsets in the integer lanes, the
+# mins in float lanes summed once per row.
 
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (BY_NAME[n].type_size for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K",
                                                                   "Q6_K"))
@@ -617,8 +626,7 @@ def _rows_q2_k(w, r0, r1, y, t, out):
     # 84 bytes: 0..15 scales (sub-block s: scale = low nibble, min = high nibble) | 16..79 qs:
     # in half h, bits 2j..2j+1 of qs[32h + l] = weight 128h + 32j + l | 80..81 d | 82..83 dmin
     for r in range(r0, r1):
-        acc = zeros()
-        acc_m = F32(0)
+        acc, acc_m = zeros(), zeros()
         for b in range(w.shape[1] // Q2_K):
             o, yo = b * Q2_K, b * Q8K
             prefetch(w, r, o + PREFETCH_BYTES)
@@ -634,10 +642,10 @@ def _rows_q2_k(w, r0, r1, y, t, out):
                                         pick(sc, s, s + 1))
                     sumi1 = dot_usv_acc(sumi1, (qv >> 2 * j + 2) & 3, _y32(y, t, yo, k + 32),
                                         pick(sc, s + 2, s + 3))
-            mins = madd_sum(sm >> 4, _bsums(y, t, yo))
+            mins = madd16(sm >> 4, _bsums(y, t, yo))  # summed over lanes once per row
             acc = fma(to_f32(sumi0 + sumi1), f16_to_f32(w, r, o + Q2_K_D) * dy, acc)
-            acc_m += f16_to_f32(w, r, o + Q2_K_DMIN) * dy * F32(mins)
-        out[t, r] = hsum(acc) - acc_m
+            acc_m = fma(to_f32(mins), f16_to_f32(w, r, o + Q2_K_DMIN) * dy, acc_m)
+        out[t, r] = hsum(acc) - hsum(acc_m)
 
 
 @variant_jit(**INLINE)
@@ -700,22 +708,20 @@ def _offset_rows(w, r0, r1, y, t, out, q6):
     size = Q6_K if q6 else Q3_K
     for r in range(r0, r1):
         acc = zeros()
-        acc_c = F32(0)
         for b in range(w.shape[1] // size):
             o, yo = b * size, b * Q8K
             prefetch(w, r, o + PREFETCH_BYTES)
             dy = f32_at(y, t, yo)
-            if q6:
+            if q6:  # offset 32 = 1 << 5
                 sc = i8x16(w, r, o + Q6_K_SC)
-                sumi = _q6_k_sumi(w, r, y, t, o, yo, sc)
-                d, off = f16_to_f32(w, r, o + Q6_K_D) * dy, 32
-            else:
+                sumi = _q6_k_sumi(w, r, y, t, o, yo, sc) - (madd16(sc, _bsums(y, t, yo)) << 5)
+                d = f16_to_f32(w, r, o + Q6_K_D) * dy
+            else:  # offset 4 = 1 << 2
                 sc = _q3_k_scales(w, r, o + Q3_K_SC)
-                sumi = _q3_k_sumi(w, r, y, t, o, yo, sc)
-                d, off = f16_to_f32(w, r, o + Q3_K_D) * dy, 4
-            acc = fma(to_f32(sumi), d, acc)
-            acc_c += d * F32(off * madd_sum(sc, _bsums(y, t, yo)))
-        out[t, r] = hsum(acc) - acc_c
+                sumi = _q3_k_sumi(w, r, y, t, o, yo, sc) - (madd16(sc, _bsums(y, t, yo)) << 2)
+                d = f16_to_f32(w, r, o + Q3_K_D) * dy
+            acc = fma(to_f32(sumi), d, acc)  # the offset taken in the integer lanes
+        out[t, r] = hsum(acc)
 
 
 def _offset_kernel(q6):
@@ -747,8 +753,7 @@ def _k4_rows(w, r0, r1, y, t, out, size, o_sc, o_qs, o_qh):
     of weight 64j + l / 64j + 32 + l) | qs: in chunk j (64 weights), qs[32j + l] = weight
     64j + l (low nibble), 64j + 32 + l (high)."""
     for r in range(r0, r1):
-        acc = zeros()
-        acc_m = F32(0)
+        acc, acc_m = zeros(), zeros()
         for b in range(w.shape[1] // size):
             o, yo = b * size, b * Q8K
             prefetch(w, r, o + PREFETCH_BYTES)
@@ -766,8 +771,9 @@ def _k4_rows(w, r0, r1, y, t, out, size, o_sc, o_qs, o_qh):
                 sumi1 = dot_usv_acc(sumi1, hi, _y32(y, t, yo, 64 * j + 32),
                                     pick(sm, 2 * j + 1, 2 * j + 1))
             acc = fma(to_f32(sumi0 + sumi1), f16_to_f32(w, r, o) * dy, acc)
-            acc_m += f16_to_f32(w, r, o + 2) * dy * F32(madd_sum(pairs_hi(sm), _bsums(y, t, yo)))
-        out[t, r] = hsum(acc) - acc_m
+            mins = madd16(pairs_hi(sm), _bsums(y, t, yo))  # summed over lanes once per row
+            acc_m = fma(to_f32(mins), f16_to_f32(w, r, o + 2) * dy, acc_m)
+        out[t, r] = hsum(acc) - hsum(acc_m)
 
 
 def _k4_kernel(size, o_sc, o_qs, o_qh):
@@ -860,9 +866,12 @@ def _many_sig(m: int):
                       types.UniTuple(_X, m), types.int64)
 
 
-# Below this many weight-token products a product runs on the calling thread: waking the
-# thread pool costs more.
-PARALLEL_MIN_WORK = 1 << 16
+# A product that reads fewer weight bytes than this (times its tokens) runs on the calling
+# thread: waking the other threads costs more.  NOTE: measured on a 2-core machine shared with
+# other jobs, where waking a thread whose core is busy is slow: with 64 KiB-products as the
+# limit SmolLM2 decoded at -t 2 at 35-55 % of its -t 1 speed; alternating runs at -t 2 with
+# 1 / 2 / 4 MiB: SmolLM2 111 / 143-151 / 145 tok/s, synthetic 0.56 B Q4_K_M 64-67 / 67-68 / 65-68.
+PARALLEL_MIN_BYTES = 2 << 20
 
 
 @functools.cache
@@ -926,7 +935,7 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
     quant, dot = _addresses(name)
     Y = np.empty((X.shape[0], activation_bytes(name, X.shape[1])), np.uint8)
     n_threads = numba.get_num_threads()
-    if n_threads == 1 or w.shape[0] * X.size < PARALLEL_MIN_WORK:
+    if n_threads == 1 or w.nbytes * X.shape[0] < PARALLEL_MIN_BYTES:
         _driver(False)(quant, dot, w, X, Y, out, 1)
     else:
         _driver(True)(quant, dot, w, X, Y, out, min(n_threads, w.shape[0]))
@@ -954,7 +963,7 @@ def prepare_products(names, ws, cols: int):
     ws = tuple(ws)
     nbytes = activation_bytes(names[0], cols)
     serial, parallel = _driver(False, len(ws)), _driver(True, len(ws))
-    small = sum(w.shape[0] for w in ws) * cols < PARALLEL_MIN_WORK
+    small = sum(w.nbytes for w in ws) < PARALLEL_MIN_BYTES
 
     def run(x, outs):
         Y = np.empty((1, nbytes), np.uint8)
