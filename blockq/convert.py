@@ -1011,7 +1011,8 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
               data_free: bool = False) -> Callable[[], np.ndarray]:
     """A callable the writer calls when this tensor's turn comes: returns its encoded bytes.
 
-    With ``hessian`` (returns the tensor's input statistics) and a target with an integer grid, the
+    With ``hessian`` (returns the tensor's input statistics) and a target with a grid of codes
+    (:func:`blockq.quantize.codes.supported`: the integer grids, IQ4_NL, IQ4_XS), the
     whole matrix is read and quantized with error-compensated rounding (``data_free``: the
     statistics came from random token ids, see :func:`blockq.quantize.gptq.settings`)."""
     from .quantize import quantize

@@ -605,9 +605,7 @@ class Model:
             dev = dev if dev is None else Observed(dev, self.observe)
         first = a.n_layer if dev is None else dev.first  # blocks first.. run on the device
         step = Step(self, p0, n, cache, rows)
-        x = self.token_embd.take_rows(tokens)  # (n, n_embd)
-        if a.embd_scale:
-            x = cpu.scale(x, a.embd_scale)
+        x = self.embed(tokens, cpu)  # (n, n_embd)
         ops = cpu
         for il, b in enumerate(self.blk):
             if il == first:  # the one crossing host -> device
@@ -615,11 +613,19 @@ class Model:
             x = b(ops, x, il, step)  # (n or n_outputs, n_embd)
         if dev is not None and dev.head is None:
             x, ops = dev.to_host(x), cpu  # the head stays on the CPU
-        x = ops.linear(self.output, ops.rms_norm(x, self.output_norm))  # (n_outputs, n_vocab)
-        if a.final_softcap:
-            x = ops.softcap(x, a.final_softcap)
+        x = self.head(x, ops)  # (n_outputs, n_vocab)
         cache.tokens.extend(int(t) for t in tokens)
         return ops.to_host(x)
+
+    def embed(self, tokens, ops) -> np.ndarray:
+        """The first step of the pass: token ids -> (n, n_embd) float32 rows."""
+        x = self.token_embd.take_rows(np.asarray(tokens, dtype=np.int64))
+        return ops.scale(x, self.args.embd_scale) if self.args.embd_scale else x
+
+    def head(self, x, ops):
+        """The last step: final norm and output matrix, (n, n_embd) -> (n, n_vocab) logits."""
+        x = ops.linear(self.output, ops.rms_norm(x, self.output_norm))
+        return ops.softcap(x, self.args.final_softcap) if self.args.final_softcap else x
 
     def check_weights(self) -> None:
         """Raise a FormatError naming the first tensor with NaN/inf blocks (scales or values)."""

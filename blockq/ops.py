@@ -3,6 +3,7 @@
 Every architecture's block (:mod:`blockq.models`) is written once against these calls::
 
     ops.linear(lin, x)            # (n, n_in) -> (n, n_out), bias included
+    ops.linears(lins, x)          # several linears of one input (q, k, v; gate, up): a tuple
     ops.rms_norm(x, norm)         # rows of x (n, d) normalized, times norm.weight (d,)
     ops.add(x, y)                 # residual sum
     ops.swiglu(gate, up)          # silu(gate) * up
@@ -31,6 +32,8 @@ import numpy as np
 from numba import njit, prange
 
 from .errors import BadArgument, UnsupportedModel
+from .kernels.cpu_matvec import matvec_many
+from .kernels.jitcache import keyed_jit
 
 F32 = np.float32
 GELU_C = F32(0.7978845608028654)  # sqrt(2 / pi)
@@ -89,6 +92,9 @@ class ArrayOps:
     def linear(self, lin, x):  # (n, n_in) -> (n, n_out)
         return lin(x)
 
+    def linears(self, lins, x):  # (n, n_in) -> a tuple of (n, n_out_i)
+        return tuple(self.linear(lin, x) for lin in lins)
+
     def rms_norm(self, x, norm):
         xp = self.xp
         # NOTE: like ggml_rms_norm, the sum of squares is taken in double, the scale in float.
@@ -129,6 +135,15 @@ class ArrayOps:
 
     def attend(self, il: int, q, k, v, step):
         """q (n, n_head*hd), k, v (n, n_head_kv*hd) -> (n, n_head*hd)."""
+        a = step.args
+        q, kc, vc = self.rope_store(il, q, k, v, step)
+        T = step.p0 + step.n
+        return attention(q, kc[:, :T], vc[:, :T], step.p0, a.attn_scale, step.windows[il],
+                         xp=self.xp, softcap=a.attn_softcap)
+
+    def rope_store(self, il: int, q, k, v, step):
+        """Rotate q, k and store k, v: -> q (n, n_head, hd) and the layer's key and value
+        arrays (n_kv, n_ctx, hd)."""
         a, n = step.args, step.n
         q = q.reshape(n, a.n_head, a.head_dim)
         k = k.reshape(n, a.n_head_kv, a.head_dim)
@@ -138,9 +153,7 @@ class ArrayOps:
         rope(q, cos, sin)
         rope(k, cos, sin)
         kc, vc = self.store(il, step, k, v)
-        T = step.p0 + n
-        return attention(q, kc[:, :T], vc[:, :T], step.p0, a.attn_scale, step.windows[il],
-                         xp=self.xp, softcap=a.attn_softcap)
+        return q, kc, vc
 
 
 class CPUOps(ArrayOps):
@@ -148,6 +161,18 @@ class CPUOps(ArrayOps):
 
     def linear(self, lin, x):
         return lin(x)
+
+    def linears(self, lins, x):
+        """One token: the int8 products of one input in one kernel call (its activation blocks
+        made once) where their types allow; otherwise one product each."""
+        if x.shape[0] == 1:
+            ys = matvec_many([lin.weight for lin in lins], x[0])
+            if ys is not None:
+                for lin, y in zip(lins, ys):
+                    if lin.bias is not None:
+                        y += lin.bias
+                return ys
+        return super().linears(lins, x)
 
     def rms_norm(self, x, norm):
         if x.shape[0] != 1:
@@ -158,7 +183,11 @@ class CPUOps(ArrayOps):
 
     def swiglu(self, g, u):
         g = np.ascontiguousarray(g)  # (n, n_ff)
-        _swiglu_into(g.reshape(-1), np.ascontiguousarray(u).reshape(-1))
+        u = np.ascontiguousarray(u)
+        if g.shape[0] == 1:
+            _swiglu_into(g.reshape(-1), u.reshape(-1))
+        else:
+            _swiglu_rows(g, u)
         return g
 
     def store(self, il, step, k, v):
@@ -167,16 +196,29 @@ class CPUOps(ArrayOps):
 
     def attend(self, il, q, k, v, step):
         if step.n != 1:
-            return super().attend(il, q, k, v, step)
+            return self._attend_prompt(il, q, k, v, step)
         a, cache = step.args, step.cache
         rope = step.ropes[il]
         cos, sin = step.tables(rope)
         att = np.empty((a.n_head, a.head_dim), np.float32)
-        _rope_store_attend(q.reshape(a.n_head, a.head_dim), k.reshape(a.n_head_kv, a.head_dim),
+        seen = step.p0 + 1 if not step.windows[il] else min(step.p0 + 1, step.windows[il])
+        attend = _rope_store_attend if a.n_head * seen * a.head_dim >= ATTEND_PARALLEL_MIN \
+            else _rope_store_attend_serial
+        attend(q.reshape(a.n_head, a.head_dim), k.reshape(a.n_head_kv, a.head_dim),
                            v.reshape(a.n_head_kv, a.head_dim), cos[0], sin[0], rope.neox,
                            cache.k[il], cache.v[il], step.p0, F32(a.attn_scale),
                            cache.cache_type == "f16", step.windows[il], F32(a.attn_softcap), att)
         return att.reshape(1, -1)
+
+
+    def _attend_prompt(self, il, q, k, v, step):
+        """ArrayOps.attend with the attention itself on Numba's threads (``attend_prompt``)."""
+        a = step.args
+        q, kc, vc = self.rope_store(il, q, k, v, step)  # q (n, n_head, hd)
+        out = np.empty((step.n, a.n_head * a.head_dim), F32)  # (n, n_head * hd)
+        attend_prompt(np.ascontiguousarray(q, dtype=F32), kc, vc, step.p0, F32(a.attn_scale),
+                      step.windows[il], F32(a.attn_softcap), out)
+        return out
 
 
 class LlamaOps(CPUOps):
@@ -204,6 +246,8 @@ class LlamaOps(CPUOps):
 
     def linear(self, lin, x):
         return self.dot[lin.name](x)
+
+    linears = ArrayOps.linears  # each through the kernel llama.cpp picks for it
 
     def rms_norm(self, x, norm):
         return self.L.rms_norm(x, norm.weight, norm.eps)
@@ -245,6 +289,11 @@ class Observed:
         self.observe(lin.name, self.inner.to_host(x))
         return self.inner.linear(lin, x)
 
+    def linears(self, lins, x):
+        for lin in lins:
+            self.observe(lin.name, self.inner.to_host(x))
+        return self.inner.linears(lins, x)
+
     def __getattr__(self, attr):
         return getattr(self.inner, attr)
 
@@ -270,6 +319,12 @@ def _rms_norm_into(x, w, eps, out):  # x, w, out (d,)
 def _swiglu_into(g, u):  # g = silu(g) * u
     for i in range(g.size):
         g[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+
+
+@njit(parallel=True, **_JIT)
+def _swiglu_rows(g, u):  # g = silu(g) * u, (n, n_ff): rows on Numba's threads (prompts)
+    for t in prange(g.shape[0]):
+        _swiglu_into(g[t], u[t])
 
 
 @njit(cache=True)
@@ -300,8 +355,8 @@ def _rope_one(x, cos, sin, neox):  # x (heads, head_dim) rotated in place; cos, 
             x[r, b] = x0 * sin[i] + x1 * cos[i]
 
 
-@njit(parallel=True, **_JIT)
-def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap, out):
+def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap,
+                          out):
     """Rotate q, k of one token at ``pos``; store k, v in the layer's cache; attend over the
     keys it sees (0..pos, or the last ``window`` of them when window > 0), scores soft-capped
     when softcap > 0.
@@ -344,3 +399,94 @@ def _rope_store_attend(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window,
             w = s[t - t0] * inv
             for d in range(hd):
                 out[hh, d] += w * vc[kv, t, d]
+
+
+# NOTE: one token's attention over a short context is a few microseconds of work, less than
+# waking the thread pool; below this many query-head x key x head-dim products it runs on the
+# calling thread (SmolLM2 at 100 positions: 58 k).
+ATTEND_PARALLEL_MIN = 1 << 18
+_rope_store_attend = keyed_jit(("parallel",), parallel=True, **_JIT)(_rope_store_attend_py)
+_rope_store_attend_serial = keyed_jit(("serial",), **_JIT)(_rope_store_attend_py)
+
+
+ATTEND_QB = 4  # queries per task of attend_prompt: they share every key and value row read
+
+
+@njit(**_JIT)
+def _softmax_rows(s, lo, hi, scale, softcap):
+    """Row j of s (QB, span): scale (and soft-cap) columns lo[j]..hi[j]-1, softmax over them,
+    zeros elsewhere."""
+    for j in range(s.shape[0]):
+        m = -np.inf
+        for c in range(lo[j], hi[j]):
+            x = s[j, c] * scale
+            if softcap > 0:
+                x = np.float32(np.tanh(x * (np.float32(1.0) / softcap)) * softcap)
+            s[j, c] = x
+            m = max(m, x)
+        total = 0.0
+        for c in range(lo[j], hi[j]):
+            e = np.exp(s[j, c] - m)
+            s[j, c] = e
+            total += e
+        inv = np.float32(1.0 / total)
+        for c in range(s.shape[1]):
+            s[j, c] = s[j, c] * inv if lo[j] <= c < hi[j] else np.float32(0.0)
+
+
+@njit(parallel=True, **_JIT)
+def attend_prompt(q, kc, vc, p0, scale, window, softcap, out):
+    """:func:`attention` of n queries at positions p0.. (already rotated) over the cache's keys
+    0..p0+n-1 on Numba's threads: one task per query head and block of ATTEND_QB queries, which
+    read each key and value row once for all of them.
+
+    q (n, n_head, hd); kc, vc (n_head_kv, n_ctx, hd); out (n, n_head * hd).  ``window`` > 0:
+    query position p sees keys p - window < t <= p; ``softcap`` > 0: scores become
+    ``softcap * tanh(score / softcap)``.
+    """
+    n, n_head, hd = q.shape
+    g = n_head // kc.shape[0]
+    nb = (n + ATTEND_QB - 1) // ATTEND_QB
+    for job in prange(n_head * nb):
+        hh, i0 = job // nb, (job % nb) * ATTEND_QB
+        kv = hh // g
+        i1, i2, i3 = min(i0 + 1, n - 1), min(i0 + 2, n - 1), min(i0 + 3, n - 1)
+        first = max(0, p0 + i0 - window + 1) if window > 0 else 0  # keys first..last
+        last = p0 + i3
+        lo = np.empty(ATTEND_QB, np.int64)  # each query's keys, relative to first
+        hi = np.empty(ATTEND_QB, np.int64)
+        for j, i in enumerate((i0, i1, i2, i3)):
+            lo[j] = (max(0, p0 + i - window + 1) if window > 0 else 0) - first
+            hi[j] = p0 + i + 1 - first
+        s = np.empty((ATTEND_QB, last + 1 - first), np.float32)  # scores, then weights
+        for t in range(first, last + 1):
+            a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+            for d in range(hd):
+                k = kc[kv, t, d]
+                a0 += q[i0, hh, d] * k
+                a1 += q[i1, hh, d] * k
+                a2 += q[i2, hh, d] * k
+                a3 += q[i3, hh, d] * k
+            c = t - first
+            s[0, c], s[1, c], s[2, c], s[3, c] = a0, a1, a2, a3
+        _softmax_rows(s, lo, hi, scale, softcap)
+        o0 = out[i0, hh * hd:(hh + 1) * hd]
+        o1 = out[i1, hh * hd:(hh + 1) * hd]
+        o2 = out[i2, hh * hd:(hh + 1) * hd]
+        o3 = out[i3, hh * hd:(hh + 1) * hd]
+        acc = np.zeros((ATTEND_QB, hd), np.float32)
+        for t in range(first, last + 1):
+            c = t - first
+            w0, w1, w2, w3 = s[0, c], s[1, c], s[2, c], s[3, c]
+            for d in range(hd):
+                v = vc[kv, t, d]
+                acc[0, d] += w0 * v
+                acc[1, d] += w1 * v
+                acc[2, d] += w2 * v
+                acc[3, d] += w3 * v
+        # rows past n are copies of row n - 1 (i1..i3 clamped): written last, so row n - 1
+        # gets its own values
+        o3[:] = acc[3]
+        o2[:] = acc[2]
+        o1[:] = acc[1]
+        o0[:] = acc[0]

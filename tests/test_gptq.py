@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGUFReader
@@ -218,6 +220,74 @@ def test_calibration_equals_xtx_on_a_tiny_model_and_round_trips(tmp_path):
     back = read_hessians(tmp_path / "h.gguf")
     assert back.users == h.users and back.counts == h.counts
     assert all(np.array_equal(back.sums[k], h.sums[k]) for k in h.sums)
+
+
+def test_layer_by_layer_calibration_equals_whole_forwards_and_holds_one_block(tmp_path,
+                                                                                monkeypatch):
+    """The layer-wise pass gives the very sums of whole forward passes with a hook on every
+    matrix (blockq.imatrix.run_observed), while memory never holds sums of two blocks."""
+    from blockq import calibrate as cal
+    from blockq.imatrix import run_observed
+
+    path = write_tiny(tmp_path / "m.gguf", n_layer=3)
+    m = Model.load(path)
+    work = [RNG.integers(0, 260, 32).tolist() for _ in range(3)]
+    whole = cal.HessianCollector(32)
+    run_observed(m, work, whole.add)
+    layers_seen = []
+    add = cal.HessianCollector.add
+
+    def spy(self, name, x):
+        add(self, name, x)
+        layers_seen.append({g.split(".")[1] for g in self.sums})
+    monkeypatch.setattr(cal.HessianCollector, "add", spy)
+    calls = []
+    h = cal._run(m, work, 32, ["t"], lambda *a: calls.append(a))
+    assert max(len(s) for s in layers_seen) == 1  # never two blocks' sums in memory
+    assert isinstance(h.sums, cal.SpilledSums) and set(h.sums) == set(whole.sums)
+    for g in whole.sums:
+        np.testing.assert_array_equal(h.sums[g], whole.sums[g])
+        assert h.counts[g] == whole.counts[g] and h.users[g] == whole.users[g]
+        np.testing.assert_array_equal(h.importance(g), whole.result().importance(g))
+    assert [c[:2] for c in calls] == [(i, 12) for i in range(1, 13)]
+    assert all(np.isnan(c[2]) for c in calls[:9]) and np.isfinite(calls[-1][2])
+    assert h.nbytes() == sum(a.nbytes for a in whole.sums.values())
+    folder = os.path.dirname(h.sums._where[next(iter(h.sums))][0])
+    h.sums.close()
+    assert not os.path.exists(folder)  # the spilled sums are removed with their owner
+
+
+def test_calibration_head_in_slabs_matches_whole_chunks(tmp_path):
+    """Chunks longer than the head's slab of rows: the head's sums and the perplexity still
+    equal those of whole forward passes (to float summation order)."""
+    from blockq import calibrate as cal
+    from blockq.imatrix import run_observed
+
+    m = Model.load(write_tiny(tmp_path / "m.gguf", n_layer=1))
+    n = cal.HEAD_ROWS + cal.MIN_BATCH + 3  # two slabs, the second just long enough
+    work = [RNG.integers(0, 260, n).tolist() for _ in range(2)]
+    whole, ppl_whole = cal.HessianCollector(n), []
+    run_observed(m, work, whole.add, lambda i, k, p: ppl_whole.append(p))
+    ppl = []
+    h = cal._run(m, work, n, [], lambda i, k, p: ppl.append(p))
+    np.testing.assert_allclose(h.sums["output.weight"], whole.sums["output.weight"], rtol=1e-5,
+                               atol=1e-3)
+    assert h.counts["output.weight"] == whole.counts["output.weight"] == 2 * n
+    assert np.log(ppl[-1]) == pytest.approx(np.log(ppl_whole[-1]), rel=1e-6)
+
+
+def test_side_file_sums_are_read_when_asked_for(tmp_path):
+    g = "blk.0.attn_q.weight"
+    a = RNG.standard_normal((6, 6)).astype(np.float32)
+    h = Hessians({g: a @ a.T}, {g: 10}, {g: [g]})
+    write_hessians(tmp_path / "h.gguf", h)
+    back = read_hessians(tmp_path / "h.gguf")
+    np.testing.assert_array_equal(back.sums[g], a @ a.T)
+    assert back.sums[g] is not back.sums[g]  # a fresh read each time, nothing kept
+    np.testing.assert_allclose(back.importance(g), np.diag(a @ a.T) / 10, rtol=1e-6)
+    os.truncate(tmp_path / "h.gguf", back.sums._where[g][1] + 10)  # inside the tensor
+    with pytest.raises(FormatError, match="cut short"):
+        back.sums[g]
 
 
 def test_a_damaged_side_file_is_refused(tmp_path):

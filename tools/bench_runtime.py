@@ -1,6 +1,7 @@
 """blockq's runtime against llama.cpp (llama-cpp-python): same file, same threads, one run.
 
     python tools/bench_runtime.py [-t 1,2] [-p 128] [-n 64] [-r 3] [--files F ...] [--json-out F]
+                                  [--isa avx512vnni,avxvnni,avx2,float]
 
 For each file (default: SmolLM2-135M requantized to Q4_K_M, the synthetic 0.56 B of
 tools/make_synthetic.py at Q4_K_M, Q6_K and Q2_K, and the Gemma-3-270M Q4_K_M file of the test
@@ -12,6 +13,11 @@ extra) and each thread count:
   Bars: decode >= 1.0x, prompt >= 1.0x.  Before timing, every int8 kernel the file uses is
   checked against the numpy reference; the kernel variant (``BLOCKQ_ISA``) is printed, and
   decode's GB/s of weights beside a read bandwidth measured in the same run.
+- ``--isa V1,V2,...``: the speed runs once per int8 variant, each in its own process with
+  ``BLOCKQ_ISA`` forcing it and ``NUMBA_CPU_FEATURES`` making Numba compile as for a CPU whose
+  best variant it is (``cpu_isa.numba_features_for``: for ``avx2`` no AVX-512 or VNNI at all,
+  so LLVM cannot use them on its own either), so that every variant this machine has, the
+  AVX2-only one included, is timed against llama.cpp; memory and start-up are then skipped.
 - start-up: wall time of a fresh process that loads the model and decodes one token, with an
   empty Numba cache (first run: every kernel compiles) and with the cache filled (warm).
 - resident memory while generating (VmRSS after the tg run, VmHWM peak) against the file size
@@ -159,6 +165,7 @@ def startup_times(path: Path, threads: int) -> dict:
 def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int,
                blockq_only: bool = False) -> dict:
     from blockq.cli.run import set_threads
+    from blockq.kernels.cpu_isa import isa
     from blockq.model import Model
 
     set_threads(threads)
@@ -232,7 +239,7 @@ def bench_file(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int,
         "pp_ratio": ratio("pp"), "tg_ratio": ratio("tg"),
         "all_runs": {k: [round(x, 2) for x in v] for k, v in got.items()},
         "gbps_blockq_tg": round(model.nbytes * med["blockq_tg"] / 1e9, 2),
-        "read_bandwidth_gbps": round(bandwidth, 2), "validated": checked,
+        "read_bandwidth_gbps": round(bandwidth, 2), "validated": checked, "isa": isa(),
         "kv_cache_mib_f16": round(kv_nominal / 2**20, 2),
         "kv_cache_mib_blockq": round(kv_ours / 2**20, 2),
         "rss_mib_both_engines": round(mem.get("VmRSS", 0) / 2**20, 1),
@@ -341,6 +348,48 @@ def cli_memory(path: Path, threads: int, n_gen: int, n_ctx: int = 4096) -> dict:
             "kv_cache_mib": round(kv, 1)}
 
 
+def per_variant(a, argv: list[str]) -> None:
+    """Run this tool's speed part once per variant of ``--isa``, each in a fresh process with the
+    variant forced and Numba compiling for a CPU that has no better one; print a summary."""
+    from blockq.kernels.cpu_isa import REQUIRES, host_features, numba_features_for, supported
+
+    host = host_features()
+    rest, skip = [], False
+    for arg in argv:  # this command line without --isa (and its value)
+        if skip:
+            skip = False
+        elif arg == "--isa":
+            skip = True
+        elif not arg.startswith("--isa="):
+            rest.append(arg)
+    summary = []
+    for variant in [v.strip().lower() for v in a.isa.split(",") if v.strip()]:
+        if variant not in REQUIRES or variant not in supported(host):
+            why = "unknown" if variant not in REQUIRES else "this CPU cannot run it"
+            print(f"--isa {variant}: {why} (this CPU runs {', '.join(supported(host))}); "
+                  "skipped", flush=True)
+            continue
+        out = Path(tempfile.mkdtemp()) / "run.json"
+        env = dict(os.environ, BLOCKQ_ISA=variant,
+                   NUMBA_CPU_FEATURES=numba_features_for(variant, host))
+        print(f"== {variant} " + ("(the float kernels, compiled for this CPU)" if variant == "float"
+                                 else f"(compiled as for a CPU whose best variant is {variant})"),
+              flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), *rest, "--skip-memory",
+               "--json-out", str(out)]
+        if subprocess.run(cmd, env=env).returncode:
+            raise SystemExit(f"the {variant} run failed")
+        summary += json.loads(out.read_text())["results"]
+    print("summary (decode tg / prompt pp tokens/s, blockq vs llama.cpp in the same process):")
+    for r in summary:
+        lc = "" if r.get("tg_ratio") is None else \
+            (f" vs {r['llama_cpp_tg']:.1f} = {r['tg_ratio']:.2f}x | pp {r['blockq_pp']:.1f} vs "
+             f"{r['llama_cpp_pp']:.1f} = {r['pp_ratio']:.2f}x")
+        print(f"  {r['isa']:10s} {r['file']} -t {r['threads']}: tg {r['blockq_tg']:.1f}{lc}")
+    if a.json_out:
+        a.json_out.write_text(json.dumps({"results": summary}, indent=1))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-t", "--threads", default="1,2", help="comma-separated thread counts")
@@ -349,10 +398,16 @@ def main(argv=None):
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--files", nargs="*", type=Path)
     ap.add_argument("--skip-startup", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true",
+                    help="only the speed runs (no memory or start-up measurements)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--blockq-only", action="store_true",
                     help="prompt and decode speed of blockq alone (no llama-cpp-python needed)")
+    ap.add_argument("--isa", help="comma-separated kernel variants to time one after the other, "
+                    "each forced in its own process (e.g. avx512vnni,avxvnni,avx2,float)")
     a = ap.parse_args(argv)
+    if a.isa:
+        return per_variant(a, argv if argv is not None else sys.argv[1:])
     files = a.files or [smollm2_q4km()] + [synthetic(p) for p in ("Q4_K_M", "Q6_K", "Q2_K")] \
         + [fetch.gemma3_path()]
     threads = [int(t) for t in a.threads.split(",")]
@@ -368,13 +423,13 @@ def main(argv=None):
             report["results"].append(r)
             print(f"{r['file']} -t {t}: {r['validated']}", flush=True)
             if a.blockq_only:
-                print(f"{r['file']} -t {t}: pp{a.n_prompt} blockq {r['blockq_pp']:.1f} tok/s "
+                print(f"{r['file']} -t {t} [{r['isa']}]: pp{a.n_prompt} blockq {r['blockq_pp']:.1f} tok/s "
                       f"{r['all_runs']['blockq_pp']} | tg{a.n_gen} blockq {r['blockq_tg']:.1f} "
                       f"tok/s {r['all_runs']['blockq_tg']} | decode reads {r['gbps_blockq_tg']} "
                       f"GB/s of weights (read bandwidth {r['read_bandwidth_gbps']} GB/s)",
                       flush=True)
                 continue
-            print(f"{r['file']} ({r['size_mib']} MiB) -t {t}: "
+            print(f"{r['file']} ({r['size_mib']} MiB) -t {t} [{r['isa']}]: "
                   f"pp{a.n_prompt} blockq {r['blockq_pp']:.1f} vs llama.cpp "
                   f"{r['llama_cpp_pp']:.1f} tok/s = {r['pp_ratio']:.2f}x "
                   f"[{'ok' if r['pp_ratio'] >= 1.0 else 'FAIL'} >= 1.0] | "
@@ -383,7 +438,7 @@ def main(argv=None):
                   f"[{'ok' if r['tg_ratio'] >= 1.0 else 'FAIL'} >= 1.0] | "
                   f"blockq decode reads {r['gbps_blockq_tg']} GB/s of weights (read "
                   f"bandwidth {r['read_bandwidth_gbps']} GB/s)", flush=True)
-        if a.blockq_only:
+        if a.blockq_only or a.skip_memory:
             continue
         n_ctx = a.n_gen + 8
         mem = {e: engine_memory(e, f, threads[0], n_ctx, a.n_gen) for e in MEMORY}

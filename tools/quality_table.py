@@ -1,7 +1,11 @@
 """Quality at equal size: ``blockq convert --optimize [--calib TEXT]`` against llama-quantize.
 
-Base: SmolLM2-135M-Instruct dequantized to F32 (``blockq convert --type F32`` of the shipped
-Q4_1 file).  Text: /usr/share/common-licenses/* concatenated; its first ``--calib-chunks`` x
+Base (``--base``): ``smollm2``, SmolLM2-135M-Instruct dequantized to F32 (``blockq convert
+--type F32`` of the shipped Q4_1 file); or ``gemma3``, Gemma-3-270M dequantized from the shipped
+Q4_K_M file, with seeded Gaussian noise of ``--base-noise`` (default 0.1) times each row's
+standard deviation added to every matrix: that file's Q4_K / Q5_0 / Q8_0 / Q6_K tensors are
+lattices the same types represent exactly, so requantizing the plain dequantized weights to
+those types would measure the lattice, not the quantizer (see the README's Q5_K_M caveat).  Text: /usr/share/common-licenses/* concatenated; its first ``--calib-chunks`` x
 ``-c`` tokens are the calibration text (written to ``calib.txt``), and KL divergence is measured
 on ``--eval-chunks`` chunks *after* it (text neither side saw).
 
@@ -26,6 +30,10 @@ integer dots (as llama.cpp's CPU backend does); that adds the same noise floor t
 
     python tools/quality_table.py [--work /tmp/quality] [--calib-chunks 32] [--eval-chunks 8]
                                   [--presets Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q6_K] [--json]
+                                  [--base smollm2|gemma3] [--base-noise 0.1]
+
+``--presets`` takes any preset of ``blockq.presets``; ``--presets IQ4_XS,IQ4_NL`` measures the
+i-quant presets, whose IQ4_NL / IQ4_XS matrices get error-compensated rounding too.
 """
 from __future__ import annotations
 
@@ -67,6 +75,35 @@ def run_blockq(args: list[str]) -> tuple[float, float]:
     return wall, rss_kb / 1024
 
 
+def noisy_f32(src: Path, dst: Path, noise: float, seed: int = 0) -> Path:
+    """``src`` with every 2-D weight dequantized to F32 plus Gaussian noise of ``noise`` times
+    its row's standard deviation (seeded per tensor); vectors and metadata as they are."""
+    import zlib
+
+    import numpy as np
+
+    from blockq.gguf.reader import read_gguf
+    from blockq.gguf.writer import write_gguf
+
+    plain = dst.with_suffix(".plain.gguf")
+    convert(src, plain, "F32", warn=lambda s: None)  # metadata as blockq's F32 conversion
+    try:
+        with read_gguf(plain) as f:
+            def data(t):
+                def load():
+                    w = np.array(t.data.view("<f4"), dtype=np.float32).reshape(t.shape)
+                    if w.ndim != 2 or noise <= 0:
+                        return w
+                    rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
+                    sd = w.std(axis=1, keepdims=True)
+                    return w + (noise * sd) * rng.standard_normal(w.shape, dtype=np.float32)
+                return load
+            items = [(t.name, "F32", tuple(t.shape), data(t)) for t in f.tensors.values()]
+            return write_gguf(dst, f.metadata, items)
+    finally:
+        plain.unlink(missing_ok=True)
+
+
 def llama_files(base: Path, out: Path, preset: str, vectors, kv, threads: int) -> str:
     """llama-quantize's file, or blockq's byte-identical stand-in; returns which."""
     try:
@@ -92,6 +129,9 @@ def main() -> None:
     ap.add_argument("--numerics", default="float", choices=("float", "default"),
                     help="runtime numerics of the quantized models in the KLD tool")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--base", default="smollm2", choices=("smollm2", "gemma3"))
+    ap.add_argument("--base-noise", type=float, default=0.1,
+                    help="gemma3 base: noise std per row, as a fraction of the row's std")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     presets = [p.strip().upper() for p in a.presets.split(",") if p.strip()]
@@ -101,10 +141,16 @@ def main() -> None:
         text_path.write_text("".join(p.read_text(errors="replace")
                                      for p in sorted(LICENSES.iterdir()) if p.is_file()))
     text = text_path.read_text()
-    base_path = a.work / "smol-f32.gguf"
-    if not base_path.exists():
-        log("base: dequantizing the shipped SmolLM2 Q4_1 file to F32")
-        convert(fetch.smollm2_path(), base_path, "F32", warn=lambda s: None)
+    if a.base == "smollm2":
+        base_path = a.work / "smol-f32.gguf"
+        if not base_path.exists():
+            log("base: dequantizing the shipped SmolLM2 Q4_1 file to F32")
+            convert(fetch.smollm2_path(), base_path, "F32", warn=lambda s: None)
+    else:
+        base_path = a.work / f"gemma3-f32-noise{a.base_noise:g}.gguf"
+        if not base_path.exists():
+            log(f"base: Gemma-3-270M Q4_K_M dequantized to F32, row noise {a.base_noise:g}")
+            noisy_f32(fetch.gemma3_path(), base_path, a.base_noise)
     base = Model.load(base_path)
     tok = Tokenizer.from_metadata(base.metadata)
     bos = tok.bos_id if tok.add_bos else None
@@ -176,7 +222,9 @@ def main() -> None:
                           "numerics": a.numerics,
                           "eval_chunks": a.eval_chunks, "rows": table, "timing": timing}))
         return
-    print(f"SmolLM2-135M-Instruct, base F32 (PPL {ppl_base:.3f}); calibration: "
+    name = "SmolLM2-135M-Instruct" if a.base == "smollm2" else \
+        f"Gemma-3-270M (noise {a.base_noise:g})"
+    print(f"{name}, base F32 (PPL {ppl_base:.3f}); calibration: "
           f"{a.calib_chunks} x {a.ctx} tokens of common-licenses; KLD over {a.eval_chunks} "
           f"held-out chunks (one KLD tool for all files, numerics {a.numerics})")
     print(f"{'preset':8s} {'text':5s} {'KLD blockq':>11s} {'KLD llama':>11s} {'ratio':>6s} "

@@ -29,4 +29,5 @@ class ChunkProgress:
     def __call__(self, done: int, total: int, value: float) -> None:
         if self._task is None:
             self._task = self._p.add_task("", total=total, info="")
-        self._p.update(self._task, completed=done, info=f"{self.label} {value:.4f}")
+        info = "" if value != value else f"{self.label} {value:.4f}"  # NaN: not known yet
+        self._p.update(self._task, completed=done, info=info)

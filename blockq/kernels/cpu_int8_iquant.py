@@ -17,13 +17,12 @@ dequantize(Q8(x))`` up to float32 summation order (``tests/test_int8_iquant.py``
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import njit
 from numba.extending import intrinsic
 
 from .. import codebooks
-from .cpu_int8 import (_I1, _V32I8, JIT, PREFETCH_BYTES, Q8_1, Q8_1_QS, Q8K, Q8K_QS, I8x32,
-                       _call, _madd, _maddubs, _offsets, dot_ss, izeros, load32, nibbles, pick,
-                       prefetch, words16)
+from .cpu_int8 import (_I1, _V32I8, INLINE, JIT, PREFETCH_BYTES, Q8_1, Q8_1_QS, Q8K, Q8K_QS,
+                       I8x32, _call, _madd, _maddubs, _offsets, dot_ss, izeros, load32, nibbles,
+                       pick, prefetch, variant_jit, words16)
 from .cpu_simd import I32x8, f16_to_f32, f32_at, fma, hsum, to_f32, u32_at, zeros
 from ..types import BY_NAME
 
@@ -62,7 +61,7 @@ IQ4_XS_SH, IQ4_XS_SL, IQ4_XS_QS = _XS["scales_h"], _XS["scales_l"], _XS["qs"]
 assert _NL["d"] == _XS["d"] == 0
 
 
-@njit(**JIT)
+@variant_jit(**INLINE)
 def _dot_iq4_nl(w, r, y, t):
     # 18 bytes: 0..1 d (f16) | 2..17 qs: weight j < 16 = low nibble of qs[j], weight 16 + j =
     # its high nibble (Q4_0's order).  w = d * grid[q]
@@ -75,7 +74,7 @@ def _dot_iq4_nl(w, r, y, t):
     return hsum(acc)
 
 
-@njit(**JIT)
+@variant_jit(**INLINE)
 def _iq4_xs_scales(w, r, o):
     """The eight sub-block scales of the IQ4_XS super-block at o, minus 32, in lanes 0..7 of an
     I16x16 (lanes 8..15: -32, unused).  Sub-block s: low 4 bits = nibble s of the four
@@ -88,7 +87,7 @@ def _iq4_xs_scales(w, r, o):
     return words16(u0, u1, 0, 0) - 32
 
 
-@njit(**JIT)
+@variant_jit(**INLINE)
 def _dot_iq4_xs(w, r, y, t):
     # 136 bytes: 0..1 d (f16) | 2..3 scales_h | 4..7 scales_l | 8..135 qs: sub-block s (32
     # weights) in qs[16s..16s+15], IQ4_NL's nibble order.  w = d * (ls - 32) * grid[q].
@@ -107,5 +106,18 @@ def _dot_iq4_xs(w, r, y, t):
     return hsum(acc)
 
 
-# weight type -> its dot kernel (cpu_int8 adds these to its KERNELS)
-KERNELS = {"IQ4_NL": _dot_iq4_nl, "IQ4_XS": _dot_iq4_xs}
+# the kernels cpu_int8's drivers call: rows r0..r1 of the weights times activation row t
+@variant_jit(**JIT)
+def _rows_iq4_nl(w, r0, r1, y, t, out):
+    for r in range(r0, r1):
+        out[t, r] = _dot_iq4_nl(w, r, y, t)
+
+
+@variant_jit(**JIT)
+def _rows_iq4_xs(w, r0, r1, y, t, out):
+    for r in range(r0, r1):
+        out[t, r] = _dot_iq4_xs(w, r, y, t)
+
+
+# weight type -> its kernel (cpu_int8 adds these to its KERNELS)
+KERNELS = {"IQ4_NL": _rows_iq4_nl, "IQ4_XS": _rows_iq4_xs}

@@ -948,6 +948,41 @@ def int8_kernels():
     return cpu_int8
 
 
+def matvec_many(mats: "list[QMatrix]", x: np.ndarray) -> "tuple[np.ndarray, ...] | None":
+    """``W_i @ x`` (each (1, rows_i)) for two or three matrices of one input x (cols,) in one
+    int8 kernel call, its activation blocks made once (decoding: q, k, v; gate, up); None where
+    that cannot be done (float numerics, types whose activation blocks differ), and the caller
+    takes them one by one."""
+    # NOTE: what is fixed for these matrices is prepared once and kept on the first of them,
+    # keyed by all of them (alive as long as it is) and by their int8 switches
+    key = (tuple(id(m) for m in mats), tuple(m.int8 for m in mats))
+    run = mats[0]._shared.get(key, False)
+    if run is False:
+        k8 = int8_kernels()
+        run = None
+        if k8 is not None and all(key[1]) and len({m.shape[1] for m in mats}) == 1 and \
+                k8.can_share_input([m.qtype for m in mats]):
+            run = k8.prepare_products([m.qtype for m in mats], [m.data for m in mats],
+                                      mats[0].shape[1])
+        mats[0]._shared[key] = run
+    if run is None:
+        return None
+    x = mats[0]._vector(x)  # (cols,)
+    outs = tuple(np.empty((1, m.shape[0]), F32) for m in mats)  # (1, rows_i) each
+    run(x[None], outs)
+    return outs
+
+
+@functools.cache
+def int8_gemm():
+    """:mod:`blockq.kernels.cpu_int8_gemm` (the int8 tiled prompt matmul) where this process
+    runs an int8 variant, else None."""
+    if int8_kernels() is None:
+        return None
+    from . import cpu_int8_gemm
+    return cpu_int8_gemm
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     # NOTE: kernels always see read-only arrays so that Numba compiles (and caches) one
     # specialization per type, whether the bytes come from a read-only mmap or from memory.
@@ -986,6 +1021,7 @@ class QMatrix:
         # (blockq.kernels.cpu_int8); False: float32 activations times decoded weights.
         self.int8: bool = False
         self.set_int8(True)
+        self._shared: dict = {}  # matvec_many's prepared calls with this matrix first
 
     @property
     def nbytes(self) -> int:
@@ -1040,11 +1076,14 @@ class QMatrix:
             out = np.empty((X.shape[0], rows), F32)  # (n, rows)
             int8_kernels().product(self.qtype, self.data, X, out)
             return out
+        if self.int8 and self.qtype in int8_gemm().PROMPT_TYPES:
+            out = np.empty((X.shape[0], rows), F32)  # (n, rows)
+            int8_gemm().product(self.qtype, self.data, X, out)
+            return out
         if self.int8:
             # NOTE: the int8 numerics (dequantized weights . dequantized 8-bit activations), with
             # the activations rounded to their 8-bit blocks and the product taken by the float
-            # tile kernel below: one int8 dot per row and token was measured 2x slower than the
-            # tiles (pp128 on SmolLM2 Q4_K_M), which reuse each decoded weight for every token.
+            # tile kernel below, for the types whose int8 tiles (cpu_int8_gemm) measured slower.
             X = int8_kernels().round_trip(self.qtype, X)  # (n, cols)
         if X.shape[0] < MATMUL_MIN_TOKENS:
             return np.stack([self.matvec(x) for x in X])

@@ -167,15 +167,12 @@ def _use_hardware_f16() -> bool:
     """True where LLVM turns ``fpext half`` into an instruction rather than a library call."""
     import platform
 
-    from llvmlite import binding as llvm
+    from .cpu_isa import host_features  # as Numba compiles: NUMBA_CPU_FEATURES applied
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return True
     if machine in ("x86_64", "amd64"):
-        try:
-            return bool(llvm.get_host_cpu_features().get("f16c", False))
-        except RuntimeError:
-            return False
+        return bool(host_features().get("f16c", False))
     return False
 
 

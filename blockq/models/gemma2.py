@@ -22,8 +22,8 @@ class Gemma2Block(Block):
 
     def __call__(self, ops, x, il, step):  # x (n, n_embd)
         h = ops.rms_norm(x, self.attn_norm)
-        att = ops.attend(il, ops.linear(self.attn_q, h), ops.linear(self.attn_k, h),
-                         ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
+        att = ops.attend(il, *ops.linears((self.attn_q, self.attn_k, self.attn_v), h),
+                         step)  # (n, n_embd_q)
         return sandwich(self, ops, x, att, il, step)
 
 

@@ -36,10 +36,10 @@ class Gemma3Block(Block):
     def __call__(self, ops, x, il, step):  # x (n, n_embd)
         a = step.args
         h = ops.rms_norm(x, self.attn_norm)
-        q = head_norm(ops, ops.linear(self.attn_q, h), self.attn_q_norm, a.n_head, a.head_dim)
-        k = head_norm(ops, ops.linear(self.attn_k, h), self.attn_k_norm, a.n_head_kv,
-                      a.head_dim)
-        att = ops.attend(il, q, k, ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
+        q, k, v = ops.linears((self.attn_q, self.attn_k, self.attn_v), h)
+        q = head_norm(ops, q, self.attn_q_norm, a.n_head, a.head_dim)
+        k = head_norm(ops, k, self.attn_k_norm, a.n_head_kv, a.head_dim)
+        att = ops.attend(il, q, k, v, step)  # (n, n_embd_q)
         return sandwich(self, ops, x, att, il, step)
 
 
@@ -51,7 +51,7 @@ def sandwich(b, ops, x, att, il, step):
         o, x = ops.rows(o, step.rows), ops.rows(x, step.rows)
     x = ops.add(x, ops.rms_norm(o, b.post_attention_norm))
     h = ops.rms_norm(x, b.ffn_norm)
-    g = ops.geglu(ops.linear(b.ffn_gate, h), ops.linear(b.ffn_up, h))  # (n, n_ff)
+    g = ops.geglu(*ops.linears((b.ffn_gate, b.ffn_up), h))  # (n, n_ff)
     return ops.add(x, ops.rms_norm(ops.linear(b.ffn_down, g), b.post_ffw_norm))
 
 

@@ -49,8 +49,9 @@ class LlamaBlock(Block):
 
     def __call__(self, ops, x, il, step):  # x (n, n_embd)
         h = ops.rms_norm(x, self.attn_norm)
-        q, k = self.qk(ops, ops.linear(self.attn_q, h), ops.linear(self.attn_k, h), step)
-        att = ops.attend(il, q, k, ops.linear(self.attn_v, h), step)  # (n, n_embd_q)
+        q, k, v = ops.linears((self.attn_q, self.attn_k, self.attn_v), h)
+        q, k = self.qk(ops, q, k, step)
+        att = ops.attend(il, q, k, v, step)  # (n, n_embd_q)
         o = ops.linear(self.attn_output, att)  # (n, n_embd)
         if step.rows is not None and il == step.args.n_layer - 1:
             # NOTE: llama.cpp drops the rows without outputs after the attention output
@@ -59,7 +60,7 @@ class LlamaBlock(Block):
             o, x = ops.rows(o, step.rows), ops.rows(x, step.rows)
         x = ops.add(x, o)
         h = ops.rms_norm(x, self.ffn_norm)
-        g = ops.swiglu(ops.linear(self.ffn_gate, h), ops.linear(self.ffn_up, h))  # (n, n_ff)
+        g = ops.swiglu(*ops.linears((self.ffn_gate, self.ffn_up), h))  # (n, n_ff)
         return ops.add(x, ops.linear(self.ffn_down, g))
 
 

@@ -1,13 +1,16 @@
-"""Every quantized grid as ``w = a * q + b``: the affine view of a block and its integer codes.
+"""Every quantized grid as ``w = a * v[q] + b``: the affine view of a block and its codes.
 
-Error-compensated rounding (:mod:`blockq.quantize.gptq`) picks the integers of a block itself
-once its scales are set.  It needs two things per type, both here:
+Error-compensated rounding (:mod:`blockq.quantize.gptq`) picks the codes of a block itself
+once its scales are set.  It needs three things per type, all here:
 
 - :func:`affine` — for blocks already holding scales (and mins): per weight the step ``a`` and
-  offset ``b`` of its sub-block and the integer range, so that the weight decodes as ``a*q + b``
-  with ``q`` in ``qmin..qmax`` (the same integers :func:`blockq.dequantize.quant_ints` returns);
-- :func:`pack_codes` — write chosen integers ``q`` into blocks, leaving their scales untouched.
-  It is the exact inverse of ``quant_ints``: ``pack_codes(b, t, quant_ints(b, t)) == b``.
+  offset ``b`` of its sub-block, so that the weight decodes as ``a * v[q] + b``;
+- :func:`values` — ``v``, the grid's values in ascending order: the identity on the integer
+  grids (``RANGES``: ``v[q] = q``, ``q`` in ``qmin..qmax``, the integers
+  :func:`blockq.dequantize.quant_ints` returns), the 16-entry table of the non-uniform grids
+  (``TABLES``: IQ4_NL and IQ4_XS, ``q`` the table index 0..15);
+- :func:`pack_codes` — write chosen codes ``q`` into blocks, leaving their scales untouched.
+  It is the exact inverse of :func:`codes_of`: ``pack_codes(b, t, codes_of(b, t)) == b``.
 
 The bit layouts are drawn beside their unpackers in :mod:`blockq.dequantize`; the packers below
 follow the same index names (``w = 128*h + 32*j + l`` etc.).
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dequantize import _records, unpack_q3k_scales, unpack_scale_min_k4
+from .. import codebooks
+from ..dequantize import (_nibbles, _records, quant_ints, scaled_parts, unpack_q3k_scales,
+                          unpack_scale_min_k4)
 from ..errors import BadArgument
 from ..types import QK_K, QType, qtype as _qtype
 
@@ -30,19 +35,64 @@ RANGES = {
     "Q8_0": (-127, 127),
     "Q2_K": (0, 3), "Q3_K": (-4, 3), "Q4_K": (0, 15), "Q5_K": (0, 31), "Q6_K": (-32, 31),
 }
+# the non-uniform grids: w = scale * table[q], q the index 0..15 into the ascending table
+TABLES = {"IQ4_NL": codebooks.IQ4_NL.astype(F32), "IQ4_XS": codebooks.IQ4_NL.astype(F32)}
 # weights that share one (a, b) pair: the sub-block length of each grid
 SUB_BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
-             "Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
+             "Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16,
+             "IQ4_NL": 32, "IQ4_XS": 32}
 
 
 def supported(name: str) -> bool:
-    return name in RANGES
+    return name in RANGES or name in TABLES
 
 
 def _need(t: QType) -> None:
-    if t.name not in RANGES:
-        raise BadArgument(f"{t.name} has no integer grid to pick codes on (grids: "
-                          + ", ".join(RANGES) + ")")
+    if not supported(t.name):
+        raise BadArgument(f"{t.name} has no grid to pick codes on (grids: "
+                          + ", ".join([*RANGES, *TABLES]) + ")")
+
+
+def code_range(qtype) -> tuple[int, int]:
+    """The smallest and largest code of a grid: the integer range, or 0..len(table) - 1."""
+    t = _qtype(qtype)
+    _need(t)
+    return RANGES[t.name] if t.name in RANGES else (0, len(TABLES[t.name]) - 1)
+
+
+def values(qtype) -> np.ndarray:
+    """``v``, float32 ascending: what each code means before ``a`` and ``b`` (``v[q - qmin]``
+    for code ``q``): ``qmin..qmax`` on an integer grid, the value table on a non-uniform one."""
+    t = _qtype(qtype)
+    _need(t)
+    if t.name in TABLES:
+        return TABLES[t.name]
+    lo, hi = RANGES[t.name]
+    return np.arange(lo, hi + 1, dtype=F32)
+
+
+def decode_codes(qtype, q: np.ndarray) -> np.ndarray:
+    """``v[q]`` as float32 (any shape): the codes themselves on an integer grid."""
+    t = _qtype(qtype)
+    _need(t)
+    q = np.asarray(q)
+    return TABLES[t.name][q.astype(np.intp)] if t.name in TABLES else q.astype(F32)
+
+
+def codes_of(blocks: np.ndarray, qtype) -> np.ndarray:
+    """The code of every weight, int16 ``(n, block_size)``: the integers of
+    :func:`blockq.dequantize.quant_ints` on an integer grid, the table indices on IQ4_NL /
+    IQ4_XS."""
+    t = _qtype(qtype)
+    _need(t)
+    if t.name in RANGES:
+        return quant_ints(blocks, t)
+    r = _records(blocks, t)
+    n = len(r)
+    if t.name == "IQ4_NL":  # byte j: weight j low nibble, j + 16 high
+        return _nibbles(r["qs"]).astype(np.int16)
+    # IQ4_XS: sub-block s in qs[16s:16s+16], nibbles as IQ4_NL
+    return _nibbles(r["qs"].reshape(n, 8, 16)).reshape(n, QK_K).astype(np.int16)
 
 
 def _f(a) -> np.ndarray:
@@ -55,6 +105,9 @@ def affine(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
     ``a[:, i // sub] * q + b[:, i // sub]``."""
     t = _qtype(qtype)
     _need(t)
+    if t.name in TABLES:  # w = scale * table[q]: blockq.dequantize's own scales, no offset
+        _, a, _ = scaled_parts(blocks, t)
+        return a.astype(F32), np.zeros_like(a, dtype=F32)
     r = _records(blocks, t)
     n = len(r)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -88,11 +141,11 @@ def _nibble_pack(u: np.ndarray) -> np.ndarray:
 
 
 def pack_codes(blocks: np.ndarray, qtype, q: np.ndarray) -> np.ndarray:
-    """A copy of ``blocks`` (uint8 ``(n, type_size)``) with their integers replaced by ``q``
-    (``(n, block_size)``, in the grid's range), scales and mins kept."""
+    """A copy of ``blocks`` (uint8 ``(n, type_size)``) with their codes replaced by ``q``
+    (``(n, block_size)``, in :func:`code_range`), scales and mins kept."""
     t = _qtype(qtype)
     _need(t)
-    lo, hi = RANGES[t.name]
+    lo, hi = code_range(t)
     q = np.asarray(q)
     n = blocks.shape[0]
     if q.shape != (n, t.block_size):
@@ -103,8 +156,10 @@ def pack_codes(blocks: np.ndarray, qtype, q: np.ndarray) -> np.ndarray:
     r = out.view(t.dtype)[:, 0]
     q = q.astype(np.int16)
     name = t.name
-    if name in ("Q4_0", "Q4_1"):
+    if name in ("Q4_0", "Q4_1", "IQ4_NL"):
         r["qs"] = _nibble_pack(q - lo)
+    elif name == "IQ4_XS":  # per sub-block of 32 the IQ4_NL nibble order, 16 bytes each
+        r["qs"] = _nibble_pack(q.reshape(n * 8, 32)).reshape(n, 128)
     elif name in ("Q5_0", "Q5_1"):
         u = q - lo  # 0..31
         r["qs"] = _nibble_pack(u)

@@ -11,14 +11,16 @@ causes in the outputs.
 Grids: each quantization block (32 or 256 columns) gets its scales (and mins) at the moment its
 first column is reached, from blockq's importance-weighted search (llama.cpp's algorithm) run on
 the *already corrected* weights of that block; they are then frozen and the block's columns are
-rounded onto ``a*q + b`` (:mod:`blockq.quantize.codes`).  The bytes are standard blocks of the
-type; any GGUF reader decodes them.
+rounded onto ``a*v[q] + b`` (:mod:`blockq.quantize.codes`): ``v`` the identity on the integer
+grids (Q4_0 … Q8_0, Q2_K … Q6_K), the 16 ascending values of IQ4_NL / IQ4_XS, where each weight
+goes to the nearest table value (bisection on the midpoints).  The bytes are standard blocks of
+the type; any GGUF reader decodes them.
 
 Order: whole blocks are taken by falling input energy and, inside a block, columns by falling
 energy (:func:`column_order`): GPTQ's act-order, kept block-contiguous so each block's scales
 are still fitted when its first column comes.  Refit: once every code is fixed, each block's
 fp16 step (and offset) is refitted by least squares under ``H`` (:func:`refit_scales`), the
-sub-block scale codes kept.
+sub-block scale codes kept (IQ4_XS: its fp16 super-scale ``d``, the 6-bit sub-scales kept).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from numba import njit
 from ..errors import BadArgument
 from ..types import qtype as _qtype
 from ..dequantize import _records
-from .codes import RANGES, SUB_BLOCK, affine, expand, pack_codes
+from .codes import (SUB_BLOCK, TABLES, affine, code_range, decode_codes, expand, pack_codes,
+                    supported, values)
 
 DEFAULT_DAMP = 0.01  # fraction of the mean diagonal added to H (GPTQ's percdamp)
 # Statistics from random token ids (no text) estimate the correlations of the inputs poorly:
@@ -108,25 +111,48 @@ def _cached_factor(H: np.ndarray, scale: float, damp: float, order) -> np.ndarra
 
 
 @njit(nogil=True, cache=True)
-def _round_block(W, U, c0, c1, a, b, lo, hi, Q, E, e0):  # pragma: no cover - compiled
-    """Round columns c0..c1 of W (in place, float64 (rows, cols)) onto a*q + b per column
+def _nearest(mids, x):  # pragma: no cover - compiled
+    """Index of the table value nearest to x, given the midpoints of the ascending table."""
+    lo, hi = 0, mids.size  # the answer is the number of midpoints below x
+    while lo < hi:
+        m = (lo + hi) // 2
+        if mids[m] < x:
+            lo = m + 1
+        else:
+            hi = m
+    return lo
+
+
+@njit(nogil=True, cache=True)
+def _round_block(W, U, c0, c1, a, b, lo, hi, Q, E, e0, vals, mids):  # pragma: no cover
+    """Round columns c0..c1 of W (in place, float32 (rows, cols)) onto a*v[q] + b per column
     (a, b (rows, c1-c0)), propagating each column's scaled error into the later columns up to
-    c1; the scaled errors go to E[:, e0 + j] for the caller's lazy update past c1."""
+    c1; the scaled errors go to E[:, e0 + j] for the caller's lazy update past c1.
+
+    ``vals`` empty: an integer grid, q = rint((w - b) / a) clipped to lo..hi; otherwise the
+    ascending table (``mids`` its midpoints) and q the index of the nearest value."""
     rows = W.shape[0]
+    table = vals.size > 0
     zero = 0 if lo <= 0 <= hi else lo
+    k0 = _nearest(mids, 0.0) if table else 0  # a table's code for a block of scale 0
     for j in range(c1 - c0):
         c = c0 + j
         d = U[c, c]
         for r in range(rows):
             ar = a[r, j]
             w = W[r, c]
-            if ar != 0.0:
-                q = np.rint((w - b[r, j]) / ar)
-                q = min(max(q, lo), hi)
+            if table:
+                iv = _nearest(mids, (w - b[r, j]) / ar) if ar != 0.0 else k0
+                Q[r, c] = iv
+                err = (w - (ar * vals[iv] + b[r, j])) / d
             else:
-                q = zero
-            Q[r, c] = q
-            err = (w - (ar * q + b[r, j])) / d
+                if ar != 0.0:
+                    q = np.rint((w - b[r, j]) / ar)
+                    q = min(max(q, lo), hi)
+                else:
+                    q = zero
+                Q[r, c] = q
+                err = (w - (ar * q + b[r, j])) / d
             E[r, e0 + j] = err
             for k in range(c + 1, c1):
                 W[r, k] -= err * U[c, k]
@@ -146,8 +172,9 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
 
     set_blas_threads(1)
     t = _qtype(qtype)
-    if t.name not in RANGES:
-        raise BadArgument(f"error-compensated rounding needs an integer grid; {t.name} has none")
+    if not supported(t.name):
+        raise BadArgument(f"error-compensated rounding needs a grid of codes (Q4_0 … Q8_0, "
+                          f"Q2_K … Q6_K, IQ4_NL, IQ4_XS); {t.name} has none")
     W0 = np.asarray(W, dtype=np.float32)
     if W0.ndim != 2:
         raise BadArgument(f"{name or 'matrix'}: expected 2-D weights, got shape {W0.shape}")
@@ -157,7 +184,9 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
     diag = np.diag(H).astype(np.float64)
     scale = float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
     imp = (diag / scale).astype(np.float32) if imatrix is None else np.asarray(imatrix, np.float32)
-    lo, hi = RANGES[t.name]
+    lo, hi = code_range(t)
+    vals = values(t) if t.name in TABLES else np.empty(0, np.float32)
+    mids = ((vals[1:] + vals[:-1]) / 2).astype(np.float32)
     B = t.block_size
     nb = cols // B
     order = column_order(H, B) if act_order else np.arange(cols)
@@ -181,7 +210,7 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
             a, b = affine(blk, t)
             a = np.ascontiguousarray(expand(a, t)[:, local])  # float32 (rows, B), rounding order
             b = np.ascontiguousarray(expand(b, t)[:, local])
-            _round_block(Wc, U, c0, c1, a, b, lo, hi, Q, E, c0 - s0)
+            _round_block(Wc, U, c0, c1, a, b, lo, hi, Q, E, c0 - s0, vals, mids)
             # the rest of this batch sees this block's errors now
             if c1 < s1:
                 Wc[:, c1:s1] -= E[:, c0 - s0:c1 - s0] @ U[c0:c1, c1:s1]
@@ -205,18 +234,20 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
 # the fp16 block fields refit_scales may rewrite: (step field, offset field or None)
 _SCALE_FIELDS = {"Q4_0": ("d", None), "Q5_0": ("d", None), "Q8_0": ("d", None),
                  "Q4_1": ("d", "m"), "Q5_1": ("d", "m"), "Q3_K": ("d", None), "Q6_K": ("d", None),
-                 "Q2_K": ("d", "dmin"), "Q4_K": ("d", "dmin"), "Q5_K": ("d", "dmin")}
+                 "Q2_K": ("d", "dmin"), "Q4_K": ("d", "dmin"), "Q5_K": ("d", "dmin"),
+                 "IQ4_NL": ("d", None), "IQ4_XS": ("d", None)}
 
 
 def refit_scales(blocks: np.ndarray, qtype, W, H, Q: np.ndarray, ridge: float = 1e-6
                  ) -> np.ndarray:
-    """Least-squares refit of each block's fp16 step (and offset) with every integer code and
+    """Least-squares refit of each block's fp16 step (and offset) with every code and
     every sub-block scale code kept, minimising ``tr((W - W^) H (W - W^)^T)`` row by row (the
     blocks of a row are fitted jointly: H couples them).
 
     ``blocks`` uint8 ``(rows, row_bytes)``, ``W`` float ``(rows, cols)`` (the original
-    weights), ``Q`` the integer codes ``(rows, cols)``.  A row keeps its old fields unless the
-    refit (after rounding to fp16) lowers its error.  Returns new blocks.
+    weights), ``Q`` the codes ``(rows, cols)`` (:func:`blockq.quantize.codes.codes_of`).  A row
+    keeps its old fields unless the refit (after rounding to fp16) lowers its error.  Returns new
+    blocks.
     """
     t = _qtype(qtype)
     W = np.asarray(W, np.float32)
@@ -237,7 +268,8 @@ def refit_scales(blocks: np.ndarray, qtype, W, H, Q: np.ndarray, ridge: float = 
     d = r[fd].astype(np.float32).reshape(rows, nb)
     with np.errstate(divide="ignore", invalid="ignore"):
         # the weight as d * u + m * v: u, v the parts each fp16 field multiplies
-        u = np.where(np.repeat(d, B, 1) != 0, a / np.repeat(d, B, 1), 0.0) * Q
+        u = np.where(np.repeat(d, B, 1) != 0, a / np.repeat(d, B, 1), 0.0) \
+            * decode_codes(t, Q)  # v[q]: the code itself on an integer grid
         if fm is not None:
             m = r[fm].astype(np.float32).reshape(rows, nb)
             v = np.where(np.repeat(m, B, 1) != 0, b / np.repeat(m, B, 1), 0.0)

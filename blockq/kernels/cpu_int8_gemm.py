@@ -1,0 +1,647 @@
+"""Int8 tiled matmul for prompts: many tokens' 8-bit activations times block-quantized weights.
+
+The decode-path kernels of :mod:`blockq.kernels.cpu_int8` unpack a weight block for one
+activation row at a time.  A prompt has n of them, so here each thread first unpacks a tile of
+``TILE_ROWS`` weight rows *once* into a plain int8 form that every block type shares, then runs
+all tokens over it, four at a time, with one register accumulator per token (as llamafile's
+tinyBLAS and ggml's repacked gemm reuse a weight block for several activation rows):
+
+- k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; activations Q8_K).  Per row, per super-block b:
+  ``codes``: 256 unsigned codes in weight order; ``scales``: per 32 weights an I16x16 of the
+  sub-block scales (lanes 0..7 for the first 16 weights, 8..15 for the second), the weights of
+  ``pmaddwd`` after ``pmaddubsw``; ``mins``: per 16 weights the integer that multiplies that
+  sub-block's sum of activation codes (Q8_K's bsums); ``d``, ``dm``: the float factors.  Then
+      row . token = d * dy * sum(codes * scales * y) - dm * dy * sum(mins * bsums)
+  Q2_K / Q4_K / Q5_K: mins are the sub-block mins, dm = dmin; Q3_K / Q6_K: mins are the
+  constant offset (4 / 32) times the scale, dm = d.
+- legacy 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; activations Q8_1).  Per block:
+  ``codes`` 32 unsigned bytes and a float ``d``; Q4_1 / Q5_1: codes q and ``dm`` = the min m
+  (added as m * s, Q8_1's f16 block sum, as llama.cpp does); Q4_0 / Q5_0 / Q8_0: ``codes`` hold
+  |q - offset| and ``signs`` the signed codes (the sign trick, exact in integers).
+
+All integer parts are exact; results equal ``dequantize(W) @ dequantize(Q8(x))`` up to float32
+summation order (``tests/test_int8_gemm.py``, the bound of ``tests/test_int8.py``).  The
+activation quantizers are cpu_int8's (ggml's, byte for byte).  The vectors are cpu_int8's
+``I8x32`` / ``I16x16`` and cpu_simd's ``I32x8`` / ``F32x8``; import this module only where
+:func:`blockq.kernels.cpu_isa.isa` says an int8 variant runs (cpu_int8 refuses otherwise).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, models, register_model
+
+from . import cpu_int8 as k8
+from .cpu_int8 import (I8x32, I16x16, Q8_1, Q8K, Q8K_BSUMS, Q8K_QS, _call, _madd, _writer,
+                       bits32, compiled, dot_us, dot_usv, izeros, load16, load32, nibbles,
+                       pairs_hi, pick, u8x16, i8x16)
+from .cpu_isa import ENV, host_features, isa
+from .cpu_matvec import _function_at
+from .cpu_simd import I32x8, f16_to_f32, f32_at, fma, hsum, to_f32, u32_at, zeros
+
+F32 = np.float32
+JIT = dict(fastmath=True, cache=True)
+
+TILE_ROWS = 16  # weight rows a thread unpacks at a time (16 x 5632 x 2 bytes = 176 KiB at most)
+KQ = 256  # weights per k-quant super-block
+LG = 32  # weights per legacy block
+
+
+# =============================================================================================
+# small intrinsics beyond cpu_int8's
+
+store = _writer(lambda context, builder, ty, v: v, "a[r, i:i+32] = the I8x32 / I16x16 v")
+
+
+@intrinsic
+def madd16(typingctx, a, b):
+    """``pmaddwd`` of two I16x16: lane k of an I32x8 = a[2k] * b[2k] + a[2k+1] * b[2k+1]."""
+    def codegen(context, builder, signature, args):
+        return _madd(builder, args[0], args[1])
+    return I32x8(a, b), codegen
+
+
+@intrinsic
+def abs8(typingctx, a):
+    """Lane-wise |a| of an I8x32 read as signed bytes (|-128| = 128 as an unsigned byte)."""
+    def codegen(context, builder, signature, args):
+        return _call(builder, "llvm.abs.v32i8", args[0].type, [args[0], ir.Constant(ir.IntType(1), 0)])
+    return I8x32(a), codegen
+
+
+@intrinsic
+def dot_signed(typingctx, a, s, y):
+    """``dot_us(a, y with the signs of s)``: a = |s| precomputed, so a signed-weight dot
+    costs one ``vpsignb`` per activation row (zero where s is zero)."""
+    def codegen(context, builder, signature, args):
+        _V16I16 = ir.VectorType(ir.IntType(16), 16)
+        sy = _call(builder, "llvm.x86.avx2.psign.b", args[2].type, [args[2], args[1]])
+        p = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [args[0], sy])
+        ones = ir.Constant(_V16I16, [1] * 16)
+        return _madd(builder, p, ones)
+    return I32x8(a, s, y), codegen
+
+
+# =============================================================================================
+# unpacking tiles: rows r0..r0+m of w into tile rows 0..m-1 (layouts drawn in cpu_int8)
+
+@njit(**JIT)
+def _put_chunk(codes, scales, i, k, q, sc):
+    store(codes, i, k, q)
+    store(scales, i, k, sc)
+
+
+@njit(**JIT)
+def _un_low2(w, r0, m, codes, scales, mins, d, dm, q3):
+    """Q2_K (q3 False) or Q3_K: 2-bit codes in the same order, Q3_K's third bit from hmask."""
+    size = k8.Q3_K if q3 else k8.Q2_K
+    o_qs = k8.Q3_K_QS if q3 else k8.Q2_K_QS
+    for i in range(m):
+        r = r0 + i
+        for b in range(d.shape[1]):
+            o, ib = b * size, b * KQ
+            if q3:
+                sc = k8._q3_k_scales(w, r, o + k8.Q3_K_SC)
+                mn = sc << 2  # 4 * sc: the offset -4 of every code
+                d[i, b] = dm[i, b] = f16_to_f32(w, r, o + k8.Q3_K_D)
+            else:
+                sm = u8x16(w, r, o + k8.Q2_K_SC)
+                sc, mn = sm & 15, sm >> 4
+                d[i, b] = f16_to_f32(w, r, o + k8.Q2_K_D)
+                dm[i, b] = f16_to_f32(w, r, o + k8.Q2_K_DMIN)
+            hm = load32(w, r, o + (k8.Q3_K_HM if q3 else o_qs))  # Q2_K: not used
+            for h in range(2):
+                qv = load32(w, r, o + o_qs + 32 * h)
+                for j in range(4):
+                    s = 8 * h + 2 * j
+                    q = (qv >> 2 * j) & 3
+                    if q3:
+                        q = q | (((hm >> (4 * h + j)) & 1) << 2)
+                    _put_chunk(codes, scales, i, ib + 128 * h + 32 * j, q, pick(sc, s, s + 1))
+            store(mins, i, 32 * b, mn)
+
+
+@njit(**JIT)
+def _un_q2_k(w, r0, m, codes, scales, mins, d, dm):
+    _un_low2(w, r0, m, codes, scales, mins, d, dm, False)
+
+
+@njit(**JIT)
+def _un_q3_k(w, r0, m, codes, scales, mins, d, dm):
+    _un_low2(w, r0, m, codes, scales, mins, d, dm, True)
+
+
+@njit(**JIT)
+def _un_k4(w, r0, m, codes, scales, mins, d, dm, size, o_sc, o_qs, o_qh):
+    """Q4_K (o_qh < 0) or Q5_K."""
+    for i in range(m):
+        r = r0 + i
+        for b in range(d.shape[1]):
+            o, ib = b * size, b * KQ
+            sm = k8._k4_scales(w, r, o + o_sc)
+            qh = load32(w, r, o + (o_qh if o_qh >= 0 else o_qs))
+            for j in range(4):
+                qv = load32(w, r, o + o_qs + 32 * j)
+                lo, hi = qv & 15, qv >> 4
+                if o_qh >= 0:
+                    lo = lo | (((qh >> 2 * j) & 1) << 4)
+                    hi = hi | (((qh >> (2 * j + 1)) & 1) << 4)
+                _put_chunk(codes, scales, i, ib + 64 * j, lo, pick(sm, 2 * j, 2 * j))
+                _put_chunk(codes, scales, i, ib + 64 * j + 32, hi,
+                           pick(sm, 2 * j + 1, 2 * j + 1))
+            store(mins, i, 32 * b, pairs_hi(sm))
+            d[i, b] = f16_to_f32(w, r, o)
+            dm[i, b] = f16_to_f32(w, r, o + 2)
+
+
+@njit(**JIT)
+def _un_q4_k(w, r0, m, codes, scales, mins, d, dm):
+    _un_k4(w, r0, m, codes, scales, mins, d, dm, k8.Q4_K, k8.Q4_K_SC, k8.Q4_K_QS, -1)
+
+
+@njit(**JIT)
+def _un_q5_k(w, r0, m, codes, scales, mins, d, dm):
+    _un_k4(w, r0, m, codes, scales, mins, d, dm, k8.Q5_K, k8.Q5_K_SC, k8.Q5_K_QS, k8.Q5_K_QH)
+
+
+@njit(**JIT)
+def _un_q6_k(w, r0, m, codes, scales, mins, d, dm):
+    for i in range(m):
+        r = r0 + i
+        for b in range(d.shape[1]):
+            o, ib = b * k8.Q6_K, b * KQ
+            sc = i8x16(w, r, o + k8.Q6_K_SC)
+            for h in range(2):
+                ql0 = load32(w, r, o + k8.Q6_K_QL + 64 * h)
+                ql1 = load32(w, r, o + k8.Q6_K_QL + 64 * h + 32)
+                qh = load32(w, r, o + k8.Q6_K_QH + 32 * h)
+                s, k = 8 * h, ib + 128 * h
+                _put_chunk(codes, scales, i, k, (ql0 & 15) | ((qh & 3) << 4), pick(sc, s, s + 1))
+                _put_chunk(codes, scales, i, k + 32, (ql1 & 15) | ((qh & 12) << 2),
+                           pick(sc, s + 2, s + 3))
+                _put_chunk(codes, scales, i, k + 64, (ql0 >> 4) | (qh & 48),
+                           pick(sc, s + 4, s + 5))
+                _put_chunk(codes, scales, i, k + 96, (ql1 >> 4) | ((qh >> 6) << 4),
+                           pick(sc, s + 6, s + 7))
+            store(mins, i, 32 * b, sc << 5)  # 32 * sc: the offset -32 of every code
+            d[i, b] = f16_to_f32(w, r, o + k8.Q6_K_D)
+            dm[i, b] = d[i, b]
+
+
+# legacy: (codes, signs, d, dm) per 32-weight block
+
+@njit(**JIT)
+def _un_legacy(w, r0, m, codes, signs, d, dm, size, o_qs, o_qh, o_m, off):
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 (4-bit codes, the fifth bits at o_qh >= 0) or Q8_0 (off < 0:
+    int8 codes).  o_m >= 0: codes q and the min m (Q4_1 / Q5_1); otherwise signs = the signed
+    codes q - off and codes = their magnitudes."""
+    for i in range(m):
+        r = r0 + i
+        for b in range(d.shape[1]):
+            o = b * size
+            if off < 0:
+                q = load32(w, r, o + o_qs)
+            else:
+                q = nibbles(w, r, o + o_qs)
+                if o_qh >= 0:
+                    q = q | (bits32(u32_at(w, r, o + o_qh)) << 4)
+            d[i, b] = f16_to_f32(w, r, o)
+            if o_m >= 0:
+                store(codes, i, LG * b, q)
+                dm[i, b] = f16_to_f32(w, r, o + o_m)
+            else:
+                q = q - max(off, 0)
+                store(signs, i, LG * b, q)
+                store(codes, i, LG * b, abs8(q))
+                dm[i, b] = 0.0
+
+
+@njit(**JIT)
+def _un_q4_0(w, r0, m, codes, signs, d, dm):
+    _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q4_0, k8.Q4_0_QS, -1, -1, 8)
+
+
+@njit(**JIT)
+def _un_q5_0(w, r0, m, codes, signs, d, dm):
+    _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q5_0, k8.Q5_0_QS, k8.Q5_0_QH, -1, 16)
+
+
+@njit(**JIT)
+def _un_q8_0(w, r0, m, codes, signs, d, dm):
+    _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q8_0, k8.Q8_0_QS, -1, -1, -1)
+
+
+@njit(**JIT)
+def _un_q4_1(w, r0, m, codes, signs, d, dm):
+    _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q4_1, k8.Q4_1_QS, -1, k8.Q4_1_M, 0)
+
+
+@njit(**JIT)
+def _un_q5_1(w, r0, m, codes, signs, d, dm):
+    _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q5_1, k8.Q5_1_QS, k8.Q5_1_QH, k8.Q5_1_M, 0)
+
+
+# =============================================================================================
+# the tile products: all tokens over an unpacked tile, four tokens per pass over a row
+
+
+@njit(**JIT)
+def _store4(out, r, t0, x0, x1, x2, x3):
+    """out[t0..t0+3, r] = x0..x3, those tokens that exist (tokens past n were copies)."""
+    n = out.shape[0]
+    out[t0, r] = x0
+    if t0 + 1 < n:
+        out[t0 + 1, r] = x1
+    if t0 + 2 < n:
+        out[t0 + 2, r] = x2
+    if t0 + 3 < n:
+        out[t0 + 3, r] = x3
+
+
+@njit(**JIT)
+def _kq_tile(codes, scales, mins, d, dm, m, Y, out, r0):
+    """out[:, r0:r0+m] for a k-quant tile; Y (n, Q8_K blocks)."""
+    n, nsb = Y.shape[0], d.shape[1]
+    for t0 in range(0, n, 4):
+        t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
+        for i in range(m):
+            a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+            for b in range(nsb):
+                ib, yo = b * KQ, b * Q8K
+                s0, s1, s2, s3 = izeros(), izeros(), izeros(), izeros()
+                for c in range(8):
+                    q = load32(codes, i, ib + 32 * c)
+                    v = load16(scales, i, ib + 32 * c)
+                    k = yo + Q8K_QS + 32 * c
+                    s0 = s0 + dot_usv(q, load32(Y, t0, k), v)
+                    s1 = s1 + dot_usv(q, load32(Y, t1, k), v)
+                    s2 = s2 + dot_usv(q, load32(Y, t2, k), v)
+                    s3 = s3 + dot_usv(q, load32(Y, t3, k), v)
+                mv = load16(mins, i, 32 * b)
+                f, g = d[i, b], -dm[i, b]
+                y0, y1, y2, y3 = f32_at(Y, t0, yo), f32_at(Y, t1, yo), f32_at(Y, t2, yo), \
+                    f32_at(Y, t3, yo)
+                a0 = fma(to_f32(s0), f * y0, a0)
+                a1 = fma(to_f32(s1), f * y1, a1)
+                a2 = fma(to_f32(s2), f * y2, a2)
+                a3 = fma(to_f32(s3), f * y3, a3)
+                a0 = fma(to_f32(madd16(mv, load16(Y, t0, yo + Q8K_BSUMS))), g * y0, a0)
+                a1 = fma(to_f32(madd16(mv, load16(Y, t1, yo + Q8K_BSUMS))), g * y1, a1)
+                a2 = fma(to_f32(madd16(mv, load16(Y, t2, yo + Q8K_BSUMS))), g * y2, a2)
+                a3 = fma(to_f32(madd16(mv, load16(Y, t3, yo + Q8K_BSUMS))), g * y3, a3)
+            _store4(out, r0 + i, t0, hsum(a0), hsum(a1), hsum(a2), hsum(a3))
+
+
+@njit(**JIT)
+def _lg_signed_tile(codes, signs, d, m, Y, dy, out, r0):
+    """out[:, r0:r0+m] for a tile of Q4_0 / Q5_0 / Q8_0 (codes |q|, signs q); Y (n, Q8_1
+    blocks), dy (n, blocks) their scales as float32."""
+    n, nb = Y.shape[0], d.shape[1]
+    for t0 in range(0, n, 4):
+        t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
+        for i in range(m):
+            a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+            for b in range(nb):
+                q = load32(codes, i, LG * b)
+                s = load32(signs, i, LG * b)
+                k = b * Q8_1 + k8.Q8_1_QS
+                f = d[i, b]
+                a0 = fma(to_f32(dot_signed(q, s, load32(Y, t0, k))), f * dy[t0, b], a0)
+                a1 = fma(to_f32(dot_signed(q, s, load32(Y, t1, k))), f * dy[t1, b], a1)
+                a2 = fma(to_f32(dot_signed(q, s, load32(Y, t2, k))), f * dy[t2, b], a2)
+                a3 = fma(to_f32(dot_signed(q, s, load32(Y, t3, k))), f * dy[t3, b], a3)
+            _store4(out, r0 + i, t0, hsum(a0), hsum(a1), hsum(a2), hsum(a3))
+
+
+@njit(**JIT)
+def _lg_min_tile(codes, d, dm, m, Y, dy, sy, out, r0):
+    """out[:, r0:r0+m] for a tile of Q4_1 / Q5_1 (codes q, dm the min); sy (n, blocks) is
+    Q8_1's f16 block sum s as float32."""
+    n, nb = Y.shape[0], d.shape[1]
+    for t0 in range(0, n, 4):
+        t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
+        for i in range(m):
+            a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+            m0, m1, m2, m3 = F32(0), F32(0), F32(0), F32(0)
+            for b in range(nb):
+                q = load32(codes, i, LG * b)
+                k = b * Q8_1 + k8.Q8_1_QS
+                f, g = d[i, b], dm[i, b]
+                a0 = fma(to_f32(dot_us(q, load32(Y, t0, k))), f * dy[t0, b], a0)
+                a1 = fma(to_f32(dot_us(q, load32(Y, t1, k))), f * dy[t1, b], a1)
+                a2 = fma(to_f32(dot_us(q, load32(Y, t2, k))), f * dy[t2, b], a2)
+                a3 = fma(to_f32(dot_us(q, load32(Y, t3, k))), f * dy[t3, b], a3)
+                m0 += g * sy[t0, b]
+                m1 += g * sy[t1, b]
+                m2 += g * sy[t2, b]
+                m3 += g * sy[t3, b]
+            _store4(out, r0 + i, t0, hsum(a0) + m0, hsum(a1) + m1, hsum(a2) + m2, hsum(a3) + m3)
+
+
+@njit(**JIT)
+def _q8_1_factors(Y, dy, sy):
+    """dy, sy (n, blocks) = the f16 scale d and block sum s of each Q8_1 block of Y, as f32."""
+    for t in range(Y.shape[0]):
+        for b in range(dy.shape[1]):
+            dy[t, b] = f16_to_f32(Y, t, b * Q8_1)
+            sy[t, b] = f16_to_f32(Y, t, b * Q8_1 + 2)
+
+
+# =============================================================================================
+# AVX-512 (zmm) k-quant tiles: the same unpacked tile, 64 weights per instruction.  The scales
+# of 64 consecutive weights are 64 consecutive bytes of ``scales`` (four I16x16 halves in
+# order), so one 64-byte load gives pmaddwd's second operand.
+
+
+def _zmm_ok() -> bool:
+    """Whether the k-quant tiles run in zmm registers: the host has AVX-512 F and BW, an int8
+    variant runs, and no variant other than an AVX-512 one is forced (BLOCKQ_ISA=avx2 keeps
+    the 32-byte kernels, so that variant can be timed alone)."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    f = host_features()
+    return isa() != "float" and bool(f.get("avx512f")) and bool(f.get("avx512bw")) and \
+        (not forced or forced.startswith("avx512"))
+
+
+ZMM = _zmm_ok()
+
+_V16I32 = ir.VectorType(ir.IntType(32), 16)
+_V16F32 = ir.VectorType(ir.FloatType(), 16)
+
+
+class I32x16Type(types.Type):
+    def __init__(self):
+        super().__init__(name="I32x16")
+
+
+class F32x16Type(types.Type):
+    def __init__(self):
+        super().__init__(name="F32x16")
+
+
+I32x16, F32x16 = I32x16Type(), F32x16Type()
+
+
+@register_model(I32x16Type)
+class _I32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16I32)
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16F32)
+
+
+@intrinsic
+def zeros16(typingctx, like):
+    """All-zero I32x16 (like an int) or F32x16 (like a float)."""
+    ret, lty = (F32x16, _V16F32) if isinstance(like, types.Float) else (I32x16, _V16I32)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(lty, [0.0 if lty is _V16F32 else 0] * 16)
+    return ret(like), codegen
+
+
+def _ptr(context, builder, aty, arr, rty, r, ity, i):
+    from .cpu_simd import _as_i64, _row_ptr
+    return _row_ptr(context, builder, aty, arr, _as_i64(context, builder, rty, r),
+                    _as_i64(context, builder, ity, i))
+
+
+@intrinsic
+def dot64_acc(typingctx, acc, q, i, c, y, t, k, sc):
+    """acc + pmaddwd(pmaddubsw(q[i, c:c+64], y[t, k:k+64]), sc[i, c:c+64] as 32 int16): zmm."""
+    def codegen(context, builder, signature, args):
+        at, qt, it, ct, yt, tt, kt, st = signature.args
+        acc_v, qa, iv, cv, ya, tv, kv, sa = args
+        v64 = ir.VectorType(ir.IntType(8), 64)
+        v32 = ir.VectorType(ir.IntType(16), 32)
+
+        def load(ptr, vty):
+            return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
+        qv = load(_ptr(context, builder, qt, qa, it, iv, ct, cv), v64)
+        yv = load(_ptr(context, builder, yt, ya, tt, tv, kt, kv), v64)
+        sv = load(_ptr(context, builder, st, sa, it, iv, ct, cv), v32)
+        p = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", v32, [qv, yv])
+        return builder.add(acc_v, _call(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I32, [p, sv]))
+    return I32x16(acc, q, i, c, y, t, k, sc), codegen
+
+
+@intrinsic
+def fma16(typingctx, acc, s, f):
+    """acc + float(s) * f: F32x16 acc, I32x16 s, scalar f."""
+    def codegen(context, builder, signature, args):
+        fv = context.cast(builder, args[2], signature.args[2], types.float32)
+        vec = builder.insert_element(ir.Constant(_V16F32, ir.Undefined), fv,
+                                     ir.Constant(ir.IntType(32), 0))
+        vec = builder.shuffle_vector(vec, ir.Constant(_V16F32, ir.Undefined),
+                                     ir.Constant(_V16I32, [0] * 16))
+        x = builder.sitofp(args[1], _V16F32)
+        from numba.core import cgutils
+        f3 = cgutils.get_or_insert_function(builder.module,
+                                            ir.FunctionType(_V16F32, [_V16F32] * 3),
+                                            "llvm.fmuladd.v16f32")
+        return builder.call(f3, [x, vec, args[0]])
+    return F32x16(acc, s, f), codegen
+
+
+@intrinsic
+def hsum16(typingctx, v):
+    """The float32 sum of the 16 lanes of an F32x16."""
+    def codegen(context, builder, signature, args):
+        x, width = args[0], 16
+        while width > 1:
+            width //= 2
+            half = ir.VectorType(ir.IntType(32), width)
+            lo = builder.shuffle_vector(x, x, ir.Constant(half, list(range(width))))
+            hi = builder.shuffle_vector(x, x, ir.Constant(half, list(range(width, 2 * width))))
+            x = builder.fadd(lo, hi)
+        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+    return types.float32(v), codegen
+
+
+@njit(**JIT)
+def _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, r0):
+    """_kq_tile in zmm registers: 64 weights per pmaddubsw / pmaddwd."""
+    n, nsb = Y.shape[0], d.shape[1]
+    for t0 in range(0, n, 4):
+        t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
+        for i in range(m):
+            a0, a1, a2, a3 = zeros16(0.0), zeros16(0.0), zeros16(0.0), zeros16(0.0)
+            c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()  # the min terms
+            for b in range(nsb):
+                ib, yo = b * KQ, b * Q8K
+                s0, s1, s2, s3 = zeros16(0), zeros16(0), zeros16(0), zeros16(0)
+                for c in range(4):
+                    o, k = ib + 64 * c, yo + Q8K_QS + 64 * c
+                    s0 = dot64_acc(s0, codes, i, o, Y, t0, k, scales)
+                    s1 = dot64_acc(s1, codes, i, o, Y, t1, k, scales)
+                    s2 = dot64_acc(s2, codes, i, o, Y, t2, k, scales)
+                    s3 = dot64_acc(s3, codes, i, o, Y, t3, k, scales)
+                mv = load16(mins, i, 32 * b)
+                f, g = d[i, b], -dm[i, b]
+                y0, y1, y2, y3 = f32_at(Y, t0, yo), f32_at(Y, t1, yo), f32_at(Y, t2, yo), \
+                    f32_at(Y, t3, yo)
+                a0 = fma16(a0, s0, f * y0)
+                a1 = fma16(a1, s1, f * y1)
+                a2 = fma16(a2, s2, f * y2)
+                a3 = fma16(a3, s3, f * y3)
+                c0 = fma(to_f32(madd16(mv, load16(Y, t0, yo + Q8K_BSUMS))), g * y0, c0)
+                c1 = fma(to_f32(madd16(mv, load16(Y, t1, yo + Q8K_BSUMS))), g * y1, c1)
+                c2 = fma(to_f32(madd16(mv, load16(Y, t2, yo + Q8K_BSUMS))), g * y2, c2)
+                c3 = fma(to_f32(madd16(mv, load16(Y, t3, yo + Q8K_BSUMS))), g * y3, c3)
+            _store4(out, r0 + i, t0, hsum16(a0) + hsum(c0), hsum16(a1) + hsum(c1),
+                    hsum16(a2) + hsum(c2), hsum16(a3) + hsum(c3))
+
+
+# =============================================================================================
+# the table and the threaded drivers
+
+# weight type -> (unpacking kernel, family): "kq" k-quant, "signed" / "min" legacy
+UNPACK = {
+    "Q2_K": (_un_q2_k, "kq"), "Q3_K": (_un_q3_k, "kq"), "Q4_K": (_un_q4_k, "kq"),
+    "Q5_K": (_un_q5_k, "kq"), "Q6_K": (_un_q6_k, "kq"),
+    "Q4_0": (_un_q4_0, "signed"), "Q5_0": (_un_q5_0, "signed"), "Q8_0": (_un_q8_0, "signed"),
+    "Q4_1": (_un_q4_1, "min"), "Q5_1": (_un_q5_1, "min"),
+}
+
+# the types QMatrix.matmul sends here (n >= 4 tokens); the others round their activations and
+# take cpu_matvec's float tiles, which measured faster for them
+PROMPT_TYPES = frozenset(UNPACK)
+
+_W = types.Array(types.uint8, 2, "C", readonly=True)  # weight blocks (rows, row_bytes)
+_B = types.Array(types.uint8, 2, "C")  # unpacked bytes / activation blocks
+_F = types.Array(types.float32, 2, "C")
+KQ_SIG = types.void(_W, types.int64, types.int64, _B, _B, _B, _F, _F)
+LG_SIG = types.void(_W, types.int64, types.int64, _B, _B, _F, _F)
+_kq_at = _function_at(KQ_SIG)
+_quant_at = _function_at(k8.QUANT_SIG)
+_lg_at = _function_at(LG_SIG)
+
+
+@njit(**JIT)
+def _kq_buffers(nsb):
+    """A thread's k-quant tile: codes, scales (an I16x16 per 32 weights), mins (an I16x16 per
+    super-block), d, dm."""
+    return (np.empty((TILE_ROWS, nsb * KQ), np.uint8), np.empty((TILE_ROWS, nsb * KQ), np.uint8),
+            np.empty((TILE_ROWS, nsb * 32), np.uint8), np.empty((TILE_ROWS, nsb), F32),
+            np.empty((TILE_ROWS, nsb), F32))
+
+
+def _run_kq(un, w, Y, out, n_threads):
+    rows, nsb = w.shape[0], Y.shape[1] // Q8K
+    for c in prange(n_threads):
+        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+        codes, scales, mins, d, dm = _kq_buffers(nsb)  # this thread's tile
+        for rt in range(r0, r1, TILE_ROWS):
+            m = min(TILE_ROWS, r1 - rt)
+            _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
+            _kq_tile(codes, scales, mins, d, dm, m, Y, out, rt)
+
+
+def _run_kq_zmm(un, w, Y, out, n_threads):
+    """_run_kq with the zmm tile kernel.  NOTE: a function of its own, not a flag: a CPU
+    without AVX-512 must never compile the zmm kernel (LLVM aborts), and Numba's cache is per
+    function, so the two builds never share an entry."""
+    rows, nsb = w.shape[0], Y.shape[1] // Q8K
+    for c in prange(n_threads):
+        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+        codes, scales, mins, d, dm = _kq_buffers(nsb)
+        for rt in range(r0, r1, TILE_ROWS):
+            m = min(TILE_ROWS, r1 - rt)
+            _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
+            _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, rt)
+
+
+def _run_lg(un, signed, w, Y, dy, sy, out, n_threads):
+    rows, nb = w.shape[0], dy.shape[1]
+    for c in prange(n_threads):
+        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+        codes = np.empty((TILE_ROWS, nb * LG), np.uint8)
+        signs = np.empty((TILE_ROWS, nb * LG), np.uint8)
+        d = np.empty((TILE_ROWS, nb), F32)
+        dm = np.empty((TILE_ROWS, nb), F32)
+        for rt in range(r0, r1, TILE_ROWS):
+            m = min(TILE_ROWS, r1 - rt)
+            _lg_at(un)(w, rt, m, codes, signs, d, dm)
+            if signed:
+                _lg_signed_tile(codes, signs, d, m, Y, dy, out, rt)
+            else:
+                _lg_min_tile(codes, d, dm, m, Y, dy, sy, out, rt)
+
+
+RUN_KQ_SIG = types.void(types.int64, _W, _B, _F, types.int64)
+RUN_LG_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
+
+
+@functools.cache
+def _driver(family: str):
+    # NOTE: always the parallel build.  Numba's disk cache keys a function's compilations by
+    # signature and bytecode, not by flags, so a serial and a parallel njit of one Python
+    # function share one cache entry and whichever was compiled first is loaded for both.
+    fn, sig = {"kq": (_run_kq, RUN_KQ_SIG), "kq_zmm": (_run_kq_zmm, RUN_KQ_SIG),
+               "lg": (_run_lg, RUN_LG_SIG)}[family]
+    return compiled(njit(cache=True, parallel=True)(fn), sig)[0]
+
+
+def _quantize_rows(quant, X, Y, n_threads):
+    """Y = the activation blocks of X, a range of tokens per thread."""
+    n = X.shape[0]
+    for c in prange(n_threads):
+        t0, t1 = n * c // n_threads, n * (c + 1) // n_threads
+        _quant_at(quant)(X[t0:t1], Y[t0:t1])
+
+
+QUANT_ROWS_SIG = types.void(types.int64, _F, _B, types.int64)
+
+
+@functools.cache
+def _quantizer():
+    return compiled(njit(cache=True, parallel=True)(_quantize_rows), QUANT_ROWS_SIG)[0]
+
+
+def quantize_activations(name: str, X: np.ndarray, n_threads: int) -> np.ndarray:
+    """cpu_int8's activation blocks of X (n, cols) for weight type ``name``, on n_threads."""
+    Y = np.empty((X.shape[0], k8.activation_bytes(name, X.shape[1])), np.uint8)
+    _quantizer()(k8._addresses(name)[0], X, Y, max(1, min(n_threads, X.shape[0])))
+    return Y
+
+
+@functools.cache
+def _unpacker(name: str) -> int:
+    un, family = UNPACK[name]
+    return compiled(un, KQ_SIG if family == "kq" else LG_SIG)[1]
+
+
+PARALLEL_MIN_WORK = 1 << 16  # weight-token products below which one thread runs it
+
+
+def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
+    """``out = Q8(X) @ W.T`` for a prompt: X float32 (n, cols) C-contiguous, w read-only uint8
+    (rows, row_bytes), out float32 (n, rows)."""
+    family = UNPACK[name][1]
+    rows = w.shape[0]
+    n_threads = numba.get_num_threads()
+    if n_threads == 1 or rows * X.size < PARALLEL_MIN_WORK:
+        n_threads = 1
+    Y = quantize_activations(name, X, n_threads)  # (n, activation bytes)
+    n_threads = max(1, min(n_threads, -(-rows // TILE_ROWS)))
+    run = _driver(("kq_zmm" if ZMM else "kq") if family == "kq" else "lg")
+    if family == "kq":
+        run(_unpacker(name), w, Y, out, n_threads)
+        return
+    nb = X.shape[1] // LG
+    dy = np.empty((X.shape[0], nb), F32)  # (n, blocks)
+    sy = np.empty((X.shape[0], nb), F32)
+    _q8_1_factors(Y, dy, sy)
+    run(_unpacker(name), family == "signed", w, Y, dy, sy, out, n_threads)
+
+
+__all__ = ["product", "UNPACK", "TILE_ROWS"]
