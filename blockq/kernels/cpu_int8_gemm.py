@@ -33,7 +33,7 @@ import os
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import intrinsic, models, register_model
 
 from . import cpu_int8 as k8
@@ -43,6 +43,28 @@ from .cpu_int8 import (I8x32, I16x16, Q8_1, Q8K, Q8K_BSUMS, Q8K_QS, _call, _madd
 from .cpu_isa import ENV, host_features, isa
 from .cpu_matvec import _function_at
 from .cpu_simd import I32x8, f16_to_f32, f32_at, fma, hsum, to_f32, u32_at, zeros
+from .jitcache import keyed_jit
+
+
+def _zmm_ok() -> bool:
+    """Whether the k-quant tiles run in zmm registers: the host has AVX-512 F and BW, an int8
+    variant runs, and no variant other than an AVX-512 one is forced (BLOCKQ_ISA=avx2 keeps
+    the 32-byte kernels, so that variant can be timed alone)."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    f = host_features()
+    return isa() != "float" and bool(f.get("avx512f")) and bool(f.get("avx512bw")) and \
+        (not forced or forced.startswith("avx512"))
+
+
+ZMM = _zmm_ok()
+
+
+def _jit(**options):
+    """``njit(cache=True)`` with the int8 variant and the register width in the cache key: the
+    tiles' machine code depends on both, their Python source on neither (see
+    :func:`blockq.kernels.cpu_int8.variant_jit`)."""
+    return keyed_jit((k8.VARIANT, "zmm" if ZMM else "ymm"), **options)
+
 
 F32 = np.float32
 JIT = dict(fastmath=True, cache=True)
@@ -90,13 +112,13 @@ def dot_signed(typingctx, a, s, y):
 # =============================================================================================
 # unpacking tiles: rows r0..r0+m of w into tile rows 0..m-1 (layouts drawn in cpu_int8)
 
-@njit(**JIT)
+@_jit(**JIT)
 def _put_chunk(codes, scales, i, k, q, sc):
     store(codes, i, k, q)
     store(scales, i, k, sc)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_low2(w, r0, m, codes, scales, mins, d, dm, q3):
     """Q2_K (q3 False) or Q3_K: 2-bit codes in the same order, Q3_K's third bit from hmask."""
     size = k8.Q3_K if q3 else k8.Q2_K
@@ -126,17 +148,17 @@ def _un_low2(w, r0, m, codes, scales, mins, d, dm, q3):
             store(mins, i, 32 * b, mn)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q2_k(w, r0, m, codes, scales, mins, d, dm):
     _un_low2(w, r0, m, codes, scales, mins, d, dm, False)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q3_k(w, r0, m, codes, scales, mins, d, dm):
     _un_low2(w, r0, m, codes, scales, mins, d, dm, True)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_k4(w, r0, m, codes, scales, mins, d, dm, size, o_sc, o_qs, o_qh):
     """Q4_K (o_qh < 0) or Q5_K."""
     for i in range(m):
@@ -159,17 +181,17 @@ def _un_k4(w, r0, m, codes, scales, mins, d, dm, size, o_sc, o_qs, o_qh):
             dm[i, b] = f16_to_f32(w, r, o + 2)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q4_k(w, r0, m, codes, scales, mins, d, dm):
     _un_k4(w, r0, m, codes, scales, mins, d, dm, k8.Q4_K, k8.Q4_K_SC, k8.Q4_K_QS, -1)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q5_k(w, r0, m, codes, scales, mins, d, dm):
     _un_k4(w, r0, m, codes, scales, mins, d, dm, k8.Q5_K, k8.Q5_K_SC, k8.Q5_K_QS, k8.Q5_K_QH)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q6_k(w, r0, m, codes, scales, mins, d, dm):
     for i in range(m):
         r = r0 + i
@@ -195,7 +217,7 @@ def _un_q6_k(w, r0, m, codes, scales, mins, d, dm):
 
 # legacy: (codes, signs, d, dm) per 32-weight block
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_legacy(w, r0, m, codes, signs, d, dm, size, o_qs, o_qh, o_m, off):
     """Q4_0 / Q4_1 / Q5_0 / Q5_1 (4-bit codes, the fifth bits at o_qh >= 0) or Q8_0 (off < 0:
     int8 codes).  o_m >= 0: codes q and the min m (Q4_1 / Q5_1); otherwise signs = the signed
@@ -221,27 +243,27 @@ def _un_legacy(w, r0, m, codes, signs, d, dm, size, o_qs, o_qh, o_m, off):
                 dm[i, b] = 0.0
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q4_0(w, r0, m, codes, signs, d, dm):
     _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q4_0, k8.Q4_0_QS, -1, -1, 8)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q5_0(w, r0, m, codes, signs, d, dm):
     _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q5_0, k8.Q5_0_QS, k8.Q5_0_QH, -1, 16)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q8_0(w, r0, m, codes, signs, d, dm):
     _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q8_0, k8.Q8_0_QS, -1, -1, -1)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q4_1(w, r0, m, codes, signs, d, dm):
     _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q4_1, k8.Q4_1_QS, -1, k8.Q4_1_M, 0)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _un_q5_1(w, r0, m, codes, signs, d, dm):
     _un_legacy(w, r0, m, codes, signs, d, dm, k8.Q5_1, k8.Q5_1_QS, k8.Q5_1_QH, k8.Q5_1_M, 0)
 
@@ -250,7 +272,7 @@ def _un_q5_1(w, r0, m, codes, signs, d, dm):
 # the tile products: all tokens over an unpacked tile, four tokens per pass over a row
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _store4(out, r, t0, x0, x1, x2, x3):
     """out[t0..t0+3, r] = x0..x3, those tokens that exist (tokens past n were copies)."""
     n = out.shape[0]
@@ -263,7 +285,7 @@ def _store4(out, r, t0, x0, x1, x2, x3):
         out[t0 + 3, r] = x3
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _kq_tile(codes, scales, mins, d, dm, m, Y, out, r0):
     """out[:, r0:r0+m] for a k-quant tile; Y (n, Q8_K blocks)."""
     n, nsb = Y.shape[0], d.shape[1]
@@ -297,7 +319,7 @@ def _kq_tile(codes, scales, mins, d, dm, m, Y, out, r0):
             _store4(out, r0 + i, t0, hsum(a0), hsum(a1), hsum(a2), hsum(a3))
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _lg_signed_tile(codes, signs, d, m, Y, dy, out, r0):
     """out[:, r0:r0+m] for a tile of Q4_0 / Q5_0 / Q8_0 (codes |q|, signs q); Y (n, Q8_1
     blocks), dy (n, blocks) their scales as float32."""
@@ -318,7 +340,7 @@ def _lg_signed_tile(codes, signs, d, m, Y, dy, out, r0):
             _store4(out, r0 + i, t0, hsum(a0), hsum(a1), hsum(a2), hsum(a3))
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _lg_min_tile(codes, d, dm, m, Y, dy, sy, out, r0):
     """out[:, r0:r0+m] for a tile of Q4_1 / Q5_1 (codes q, dm the min); sy (n, blocks) is
     Q8_1's f16 block sum s as float32."""
@@ -343,7 +365,7 @@ def _lg_min_tile(codes, d, dm, m, Y, dy, sy, out, r0):
             _store4(out, r0 + i, t0, hsum(a0) + m0, hsum(a1) + m1, hsum(a2) + m2, hsum(a3) + m3)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _q8_1_factors(Y, dy, sy):
     """dy, sy (n, blocks) = the f16 scale d and block sum s of each Q8_1 block of Y, as f32."""
     for t in range(Y.shape[0]):
@@ -358,17 +380,6 @@ def _q8_1_factors(Y, dy, sy):
 # order), so one 64-byte load gives pmaddwd's second operand.
 
 
-def _zmm_ok() -> bool:
-    """Whether the k-quant tiles run in zmm registers: the host has AVX-512 F and BW, an int8
-    variant runs, and no variant other than an AVX-512 one is forced (BLOCKQ_ISA=avx2 keeps
-    the 32-byte kernels, so that variant can be timed alone)."""
-    forced = os.environ.get(ENV, "").strip().lower()
-    f = host_features()
-    return isa() != "float" and bool(f.get("avx512f")) and bool(f.get("avx512bw")) and \
-        (not forced or forced.startswith("avx512"))
-
-
-ZMM = _zmm_ok()
 
 _V16I32 = ir.VectorType(ir.IntType(32), 16)
 _V16F32 = ir.VectorType(ir.FloatType(), 16)
@@ -467,7 +478,7 @@ def hsum16(typingctx, v):
     return types.float32(v), codegen
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, r0):
     """_kq_tile in zmm registers: 64 weights per pmaddubsw / pmaddwd."""
     n, nsb = Y.shape[0], d.shape[1]
@@ -526,7 +537,7 @@ _quant_at = _function_at(k8.QUANT_SIG)
 _lg_at = _function_at(LG_SIG)
 
 
-@njit(**JIT)
+@_jit(**JIT)
 def _kq_buffers(nsb):
     """A thread's k-quant tile: codes, scales (an I16x16 per 32 weights), mins (an I16x16 per
     super-block), d, dm."""
@@ -588,7 +599,7 @@ def _driver(family: str):
     # function share one cache entry and whichever was compiled first is loaded for both.
     fn, sig = {"kq": (_run_kq, RUN_KQ_SIG), "kq_zmm": (_run_kq_zmm, RUN_KQ_SIG),
                "lg": (_run_lg, RUN_LG_SIG)}[family]
-    return compiled(njit(cache=True, parallel=True)(fn), sig)[0]
+    return compiled(_jit(parallel=True)(fn), sig)[0]
 
 
 def _quantize_rows(quant, X, Y, n_threads):
@@ -604,7 +615,7 @@ QUANT_ROWS_SIG = types.void(types.int64, _F, _B, types.int64)
 
 @functools.cache
 def _quantizer():
-    return compiled(njit(cache=True, parallel=True)(_quantize_rows), QUANT_ROWS_SIG)[0]
+    return compiled(_jit(parallel=True)(_quantize_rows), QUANT_ROWS_SIG)[0]
 
 
 def quantize_activations(name: str, X: np.ndarray, n_threads: int) -> np.ndarray:
