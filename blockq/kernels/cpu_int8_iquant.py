@@ -1,4 +1,4 @@
-"""Int8-activation products of the non-linear 4-bit types IQ4_NL and IQ4_XS (x86 AVX2).
+"""Int8-activation products of the non-linear 4-bit types IQ4_NL and IQ4_XS (every x86 variant).
 
 Both types store 4-bit indices into one fixed grid of 16 signed values
 (:data:`blockq.codebooks.IQ4_NL`, all within int8).  A register of 32 indices becomes the 32
@@ -11,7 +11,7 @@ IQ4_NL, Q8_K for IQ4_XS.
 
 This module only adds kernels to ``cpu_int8.KERNELS`` (which imports it at its end); the
 drivers, activation quantizers and dispatch are cpu_int8's.  Like it, it must only be imported
-where :func:`blockq.kernels.cpu_isa.isa` says ``avx2``.  Results equal ``dequantize(W) @
+where :func:`blockq.kernels.cpu_isa.isa` names an int8 variant.  Results equal ``dequantize(W) @
 dequantize(Q8(x))`` up to float32 summation order (``tests/test_int8_iquant.py``).
 """
 from __future__ import annotations
