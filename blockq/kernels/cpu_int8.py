@@ -870,7 +870,8 @@ def _many_sig(m: int):
 # thread: waking the other threads costs more.  NOTE: measured on a 2-core machine shared with
 # other jobs, where waking a thread whose core is busy is slow: with 64 KiB-products as the
 # limit SmolLM2 decoded at -t 2 at 35-55 % of its -t 1 speed; alternating runs at -t 2 with
-# 1 / 2 / 4 MiB: SmolLM2 111 / 143-151 / 145 tok/s, synthetic 0.56 B Q4_K_M 64-67 / 67-68 / 65-68.
+# 1 / 2 / 4 MiB: SmolLM2 111 / 143-151 / 145 tok/s, synthetic 0.56 B Q4_K_M 64-67 / 67-68 / 65-68
+# (Numba's workqueue threading layer then; not re-tuned for OpenMP, the default).
 PARALLEL_MIN_BYTES = 2 << 20
 
 
