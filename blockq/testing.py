@@ -56,6 +56,18 @@ def _iq1_m_with_d(words: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (words & 0x0FFF) | top
 
 
+def filled_blocks(qtype: "str | int | QType", rows: int, fill: int) -> np.ndarray:
+    """uint8 ``(rows, 2 super-blocks' bytes)`` with every byte ``fill`` and every f16 field 0.5:
+    the extreme codes of a type (all ones, all zeros, half bytes) under a harmless scale."""
+    t = _qtype(qtype)
+    w = np.full((rows, 2 * t.type_size * 256 // t.block_size), fill, np.uint8)
+    rec = w.reshape(-1, t.type_size).view(t.dtype)
+    for f, dt, _ in t.fields:
+        if dt == "<f2":
+            rec[f] = np.float16(0.5)
+    return w
+
+
 def int8_reference(name: str, w: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The numpy reference of an int8-activation product (``blockq.kernels.cpu_int8``):
     ``dequantize(W) @ dequantize(Q8(x))`` in float64, Q8(x) from the numpy activation

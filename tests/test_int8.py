@@ -24,7 +24,7 @@ from blockq.kernels import cpu_isa
 from blockq.kernels.cpu_q8 import quantize_q8
 from blockq.kernels.cpu_q8_kquant import quantize_q8_k
 from blockq.quantize import quantize
-from blockq.testing import int8_reference, random_blocks
+from blockq.testing import filled_blocks, int8_reference, random_blocks
 from blockq.types import BY_NAME
 
 AVX2 = dict(avx2=True, fma=True, f16c=True, sse4_2=True)
@@ -302,11 +302,7 @@ def test_product_extreme_codes(name, rng):
     activations at +-127: no int16 saturation anywhere."""
     t = BY_NAME[name]
     for fill in (0xFF, 0x00, 0x80, 0x7F):
-        w = np.full((4, 2 * t.type_size * 256 // t.block_size), fill, np.uint8)
-        rec = w.reshape(-1, t.type_size).view(t.dtype)
-        for f, dt, _ in t.fields:
-            if dt == "<f2":
-                rec[f] = np.float16(0.5)
+        w = filled_blocks(t, 4, fill)
         X = np.where(rng.random((2, 512)) < 0.5, -1.0, 1.0).astype(np.float32)
         check_product(name, w, X)
 

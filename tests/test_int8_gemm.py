@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from blockq.kernels import cpu_isa
-from blockq.testing import int8_reference, random_blocks
+from blockq.testing import filled_blocks, int8_reference, random_blocks
 from blockq.types import BY_NAME
 
 pytestmark = pytest.mark.skipif(cpu_isa.isa() == "float",
@@ -98,11 +98,7 @@ def test_gemm_extreme_codes(name, rng, variant):
     offset, ...) against activations at +-127: no int16 saturation anywhere."""
     t = BY_NAME[name]
     for fill in (0xFF, 0x00, 0x80, 0x7F):
-        w = np.full((19, 2 * t.type_size * 256 // t.block_size), fill, np.uint8)
-        rec = w.reshape(-1, t.type_size).view(t.dtype)
-        for f, dt, _ in t.fields:
-            if dt == "<f2":
-                rec[f] = np.float16(0.5)
+        w = filled_blocks(t, 19, fill)
         X = np.where(rng.random((6, 512)) < 0.5, -1.0, 1.0).astype(np.float32)
         check_gemm(name, w, X)
         check_gemm(name, w, np.abs(X))  # every code at +127: the largest pair sums

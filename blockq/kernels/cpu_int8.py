@@ -746,6 +746,18 @@ def _k4_scales(w, r, o):
                    ((u2 >> 4) & m4) | (((u1 >> 6) & m2) << 4))
 
 
+@variant_jit(**INLINE)
+def _k4_codes(w, r, o, o_qs, o_qh, qh, j):
+    """The codes of chunk j of the Q4_K (o_qh < 0) / Q5_K super-block at o: weights 64j..+31
+    (low nibbles) and 64j+32..+63 (high nibbles), Q5_K's fifth bits taken from qh (I8x32)."""
+    qv = load32(w, r, o + o_qs + 32 * j)
+    lo, hi = qv & 15, qv >> 4
+    if o_qh >= 0:
+        lo = lo | (((qh >> 2 * j) & 1) << 4)
+        hi = hi | (((qh >> (2 * j + 1)) & 1) << 4)
+    return lo, hi
+
+
 @variant_jit(**JIT)
 def _k4_rows(w, r0, r1, y, t, out, size, o_sc, o_qs, o_qh):
     """Q4_K (o_qh < 0) or Q5_K, whose blocks share this layout:
@@ -762,11 +774,7 @@ def _k4_rows(w, r0, r1, y, t, out, size, o_sc, o_qs, o_qh):
             qh = load32(w, r, o + (o_qh if o_qh >= 0 else o_qs))
             sumi0, sumi1 = izeros(), izeros()  # low / high nibbles: two dependency chains
             for j in range(4):
-                qv = load32(w, r, o + o_qs + 32 * j)
-                lo, hi = qv & 15, qv >> 4
-                if o_qh >= 0:
-                    lo = lo | (((qh >> 2 * j) & 1) << 4)
-                    hi = hi | (((qh >> (2 * j + 1)) & 1) << 4)
+                lo, hi = _k4_codes(w, r, o, o_qs, o_qh, qh, j)
                 sumi0 = dot_usv_acc(sumi0, lo, _y32(y, t, yo, 64 * j), pick(sm, 2 * j, 2 * j))
                 sumi1 = dot_usv_acc(sumi1, hi, _y32(y, t, yo, 64 * j + 32),
                                     pick(sm, 2 * j + 1, 2 * j + 1))

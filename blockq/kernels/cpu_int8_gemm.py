@@ -81,14 +81,6 @@ store = _writer(lambda context, builder, ty, v: v, "a[r, i:i+32] = the I8x32 / I
 
 
 @intrinsic
-def madd16(typingctx, a, b):
-    """``pmaddwd`` of two I16x16: lane k of an I32x8 = a[2k] * b[2k] + a[2k+1] * b[2k+1]."""
-    def codegen(context, builder, signature, args):
-        return _madd(builder, args[0], args[1])
-    return I32x8(a, b), codegen
-
-
-@intrinsic
 def abs8(typingctx, a):
     """Lane-wise |a| of an I8x32 read as signed bytes (|-128| = 128 as an unsigned byte)."""
     def codegen(context, builder, signature, args):
@@ -168,11 +160,7 @@ def _un_k4(w, r0, m, codes, scales, mins, d, dm, size, o_sc, o_qs, o_qh):
             sm = k8._k4_scales(w, r, o + o_sc)
             qh = load32(w, r, o + (o_qh if o_qh >= 0 else o_qs))
             for j in range(4):
-                qv = load32(w, r, o + o_qs + 32 * j)
-                lo, hi = qv & 15, qv >> 4
-                if o_qh >= 0:
-                    lo = lo | (((qh >> 2 * j) & 1) << 4)
-                    hi = hi | (((qh >> (2 * j + 1)) & 1) << 4)
+                lo, hi = k8._k4_codes(w, r, o, o_qs, o_qh, qh, j)
                 _put_chunk(codes, scales, i, ib + 64 * j, lo, pick(sm, 2 * j, 2 * j))
                 _put_chunk(codes, scales, i, ib + 64 * j + 32, hi,
                            pick(sm, 2 * j + 1, 2 * j + 1))
@@ -312,10 +300,10 @@ def _kq_tile(codes, scales, mins, d, dm, m, Y, out, r0):
                 a1 = fma(to_f32(s1), f * y1, a1)
                 a2 = fma(to_f32(s2), f * y2, a2)
                 a3 = fma(to_f32(s3), f * y3, a3)
-                a0 = fma(to_f32(madd16(mv, load16(Y, t0, yo + Q8K_BSUMS))), g * y0, a0)
-                a1 = fma(to_f32(madd16(mv, load16(Y, t1, yo + Q8K_BSUMS))), g * y1, a1)
-                a2 = fma(to_f32(madd16(mv, load16(Y, t2, yo + Q8K_BSUMS))), g * y2, a2)
-                a3 = fma(to_f32(madd16(mv, load16(Y, t3, yo + Q8K_BSUMS))), g * y3, a3)
+                a0 = fma(to_f32(k8.madd16(mv, load16(Y, t0, yo + Q8K_BSUMS))), g * y0, a0)
+                a1 = fma(to_f32(k8.madd16(mv, load16(Y, t1, yo + Q8K_BSUMS))), g * y1, a1)
+                a2 = fma(to_f32(k8.madd16(mv, load16(Y, t2, yo + Q8K_BSUMS))), g * y2, a2)
+                a3 = fma(to_f32(k8.madd16(mv, load16(Y, t3, yo + Q8K_BSUMS))), g * y3, a3)
             _store4(out, r0 + i, t0, hsum(a0), hsum(a1), hsum(a2), hsum(a3))
 
 
@@ -504,10 +492,10 @@ def _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, r0):
                 a1 = fma16(a1, s1, f * y1)
                 a2 = fma16(a2, s2, f * y2)
                 a3 = fma16(a3, s3, f * y3)
-                c0 = fma(to_f32(madd16(mv, load16(Y, t0, yo + Q8K_BSUMS))), g * y0, c0)
-                c1 = fma(to_f32(madd16(mv, load16(Y, t1, yo + Q8K_BSUMS))), g * y1, c1)
-                c2 = fma(to_f32(madd16(mv, load16(Y, t2, yo + Q8K_BSUMS))), g * y2, c2)
-                c3 = fma(to_f32(madd16(mv, load16(Y, t3, yo + Q8K_BSUMS))), g * y3, c3)
+                c0 = fma(to_f32(k8.madd16(mv, load16(Y, t0, yo + Q8K_BSUMS))), g * y0, c0)
+                c1 = fma(to_f32(k8.madd16(mv, load16(Y, t1, yo + Q8K_BSUMS))), g * y1, c1)
+                c2 = fma(to_f32(k8.madd16(mv, load16(Y, t2, yo + Q8K_BSUMS))), g * y2, c2)
+                c3 = fma(to_f32(k8.madd16(mv, load16(Y, t3, yo + Q8K_BSUMS))), g * y3, c3)
             _store4(out, r0 + i, t0, hsum16(a0) + hsum(c0), hsum16(a1) + hsum(c1),
                     hsum16(a2) + hsum(c2), hsum16(a3) + hsum(c3))
 
