@@ -1012,12 +1012,11 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
     """A callable the writer calls when this tensor's turn comes: returns its encoded bytes.
 
     With ``hessian`` (returns the tensor's input statistics) and a target with a grid of codes
-    (:func:`blockq.quantize.codes.supported`: the integer grids, IQ4_NL, IQ4_XS), the
-    whole matrix is read and quantized with error-compensated rounding (``data_free``: the
+    (:func:`blockq.quantize.gptq.compensable`: the integer grids, IQ4_NL, IQ4_XS, the codebooks
+    of IQ3_*, IQ2_*, IQ1_*), the whole matrix is read and quantized with error-compensated rounding (``data_free``: the
     statistics came from random token ids, see :func:`blockq.quantize.gptq.settings`)."""
     from .quantize import quantize
-    from .quantize.codes import supported
-    from .quantize.gptq import gptq_quantize, settings as gptq_settings
+    from .quantize.gptq import compensable, gptq_quantize, settings as gptq_settings
 
     def report():
         if progress is not None:
@@ -1035,7 +1034,7 @@ def _producer(t: SourceTensor, target: str, imp: np.ndarray | None, i: int, n: i
                 report()
                 return raw
             tt = _qtype(target)
-            H = hessian() if hessian is not None and supported(tt.name) else None
+            H = hessian() if hessian is not None and compensable(tt.name) else None
             if H is not None and H.shape[0] == t.cols:
                 # rows are independent under error compensation (the columns interact, through
                 # H): slabs of rows bound the memory of a vocabulary-sized head

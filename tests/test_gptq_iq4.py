@@ -136,8 +136,10 @@ def test_scale_refit_moves_only_d_and_never_raises_the_error(name):
     assert after.sum() < before.sum(), (name, after.sum() / before.sum())
 
 
-@pytest.mark.parametrize("preset", IQ4)
-def test_optimized_iq4_files_read_back_in_gguf_py(tmp_path, monkeypatch, preset):
+def optimize_tiny(tmp_path, monkeypatch, preset):
+    """``convert --optimize`` of a one-layer tiny model (rows of 256 and 512) at ``preset`` on
+    Hessians from a short text; returns (source, output, Result, text, names gptq_quantize was
+    called with)."""
     import importlib
 
     from blockq.optimize import convert_optimized
@@ -153,6 +155,12 @@ def test_optimized_iq4_files_read_back_in_gguf_py(tmp_path, monkeypatch, preset)
     out = tmp_path / "o.gguf"
     res = convert_optimized(src, out, preset, hessians=h, note=lambda s: None,
                             warn=lambda s: None)
+    return src, out, res, text, seen
+
+
+@pytest.mark.parametrize("preset", IQ4)
+def test_optimized_iq4_files_read_back_in_gguf_py(tmp_path, monkeypatch, preset):
+    src, out, res, _, seen = optimize_tiny(tmp_path, monkeypatch, preset)
     plain = convert(src, tmp_path / "p.gguf", preset, warn=lambda s: None)
     assert res.types == plain.types and res.nbytes == plain.nbytes
     # every IQ4 matrix product went through GPTQ (the embedding is a lookup: no Hessian)

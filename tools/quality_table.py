@@ -32,8 +32,11 @@ integer dots (as llama.cpp's CPU backend does); that adds the same noise floor t
                                   [--presets Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q6_K] [--json]
                                   [--base smollm2|gemma3] [--base-noise 0.1]
 
-``--presets`` takes any preset of ``blockq.presets``; ``--presets IQ4_XS,IQ4_NL`` measures the
-i-quant presets, whose IQ4_NL / IQ4_XS matrices get error-compensated rounding too.
+``--presets`` takes any preset of ``blockq.presets``; ``--presets IQ4_XS,IQ3_M,IQ2_M`` measures
+i-quant presets, whose IQ4_NL / IQ4_XS and codebook (IQ3_*, IQ2_*, IQ1_*) matrices get
+error-compensated rounding too.  llama-quantize refuses the i-quants below IQ4 (but IQ3_S/IQ3_M)
+without an imatrix: those rows say ``refused``, while ``--optimize`` without text makes its file
+from the statistics of random token ids.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from kld_table import LICENSES, digest, log  # noqa: E402
 
 from blockq import fetch  # noqa: E402
 from blockq.convert import convert  # noqa: E402
+from blockq.errors import BadArgument  # noqa: E402
 from blockq.imatrix import (compute_imatrix, kl_divergence_many, read_imatrix,  # noqa: E402
                             write_imatrix)
 from blockq.model import Model  # noqa: E402
@@ -179,7 +183,11 @@ def main() -> None:
             tag = f"{preset}{'-calib' if calib else ''}"
             lq, bq = a.work / f"llama-{tag}.gguf", a.work / f"blockq-opt-{tag}.gguf"
             t0 = time.perf_counter()
-            who = llama_files(base_path, lq, preset, im if calib else None, kv, a.threads)
+            try:
+                who = llama_files(base_path, lq, preset, im if calib else None, kv, a.threads)
+            except (RuntimeError, BadArgument) as e:  # an i-quant below IQ4, no imatrix
+                log(f"{tag}: llama-quantize refused ({e})")
+                who, lq = "refused", None
             t_llama = time.perf_counter() - t0
             args = ["convert", str(base_path), str(bq), "--type", preset, "--optimize",
                     "--quiet"]
@@ -194,8 +202,9 @@ def main() -> None:
                 wall, rss = run_blockq(args)
                 timing.setdefault("convert --optimize (no text)", (preset, wall, rss))
             log(f"{tag}: blockq {wall:.1f} s ({rss:.0f} MiB peak), llama ({who}) {t_llama:.1f} s")
-            dl, db = digest(lq), digest(bq)
-            files.setdefault(dl, lq)
+            dl, db = (digest(lq) if lq else None), digest(bq)
+            if lq:
+                files.setdefault(dl, lq)
             files.setdefault(db, bq)
             rows.append(dict(preset=preset, calib=calib, llama=lq, blockq=bq, dl=dl, db=db,
                              who=who))
@@ -208,14 +217,16 @@ def main() -> None:
                                  progress=lambda i, n, k: log(f"  chunk {i}/{n}"))
     by = {d: r for (d, _), r in zip(uniq, results)}
     table = []
+    nan = float("nan")
     for r in rows:
-        kb, kl = by[r["db"]], by[r["dl"]]
+        kb, kl = by[r["db"]], by.get(r["dl"])
         table.append({"preset": r["preset"], "calibration": r["calib"], "llama_is": r["who"],
                       "blockq": {"kld": kb.kld, "kld_stderr": kb.kld_stderr,
                                  "same_top": kb.same_top, "bytes": r["blockq"].stat().st_size},
                       "llama": {"kld": kl.kld, "kld_stderr": kl.kld_stderr,
-                                "same_top": kl.same_top, "bytes": r["llama"].stat().st_size},
-                      "ratio": kb.kld / kl.kld if kl.kld > 0 else float("nan")})
+                                "same_top": kl.same_top, "bytes": r["llama"].stat().st_size}
+                      if kl else {"kld": nan, "kld_stderr": nan, "same_top": nan, "bytes": 0},
+                      "ratio": kb.kld / kl.kld if kl and kl.kld > 0 else nan})
     ppl_base = results[0].ppl_base if results else float("nan")
     if a.json:
         print(json.dumps({"ppl_base": ppl_base, "ctx": a.ctx, "calib_chunks": a.calib_chunks,

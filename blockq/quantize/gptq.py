@@ -13,12 +13,17 @@ first column is reached, from blockq's importance-weighted search (llama.cpp's a
 the *already corrected* weights of that block; they are then frozen and the block's columns are
 rounded onto ``a*v[q] + b`` (:mod:`blockq.quantize.codes`): ``v`` the identity on the integer
 grids (Q4_0 … Q8_0, Q2_K … Q6_K), the 16 ascending values of IQ4_NL / IQ4_XS, where each weight
-goes to the nearest table value (bisection on the midpoints).  The bytes are standard blocks of
-the type; any GGUF reader decodes them.
+goes to the nearest table value (bisection on the midpoints).  On the codebook i-quants
+(IQ3_*, IQ2_*, IQ1_*: :mod:`blockq.quantize.vcodes`) 8 weights share one code, so the unit
+rounded is a group of 8 columns: its code is the exhaustive best over the codebook (signs, parity
+and delta included) under the diagonal of the group's loss, and its error row is propagated
+through the group's 8 rows of ``U`` (block GPTQ / LDLQ).  The bytes are standard blocks of the
+type; any GGUF reader decodes them.
 
 Order: whole blocks are taken by falling input energy and, inside a block, columns by falling
 energy (:func:`column_order`): GPTQ's act-order, kept block-contiguous so each block's scales
-are still fitted when its first column comes.  Refit: once every code is fixed, each block's
+are still fitted when its first column comes; on a codebook, the groups of a block by falling
+energy, each group's columns together.  Refit: once every code is fixed, each block's
 fp16 step (and offset) is refitted by least squares under ``H`` (:func:`refit_scales`), the
 sub-block scale codes kept (IQ4_XS: its fp16 super-scale ``d``, the 6-bit sub-scales kept).
 """
@@ -29,7 +34,8 @@ from numba import njit
 
 from ..errors import BadArgument
 from ..types import qtype as _qtype
-from ..dequantize import _records
+from ..dequantize import _records, dequantize_blocks_ref
+from . import vcodes
 from .codes import (SUB_BLOCK, TABLES, affine, code_range, decode_codes, expand, pack_codes,
                     supported, values)
 
@@ -90,15 +96,24 @@ def inverse_cholesky(H: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
 _FACTOR: list = []  # [(H, scale, damp, order, U)]: q/k/v (gate/up) share one input's factor
 
 
-def column_order(H: np.ndarray, B: int) -> np.ndarray:
+def compensable(name: str) -> bool:
+    """Whether ``name`` has codes gptq_quantize can pick: a scalar grid or a codebook."""
+    return supported(name) or vcodes.supported(name)
+
+
+def column_order(H: np.ndarray, B: int, G: int = 1) -> np.ndarray:
     """Columns in the order they are rounded: whole blocks of ``B`` by falling summed input
     energy (diag H), and within a block by falling energy ("act-order" that keeps every block's
-    columns together, so each block's scales are still fitted when its first column comes)."""
+    columns together, so each block's scales are still fitted when its first column comes).
+    With ``G`` > 1 (codebooks: groups of ``G`` weights share a code) the groups of a block are
+    ordered by falling summed energy, each group's columns kept together in file order."""
     d = np.diag(H).astype(np.float64)
     nb = len(d) // B
     blocks = np.argsort(-d.reshape(nb, B).sum(1), kind="stable")
-    within = np.argsort(-d.reshape(nb, B), axis=1, kind="stable")
-    return (blocks[:, None] * B + within[blocks]).reshape(-1)
+    ng = B // G
+    within = np.argsort(-d.reshape(nb, ng, G).sum(2), axis=1, kind="stable")  # (nb, ng)
+    cols = (within[:, :, None] * G + np.arange(G)[None, None, :]).reshape(nb, B)
+    return (blocks[:, None] * B + cols[blocks]).reshape(-1)
 
 
 def _cached_factor(H: np.ndarray, scale: float, damp: float, order) -> np.ndarray:
@@ -172,9 +187,10 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
 
     set_blas_threads(1)
     t = _qtype(qtype)
-    if not supported(t.name):
+    if not compensable(t.name):
         raise BadArgument(f"error-compensated rounding needs a grid of codes (Q4_0 … Q8_0, "
-                          f"Q2_K … Q6_K, IQ4_NL, IQ4_XS); {t.name} has none")
+                          f"Q2_K … Q6_K, IQ4_NL, IQ4_XS) or a codebook ("
+                          f"{', '.join(vcodes.SPEC)}); {t.name} has none")
     W0 = np.asarray(W, dtype=np.float32)
     if W0.ndim != 2:
         raise BadArgument(f"{name or 'matrix'}: expected 2-D weights, got shape {W0.shape}")
@@ -184,17 +200,23 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
     diag = np.diag(H).astype(np.float64)
     scale = float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
     imp = (diag / scale).astype(np.float32) if imatrix is None else np.asarray(imatrix, np.float32)
-    lo, hi = code_range(t)
-    vals = values(t) if t.name in TABLES else np.empty(0, np.float32)
-    mids = ((vals[1:] + vals[:-1]) / 2).astype(np.float32)
+    vec = vcodes.supported(t.name)
+    if vec:
+        lo = hi = 0
+        vals = mids = np.empty(0, np.float32)
+    else:
+        lo, hi = code_range(t)
+        vals = values(t) if t.name in TABLES else np.empty(0, np.float32)
+        mids = ((vals[1:] + vals[:-1]) / 2).astype(np.float32)
     B = t.block_size
     nb = cols // B
-    order = column_order(H, B) if act_order else np.arange(cols)
+    order = column_order(H, B, vcodes.GROUP if vec else 1) if act_order else np.arange(cols)
     U = _cached_factor(H, scale, damp, order)
     # float32 like GPTQ itself: halves the memory of a vocabulary-sized head
     U = U.astype(np.float32)
     Wc = W0[:, order]  # corrected weights in rounding order, updated in place
-    Q = np.zeros((rows, cols), dtype=np.int16)  # in rounding order
+    # the codes in rounding order (scalar grids; a codebook's codes are read from its blocks)
+    Q = np.zeros((0, 0) if vec else (rows, cols), dtype=np.int16)
     out = np.empty((rows, nb, t.type_size), dtype=np.uint8)
     step = max(B, (batch // B) * B)
     for s0 in range(0, cols, step):
@@ -207,23 +229,28 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
             X = np.empty((rows, B), np.float32)
             X[:, local] = Wc[:, c0:c1]
             blk = quantize(X, t.name, imatrix=imp[ob * B:(ob + 1) * B])
-            a, b = affine(blk, t)
-            a = np.ascontiguousarray(expand(a, t)[:, local])  # float32 (rows, B), rounding order
-            b = np.ascontiguousarray(expand(b, t)[:, local])
-            _round_block(Wc, U, c0, c1, a, b, lo, hi, Q, E, c0 - s0, vals, mids)
+            if vec:
+                out[:, ob] = _round_codebook(Wc, U, c0, blk, t, local, E, c0 - s0)
+            else:
+                a, b = affine(blk, t)
+                a = np.ascontiguousarray(expand(a, t)[:, local])  # float32 (rows, B), rounding order
+                b = np.ascontiguousarray(expand(b, t)[:, local])
+                _round_block(Wc, U, c0, c1, a, b, lo, hi, Q, E, c0 - s0, vals, mids)
+                Qb = np.empty((rows, B), Q.dtype)
+                Qb[:, local] = Q[:, c0:c1]
+                out[:, ob] = pack_codes(blk, t, Qb)
             # the rest of this batch sees this block's errors now
             if c1 < s1:
                 Wc[:, c1:s1] -= E[:, c0 - s0:c1 - s0] @ U[c0:c1, c1:s1]
-            Qb = np.empty((rows, B), Q.dtype)
-            Qb[:, local] = Q[:, c0:c1]
-            out[:, ob] = pack_codes(blk, t, Qb)
         if s1 < cols:
             Wc[:, s1:] -= E @ U[s0:s1, s1:]
     out = out.reshape(rows, nb * t.type_size)
     del Wc, E  # before the refit's own arrays: peak memory on a vocabulary-sized head
-    if refit:
-        Qo = np.empty_like(Q)
-        Qo[:, order] = Q
+    if refit and t.name in _SCALE_FIELDS:
+        Qo = None
+        if not vec:
+            Qo = np.empty_like(Q)
+            Qo[:, order] = Q
         del Q
         Hd = np.array(H, np.float32) / np.float32(scale)
         Hd[np.arange(cols), np.arange(cols)] += np.float32(damp * float(np.diag(Hd).mean()))
@@ -231,11 +258,41 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
     return out
 
 
+def _round_codebook(Wc, U, c0, blk, t, local, E, e0) -> np.ndarray:
+    """One block of a codebook type: its columns ``c0 ..`` (rounding order, file positions
+    ``local``) rounded group by group on the scales of ``blk`` (the plain quantizer's block of the
+    corrected weights); returns the block with the chosen codes."""
+    name = t.name
+    part, signed, parity, mode = vcodes.SPEC[name]
+    G = vcodes.GROUP
+    rows = Wc.shape[0]
+    ng = t.block_size // G
+    gl = local[::G] // G  # the file group of each group, in rounding order
+    a = np.ascontiguousarray(vcodes.weight_scales(blk, t)[:, local])
+    diag = np.stack([U[c0 + G * g:c0 + G * (g + 1), c0 + G * g:c0 + G * (g + 1)]
+                     for g in range(ng)]).astype(np.float64)
+    Ui = np.ascontiguousarray(np.triu(np.linalg.inv(diag)))
+    fixed = np.full((rows, ng), -1, np.int64)
+    if mode == "block":  # IQ1_S: the delta sign of each sub-block stays the scale search's
+        fixed[:] = vcodes.codes_of(blk, t)[2][:, gl]
+    codes = np.empty((rows, ng, 4), np.int64)
+    vcodes.round_groups(Wc, U, Ui, c0, a, fixed, vcodes.grid(name), part, signed, parity,
+                        vcodes.delta_choices(name), codes, E, e0)
+    idx = np.empty((rows, ng, G // part), np.int32)
+    idx[:, gl] = codes[:, :, :G // part]
+    signs = np.empty((rows, ng), np.uint8)
+    signs[:, gl] = codes[:, :, 2]
+    neg = np.empty((rows, ng), np.uint8)
+    neg[:, gl] = codes[:, :, 3]
+    return vcodes.pack_codes(blk, t, idx, signs, neg)
+
+
 # the fp16 block fields refit_scales may rewrite: (step field, offset field or None)
 _SCALE_FIELDS = {"Q4_0": ("d", None), "Q5_0": ("d", None), "Q8_0": ("d", None),
                  "Q4_1": ("d", "m"), "Q5_1": ("d", "m"), "Q3_K": ("d", None), "Q6_K": ("d", None),
                  "Q2_K": ("d", "dmin"), "Q4_K": ("d", "dmin"), "Q5_K": ("d", "dmin"),
-                 "IQ4_NL": ("d", None), "IQ4_XS": ("d", None)}
+                 "IQ4_NL": ("d", None), "IQ4_XS": ("d", None),
+                 **{name: ("d", None) for name in vcodes.SPEC if name != "IQ1_M"}}
 
 
 def refit_scales(blocks: np.ndarray, qtype, W, H, Q: np.ndarray, ridge: float = 1e-6
@@ -245,7 +302,8 @@ def refit_scales(blocks: np.ndarray, qtype, W, H, Q: np.ndarray, ridge: float = 
     blocks of a row are fitted jointly: H couples them).
 
     ``blocks`` uint8 ``(rows, row_bytes)``, ``W`` float ``(rows, cols)`` (the original
-    weights), ``Q`` the codes ``(rows, cols)`` (:func:`blockq.quantize.codes.codes_of`).  A row
+    weights), ``Q`` the codes ``(rows, cols)`` (:func:`blockq.quantize.codes.codes_of`; unused
+    on the codebook types, whose codes are read from the blocks).  A row
     keeps its old fields unless the refit (after rounding to fp16) lowers its error.  Returns new
     blocks.
     """
@@ -255,21 +313,27 @@ def refit_scales(blocks: np.ndarray, qtype, W, H, Q: np.ndarray, ridge: float = 
     slab = max(1, (8 << 20) // (4 * cols))  # rows at a time: bounded memory for a large head
     if rows > slab:
         return np.concatenate([refit_scales(blocks[r:r + slab], t, W[r:r + slab], H,
-                                            Q[r:r + slab], ridge) for r in range(0, rows, slab)])
-    Q = np.asarray(Q, np.float32)
+                                            None if Q is None else Q[r:r + slab], ridge)
+                               for r in range(0, rows, slab)])
     B = t.block_size
     nb = cols // B
     fd, fm = _SCALE_FIELDS[t.name]
     rec = blocks.reshape(rows * nb, t.type_size).copy()
     r = _records(rec, t)
-    a, b = affine(rec, t)  # (rows*nb, n_sub)
-    a = expand(a, t).reshape(rows, cols)
-    b = expand(b, t).reshape(rows, cols)
+    if not vcodes.supported(t.name):
+        Q = np.asarray(Q, np.float32)
+        a, b = affine(rec, t)  # (rows*nb, n_sub)
+        a = expand(a, t).reshape(rows, cols)
+        b = expand(b, t).reshape(rows, cols)
     d = r[fd].astype(np.float32).reshape(rows, nb)
     with np.errstate(divide="ignore", invalid="ignore"):
         # the weight as d * u + m * v: u, v the parts each fp16 field multiplies
-        u = np.where(np.repeat(d, B, 1) != 0, a / np.repeat(d, B, 1), 0.0) \
-            * decode_codes(t, Q)  # v[q]: the code itself on an integer grid
+        if vcodes.supported(t.name):  # codebooks: u is the decoded weight over d
+            u = np.where(np.repeat(d, B, 1) != 0, dequantize_blocks_ref(rec, t).reshape(
+                rows, cols) / np.repeat(d, B, 1), 0.0)
+        else:
+            u = np.where(np.repeat(d, B, 1) != 0, a / np.repeat(d, B, 1), 0.0) \
+                * decode_codes(t, Q)  # v[q]: the code itself on an integer grid
         if fm is not None:
             m = r[fm].astype(np.float32).reshape(rows, nb)
             v = np.where(np.repeat(m, B, 1) != 0, b / np.repeat(m, B, 1), 0.0)
