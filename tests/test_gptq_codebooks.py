@@ -99,41 +99,58 @@ def test_code_view_and_packer_invert_the_reference(name):
             vcodes.pack_codes(b, name, idx, np.ones_like(signs), neg)
 
 
-def _brute(name, x, wt, mags):
-    """The least sum wt (v - x)^2 over every allowed value vector (numpy, exhaustive)."""
+def _candidates(name, mags):
+    """Every allowed value vector of a group (numpy, exhaustive)."""
     part, signed, parity, _ = vcodes.SPEC[name]
     if not signed:
-        vals = np.concatenate([mags + d for d in vcodes.delta_choices(name)])
-    else:
-        words = mags if part == 8 else np.array(
-            [np.concatenate(p) for p in itertools.product(mags, mags)])
-        bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
-        if parity:
-            bits = bits[bits.sum(1) % 2 == 0]
-        s = np.where(bits == 1, -1.0, 1.0)
-        vals = (words[:, None, :] * s[None]).reshape(-1, 8)
-    return float(((vals - x) ** 2 * wt).sum(1).min())
+        return np.concatenate([mags + d for d in vcodes.delta_choices(name)])
+    words = mags if part == 8 else np.array(
+        [np.concatenate(p) for p in itertools.product(mags, mags)])
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    if parity:
+        bits = bits[bits.sum(1) % 2 == 0]
+    s = np.where(bits == 1, -1.0, 1.0)
+    return (words[:, None, :] * s[None]).reshape(-1, 8)
+
+
+def _cost(vals, x, M):
+    D = vals - x
+    return np.einsum("ij,jk,ik->i", D, M, D)
 
 
 @pytest.mark.parametrize("name", BOOKS)
 def test_group_search_finds_the_brute_force_optimum(name):
+    """Under a diagonal loss the search is exhaustive; under a full one it re-ranks its best
+    candidates, so it is never worse than the diagonal's choice, and exact where the candidates
+    are all the values there are (IQ1: no signs)."""
     part, signed, parity, _ = vcodes.SPEC[name]
     full = vcodes.grid(name)
     v = np.empty(8)
     code = np.empty(4, np.int64)
+    deltas = vcodes.delta_choices(name)
     for trial in range(40):
-        mags = full[RNG.choice(len(full), 10, replace=False)]  # a subset keeps brute force small
+        # a subset keeps brute force small; on IQ1 (2 deltas) its 16 values are all re-ranked
+        mags = full[RNG.choice(len(full), 10 if signed else vcodes.TOP_K // 2, replace=False)]
         x = RNG.standard_normal(8) * (20 if signed else 1)
-        wt = np.exp(RNG.standard_normal(8))
-        c = vcodes.best_group(x, wt, mags, part, signed, parity, vcodes.delta_choices(name),
-                              v, code)
-        want = _brute(name, x, wt, mags.astype(np.float64))
-        assert c == pytest.approx(want, rel=1e-9, abs=1e-9), (name, trial)
-        assert float((wt * (v - x) ** 2).sum()) == pytest.approx(c, rel=1e-9, abs=1e-9)
+        vals = _candidates(name, mags.astype(np.float64))
+        Md = np.diag(np.exp(RNG.standard_normal(8)))
+        c = vcodes.best_group(x, Md, mags, part, signed, parity, deltas, v, code)
+        assert c == pytest.approx(_cost(vals, x, Md).min(), rel=1e-9, abs=1e-9), (name, trial)
+        assert _cost(v[None], x, Md)[0] == pytest.approx(c, rel=1e-9, abs=1e-9)
         if signed:  # the reported sign byte is the one of v, with even parity where required
             bits = np.unpackbits(np.uint8(code[2]), bitorder="little")
             assert np.array_equal(bits == 1, v < 0)
             assert not parity or bits.sum() % 2 == 0
+        A = RNG.standard_normal((8, 8))
+        M = A @ A.T + 0.5 * np.eye(8)  # a full positive-definite loss
+        v_diag = v.copy()
+        vcodes.best_group(x, np.diag(np.diag(M)), mags, part, signed, parity, deltas, v_diag,
+                          code)
+        c = vcodes.best_group(x, M, mags, part, signed, parity, deltas, v, code)
+        assert _cost(v[None], x, M)[0] == pytest.approx(c, rel=1e-9)
+        assert c <= _cost(v_diag[None], x, M)[0] * (1 + 1e-12)
+        if not signed:
+            assert c == pytest.approx(_cost(vals, x, M).min(), rel=1e-9), (name, trial)
 
 
 def test_codebook_rounding_order_keeps_each_group_together():

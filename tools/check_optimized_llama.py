@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     pairs = sorted((p, a.work / p.name.replace("blockq-opt-", "llama-"))
                    for p in a.work.glob("blockq-opt-*.gguf"))
-    pairs = [(b, l_) for b, l_ in pairs if l_.exists()]
+    # llama-quantize refuses some presets without an imatrix: then only blockq's file is checked
+    pairs = [(b, l_ if l_.exists() else None) for b, l_ in pairs]
     if not pairs:
         sys.exit(f"no blockq-opt-*.gguf beside llama-*.gguf in {a.work}: run "
                  "tools/quality_table.py first")
@@ -60,14 +61,17 @@ def main(argv=None) -> int:
           f"{'top1 %':>7s}")
     for b, l_ in pairs:
         try:
-            rl, rb = agreement(l_, ids, a.threads), agreement(b, ids, a.threads)
+            rl = agreement(l_, ids, a.threads) if l_ else None
+            rb = agreement(b, ids, a.threads)
         except Exception as e:  # noqa: BLE001 - a refused file is the finding
             print(f"{b.name}: {type(e).__name__}: {e}")
             bad += 1
             continue
-        worse = rb["rms"] > 1.5 * rl["rms"] or rb["top1"] < rl["top1"] - 0.03
+        worse = rl is not None and (rb["rms"] > 1.5 * rl["rms"] or rb["top1"] < rl["top1"] - 0.03)
         bad += worse
-        print(f"{b.name[len('blockq-opt-'):-5]:28s} {rl['rms']:18.4f} {100 * rl['top1']:7.2f} "
+        ref = (f"{rl['rms']:18.4f} {100 * rl['top1']:7.2f}" if rl
+               else f"{'(refused by llama)':>18s} {'':7s}")
+        print(f"{b.name[len('blockq-opt-'):-5]:28s} {ref} "
               f"{rb['rms']:11.4f} {100 * rb['top1']:7.2f}{'  WORSE' if worse else ''}")
     print(f"{len(pairs)} optimized files loaded by llama.cpp; {bad} problems")
     return 1 if bad else 0

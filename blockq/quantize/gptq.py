@@ -15,8 +15,9 @@ rounded onto ``a*v[q] + b`` (:mod:`blockq.quantize.codes`): ``v`` the identity o
 grids (Q4_0 … Q8_0, Q2_K … Q6_K), the 16 ascending values of IQ4_NL / IQ4_XS, where each weight
 goes to the nearest table value (bisection on the midpoints).  On the codebook i-quants
 (IQ3_*, IQ2_*, IQ1_*: :mod:`blockq.quantize.vcodes`) 8 weights share one code, so the unit
-rounded is a group of 8 columns: its code is the exhaustive best over the codebook (signs, parity
-and delta included) under the diagonal of the group's loss, and its error row is propagated
+rounded is a group of 8 columns: its code is searched over the whole codebook (signs, parity and
+delta included) under the diagonal of the group's loss, the best 16 re-ranked under the full
+loss, and its error row is propagated
 through the group's 8 rows of ``U`` (block GPTQ / LDLQ).  The bytes are standard blocks of the
 type; any GGUF reader decodes them.
 
@@ -277,7 +278,7 @@ def _round_codebook(Wc, U, c0, blk, t, local, E, e0) -> np.ndarray:
         fixed[:] = vcodes.codes_of(blk, t)[2][:, gl]
     codes = np.empty((rows, ng, 4), np.int64)
     vcodes.round_groups(Wc, U, Ui, c0, a, fixed, vcodes.grid(name), part, signed, parity,
-                        vcodes.delta_choices(name), codes, E, e0)
+                        vcodes.delta_choices(name), codes, E, e0, vcodes.TOP_K)
     idx = np.empty((rows, ng, G // part), np.int32)
     idx[:, gl] = codes[:, :, :G // part]
     signs = np.empty((rows, ng), np.uint8)

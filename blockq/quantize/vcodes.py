@@ -192,18 +192,62 @@ def weight_scales(blocks: np.ndarray, qtype) -> np.ndarray:
 
 # --- the search: the best code of one group under a diagonal weighting -----------------------
 
-@njit(nogil=True, cache=True)
-def best_group(x, wt, mags, part, signed, parity, deltas, v, code):  # pragma: no cover
-    """The code of one group of 8 minimising ``sum wt (v - x)^2`` over every codeword (exhaustive,
-    with partial-distance pruning), sign pattern and delta of ``deltas``.
+TOP_K = 16  # candidates of the diagonal search re-ranked under the group's full loss
 
-    ``mags`` float32 ``(n, part)``: the codewords; ``signed``: the values are ``+-mags`` (with
-    ``parity``, an even number of minus signs); else ``mags + delta``.  Fills ``v`` (8,) with the
-    chosen values and ``code`` int64 (4,) with (index, second index or -1, sign byte, delta
-    choice); returns the cost."""
+
+@njit(nogil=True, cache=True)
+def _keep(tc, tg, tf, c, g, f):  # pragma: no cover - compiled
+    """Insert (cost c, codeword g, extra f) into the ascending top list (tc, tg, tf)."""
+    k = tc.size - 1
+    if not c < tc[k]:
+        return
+    while k > 0 and c < tc[k - 1]:
+        tc[k], tg[k], tf[k] = tc[k - 1], tg[k - 1], tf[k - 1]
+        k -= 1
+    tc[k], tg[k], tf[k] = c, g, f
+
+
+@njit(nogil=True, cache=True)
+def _quad(v, x, M):  # pragma: no cover - compiled
+    """(v - x) M (v - x)^T for 8-vectors."""
+    s = 0.0
+    for i in range(8):
+        di = v[i] - x[i]
+        r = 0.0
+        for j in range(8):
+            r += M[i, j] * (v[j] - x[j])
+        s += di * r
+    return s
+
+
+@njit(nogil=True, cache=True)
+def _fill_signed(v, mags, part, h, g, sign):  # pragma: no cover - compiled
+    for i in range(part):
+        m = mags[g, i]
+        v[h * part + i] = -m if (sign >> (h * part + i)) & 1 else m
+
+
+@njit(nogil=True, cache=True)
+def best_group(x, M, mags, part, signed, parity, deltas, v, code, K=TOP_K):  # pragma: no cover
+    """The code of one group of 8 minimising ``(v - x) M (v - x)^T``: the ``K`` best candidates
+    under M's diagonal (every codeword searched, with partial-distance pruning; per codeword its
+    best signs, with ``parity`` an even number of minus signs, or each delta of ``deltas``)
+    re-ranked under the whole M.  With a diagonal M (or K = 1) the result is the exhaustive
+    optimum.
+
+    ``mags`` float32 ``(n, part)``: the codewords; ``signed``: the values are ``+-mags``, else
+    ``mags + delta``.  Fills ``v`` (8,) with the chosen values and ``code`` int64 (4,) with
+    (index, second index or -1, sign byte, delta choice); returns the cost under M."""
     n = mags.shape[0]
+    wt = np.empty(8)
+    for i in range(8):
+        wt[i] = M[i, i]
+    K = max(1, min(K, n * max(1, deltas.size)))
+    tc = np.full(K, np.inf)
+    tg = np.zeros(K, np.int64)
+    tf = np.zeros(K, np.int64)
+    best = np.inf
     if not signed:
-        best, bi, bk = np.inf, 0, 0
         for k in range(deltas.size):
             dl = deltas[k]
             for g in range(n):
@@ -211,13 +255,21 @@ def best_group(x, wt, mags, part, signed, parity, deltas, v, code):  # pragma: n
                 for i in range(8):
                     e = mags[g, i] + dl - x[i]
                     c += wt[i] * e * e
-                    if c >= best:
+                    if c >= tc[K - 1]:
                         break
-                if c < best:
-                    best, bi, bk = c, g, k
+                _keep(tc, tg, tf, c, g, k)
+        bi = 0
+        for j in range(K):
+            if tc[j] == np.inf:
+                break
+            for i in range(8):
+                v[i] = mags[tg[j], i] + deltas[tf[j]]
+            q = _quad(v, x, M)
+            if q < best:
+                best, bi = q, j
         for i in range(8):
-            v[i] = mags[bi, i] + deltas[bk]
-        code[0], code[1], code[2], code[3] = bi, -1, 0, bk
+            v[i] = mags[tg[bi], i] + deltas[tf[bi]]
+        code[0], code[1], code[2], code[3] = tg[bi], -1, 0, tf[bi]
         return best
     s0 = 0
     for i in range(8):
@@ -229,13 +281,16 @@ def best_group(x, wt, mags, part, signed, parity, deltas, v, code):  # pragma: n
         for i in range(8):
             cnt += (s0 >> i) & 1
         odd = cnt % 2 == 1
-    # per codeword slot h (one of 8 // part), its best codeword without and with one flip
     nh = 8 // part
-    cb = np.full(2, np.inf)
-    gb = np.zeros(2, np.int64)
-    cf = np.full(2, np.inf)
-    gf = np.zeros(2, np.int64)
-    fi = np.zeros(2, np.int64)
+    Kh = min(K, n)
+    # per codeword slot h: its Kh best codewords with the signs of x (c*), and with one flip
+    # (f*: cost, codeword, flipped weight) when the parity needs one
+    cc = np.full((2, Kh), np.inf)
+    cg = np.zeros((2, Kh), np.int64)
+    cz = np.zeros((2, Kh), np.int64)
+    fc = np.full((2, Kh), np.inf)
+    fg = np.zeros((2, Kh), np.int64)
+    ff = np.zeros((2, Kh), np.int64)
     for h in range(nh):
         o = h * part
         for g in range(n):
@@ -243,58 +298,63 @@ def best_group(x, wt, mags, part, signed, parity, deltas, v, code):  # pragma: n
             for i in range(part):
                 e = mags[g, i] - abs(x[o + i])
                 c += wt[o + i] * e * e
-                if c >= cb[h] and (not odd or c >= cf[h]):
+                if c >= cc[h, Kh - 1] and (not odd or c >= fc[h, Kh - 1]):
                     break
-            if c < cb[h]:
-                cb[h], gb[h] = c, g
-            if odd and c < cf[h]:
+            _keep(cc[h], cg[h], cz[h], c, g, 0)
+            if odd and c < fc[h, Kh - 1]:
                 fm, fk = np.inf, 0
                 for i in range(part):
                     f = 4.0 * wt[o + i] * mags[g, i] * abs(x[o + i])
                     if f < fm:
                         fm, fk = f, i
-                if c + fm < cf[h]:
-                    cf[h], gf[h], fi[h] = c + fm, g, o + fk
-    sign = s0
-    pick = gb.copy()
-    total = 0.0
-    for h in range(nh):
-        total += cb[h]
-    if odd:  # one flip, in the slot where it costs least
-        hb, extra = 0, np.inf
-        for h in range(nh):
-            d = cf[h] - cb[h]
-            if d < extra:
-                hb, extra = h, d
-        pick[hb] = gf[hb]
-        sign ^= 1 << fi[hb]
-        total += extra
-    for h in range(nh):
-        for i in range(part):
-            m = mags[pick[h], i]
-            v[h * part + i] = -m if (sign >> (h * part + i)) & 1 else m
-    code[0] = pick[0]
-    code[1] = pick[1] if nh == 2 else -1
-    code[2] = sign
-    code[3] = 0
-    return total
+                _keep(fc[h], fg[h], ff[h], c + fm, g, o + fk)
+    # candidates: one (nh = 1) or two (nh = 2) slots, the flip in at most one of them
+    pick0, pick1, sign_b = 0, -1, s0
+    for flip_slot in range(-1, nh):
+        if (flip_slot >= 0) != odd:
+            continue
+        for j0 in range(Kh):
+            g0 = fg[0, j0] if flip_slot == 0 else cg[0, j0]
+            c0 = fc[0, j0] if flip_slot == 0 else cc[0, j0]
+            if c0 == np.inf:
+                break
+            s_a = s0 ^ (1 << ff[0, j0]) if flip_slot == 0 else s0
+            for j1 in range(Kh if nh == 2 else 1):
+                if nh == 2:
+                    g1 = fg[1, j1] if flip_slot == 1 else cg[1, j1]
+                    c1 = fc[1, j1] if flip_slot == 1 else cc[1, j1]
+                    if c1 == np.inf:
+                        break
+                    sign = s_a ^ (1 << ff[1, j1]) if flip_slot == 1 else s_a
+                    _fill_signed(v, mags, part, 1, g1, sign)
+                else:
+                    g1, sign = -1, s_a
+                _fill_signed(v, mags, part, 0, g0, sign)
+                q = _quad(v, x, M)
+                if q < best:
+                    best, pick0, pick1, sign_b = q, g0, g1, sign
+    _fill_signed(v, mags, part, 0, pick0, sign_b)
+    if nh == 2:
+        _fill_signed(v, mags, part, 1, pick1, sign_b)
+    code[0], code[1], code[2], code[3] = pick0, pick1, sign_b, 0
+    return best
 
 
 @njit(nogil=True, cache=True)
 def round_groups(W, U, Ui, c0, a, fixed, mags, part, signed, parity, deltas, codes, E,
-                 e0):  # pragma: no cover
+                 e0, K=TOP_K):  # pragma: no cover
     """Round the 256 columns ``c0 ..`` of W (float32 (rows, cols), rounding order, groups of 8
     contiguous) group by group onto ``a * v`` (``a`` (rows, 256)), propagating each group's error
     into the block's later columns; the scaled errors go to ``E[:, e0 + j]``.
 
     ``Ui`` ``(32, 8, 8)``: the inverse of each group's diagonal block of U; the group's loss is
-    ``|e Ui|^2``, searched with its diagonal weights (:func:`best_group`).  ``fixed``
+    ``|e Ui|^2 = e (Ui Ui^T) e^T``, searched by :func:`best_group`.  ``fixed``
     ``(rows, 32)``: the delta choice per group where ``deltas`` has one entry per choice kept
     (IQ1_S); -1 to search all of ``deltas``.  Fills ``codes`` int64 ``(rows, 32, 4)``."""
     rows = W.shape[0]
     ng = Ui.shape[0]
     x = np.empty(8)
-    wt = np.empty(8)
+    M = np.empty((8, 8))
     v = np.empty(8)
     e = np.empty(8)
     code = np.empty(4, np.int64)
@@ -303,10 +363,11 @@ def round_groups(W, U, Ui, c0, a, fixed, mags, part, signed, parity, deltas, cod
     for gi in range(ng):
         g0 = c0 + GROUP * gi
         for i in range(8):
-            s = 0.0
-            for k in range(8):
-                s += Ui[gi, i, k] * Ui[gi, i, k]
-            wt[i] = s
+            for j in range(8):
+                s = 0.0
+                for k in range(8):
+                    s += Ui[gi, i, k] * Ui[gi, j, k]
+                M[i, j] = s
         for r in range(rows):
             ar = a[r, GROUP * gi]
             if ar != 0.0:
@@ -314,10 +375,10 @@ def round_groups(W, U, Ui, c0, a, fixed, mags, part, signed, parity, deltas, cod
                     x[i] = W[r, g0 + i] / ar
                 if fixed[r, gi] >= 0:
                     one[0] = deltas[fixed[r, gi]]
-                    best_group(x, wt, mags, part, signed, parity, one, v, code)
+                    best_group(x, M, mags, part, signed, parity, one, v, code, K)
                     code[3] = fixed[r, gi]
                 else:
-                    best_group(x, wt, mags, part, signed, parity, deltas, v, code)
+                    best_group(x, M, mags, part, signed, parity, deltas, v, code, K)
                 for i in range(8):
                     e[i] = W[r, g0 + i] - ar * v[i]
             else:  # a zero scale: every code decodes to 0
