@@ -195,7 +195,7 @@ def weight_scales(blocks: np.ndarray, qtype) -> np.ndarray:
 TOP_K = 16  # candidates of the diagonal search re-ranked under the group's full loss
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _keep(tc, tg, tf, c, g, f):  # pragma: no cover - compiled
     """Insert (cost c, codeword g, extra f) into the ascending top list (tc, tg, tf)."""
     k = tc.size - 1
@@ -257,7 +257,8 @@ def best_group(x, M, mags, part, signed, parity, deltas, v, code, K=TOP_K):  # p
                     c += wt[i] * e * e
                     if c >= tc[K - 1]:
                         break
-                _keep(tc, tg, tf, c, g, k)
+                if c < tc[K - 1]:
+                    _keep(tc, tg, tf, c, g, k)
         bi = 0
         for j in range(K):
             if tc[j] == np.inf:
@@ -282,7 +283,8 @@ def best_group(x, M, mags, part, signed, parity, deltas, v, code, K=TOP_K):  # p
             cnt += (s0 >> i) & 1
         odd = cnt % 2 == 1
     nh = 8 // part
-    Kh = min(K, n)
+    # two slots (IQ3): Kh x Kh pairs are re-ranked, so each slot keeps sqrt(K)
+    Kh = min(n, K if nh == 1 else max(1, int(np.sqrt(K))))
     # per codeword slot h: its Kh best codewords with the signs of x (c*), and with one flip
     # (f*: cost, codeword, flipped weight) when the parity needs one
     cc = np.full((2, Kh), np.inf)
@@ -300,14 +302,16 @@ def best_group(x, M, mags, part, signed, parity, deltas, v, code, K=TOP_K):  # p
                 c += wt[o + i] * e * e
                 if c >= cc[h, Kh - 1] and (not odd or c >= fc[h, Kh - 1]):
                     break
-            _keep(cc[h], cg[h], cz[h], c, g, 0)
+            if c < cc[h, Kh - 1]:
+                _keep(cc[h], cg[h], cz[h], c, g, 0)
             if odd and c < fc[h, Kh - 1]:
                 fm, fk = np.inf, 0
                 for i in range(part):
                     f = 4.0 * wt[o + i] * mags[g, i] * abs(x[o + i])
                     if f < fm:
                         fm, fk = f, i
-                _keep(fc[h], fg[h], ff[h], c + fm, g, o + fk)
+                if c + fm < fc[h, Kh - 1]:
+                    _keep(fc[h], fg[h], ff[h], c + fm, g, o + fk)
     # candidates: one (nh = 1) or two (nh = 2) slots, the flip in at most one of them
     pick0, pick1, sign_b = 0, -1, s0
     for flip_slot in range(-1, nh):
