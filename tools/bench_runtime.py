@@ -400,6 +400,8 @@ def main(argv=None):
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--skip-memory", action="store_true",
                     help="only the speed runs (no memory or start-up measurements)")
+    ap.add_argument("--skip-speed", action="store_true",
+                    help="only the memory and start-up measurements (no speed runs)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--blockq-only", action="store_true",
                     help="prompt and decode speed of blockq alone (no llama-cpp-python needed)")
@@ -418,7 +420,7 @@ def main(argv=None):
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start, kernels: "
           f"{isa()} (BLOCKQ_ISA forces one)")
     for f in files:
-        for t in threads:
+        for t in ([] if a.skip_speed else threads):
             r = bench_file(f, t, a.n_prompt, a.n_gen, a.reps, a.blockq_only)
             report["results"].append(r)
             print(f"{r['file']} -t {t}: {r['validated']}", flush=True)
