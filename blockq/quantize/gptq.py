@@ -203,6 +203,7 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
     imp = (diag / scale).astype(np.float32) if imatrix is None else np.asarray(imatrix, np.float32)
     vec = vcodes.supported(t.name)
     if vec:
+        book = vcodes.grid(t.name), vcodes.delta_choices(t.name)
         lo = hi = 0
         vals = mids = np.empty(0, np.float32)
     else:
@@ -231,7 +232,7 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
             X[:, local] = Wc[:, c0:c1]
             blk = quantize(X, t.name, imatrix=imp[ob * B:(ob + 1) * B])
             if vec:
-                out[:, ob] = _round_codebook(Wc, U, c0, blk, t, local, E, c0 - s0)
+                out[:, ob] = _round_codebook(Wc, U, c0, blk, t, local, E, c0 - s0, book)
             else:
                 a, b = affine(blk, t)
                 a = np.ascontiguousarray(expand(a, t)[:, local])  # float32 (rows, B), rounding order
@@ -259,10 +260,11 @@ def gptq_quantize(W, qtype, H, *, imatrix=None, damp: float = DEFAULT_DAMP,
     return out
 
 
-def _round_codebook(Wc, U, c0, blk, t, local, E, e0) -> np.ndarray:
+def _round_codebook(Wc, U, c0, blk, t, local, E, e0, book) -> np.ndarray:
     """One block of a codebook type: its columns ``c0 ..`` (rounding order, file positions
     ``local``) rounded group by group on the scales of ``blk`` (the plain quantizer's block of the
-    corrected weights); returns the block with the chosen codes."""
+    corrected weights); ``book``: the type's (codewords, deltas), fetched once per matrix.
+    Returns the block with the chosen codes."""
     name = t.name
     part, signed, parity, mode = vcodes.SPEC[name]
     G = vcodes.GROUP
@@ -277,8 +279,9 @@ def _round_codebook(Wc, U, c0, blk, t, local, E, e0) -> np.ndarray:
     if mode == "block":  # IQ1_S: the delta sign of each sub-block stays the scale search's
         fixed[:] = vcodes.codes_of(blk, t)[2][:, gl]
     codes = np.empty((rows, ng, 4), np.int64)
-    vcodes.round_groups(Wc, U, Ui, c0, a, fixed, vcodes.grid(name), part, signed, parity,
-                        vcodes.delta_choices(name), codes, E, e0, vcodes.TOP_K)
+    mags, deltas = book
+    vcodes.round_groups(Wc, U, Ui, c0, a, fixed, mags, part, signed, parity, deltas, codes, E,
+                        e0, vcodes.TOP_K)
     idx = np.empty((rows, ng, G // part), np.int32)
     idx[:, gl] = codes[:, :, :G // part]
     signs = np.empty((rows, ng), np.uint8)

@@ -197,10 +197,9 @@ TOP_K = 16  # candidates of the diagonal search re-ranked under the group's full
 
 @njit(nogil=True, cache=True, inline="always")
 def _keep(tc, tg, tf, c, g, f):  # pragma: no cover - compiled
-    """Insert (cost c, codeword g, extra f) into the ascending top list (tc, tg, tf)."""
+    """Insert (cost c, codeword g, extra f) into the ascending top list (tc, tg, tf); the
+    caller has checked that c beats its last entry (the check that keeps the search fast)."""
     k = tc.size - 1
-    if not c < tc[k]:
-        return
     while k > 0 and c < tc[k - 1]:
         tc[k], tg[k], tf[k] = tc[k - 1], tg[k - 1], tf[k - 1]
         k -= 1
