@@ -20,6 +20,7 @@ first, user-defined tokens always, control tokens only with ``parse_special=True
 from __future__ import annotations
 
 import codecs
+from array import array
 import enum
 import heapq
 import re
@@ -299,10 +300,12 @@ class Tokenizer:
 
     def _spm_setup(self, scores) -> None:
         n = len(self.tokens)
+        # NOTE: an array, not a list: 8 bytes a score instead of a 32-byte float object and its
+        # pointer (8 MiB less for a 262k vocabulary like Gemma's); indexing gives the same floats
         if scores is None:
-            self.scores = [0.0] * n
+            self.scores = array("d", bytes(8 * n))
         else:
-            self.scores = np.asarray(scores[:n], dtype=np.float64).tolist()
+            self.scores = array("d", np.asarray(scores[:n], dtype=np.float64).tobytes())
         # byte -> token for byte fallback: "<0xXX>", else the byte as a one-character token
         self._byte_ids: list[int | None] = []
         for b in range(256):

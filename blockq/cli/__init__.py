@@ -51,8 +51,22 @@ def cli():
     """blockq: block-quantized (GGUF k-quant) language models in Python."""
 
 
+def _skip_numba_blas() -> None:
+    """Keep Numba from loading SciPy's BLAS, which no blockq kernel calls.
+
+    NOTE: Numba's array lowering, set up at the first kernel call, imports
+    scipy.linalg.cython_blas where SciPy is installed (for np.dot in JIT code): 16 MiB resident
+    (SciPy and its own OpenBLAS) in every generate / chat / serve.  Only in a process the CLI
+    starts, and only while neither is loaded yet: a program that imports blockq keeps its SciPy.
+    """
+    if "numba.np.arraymath" not in sys.modules and "scipy.linalg.cython_blas" not in sys.modules:
+        sys.modules["scipy.linalg.cython_blas"] = None  # type: ignore[assignment]
+
+
 def main(argv=None):
     """Entry point: blockq's own errors become one clear line on stderr and exit code 1."""
+    if argv is None:  # the command line itself (``blockq ...``), not a caller passing arguments
+        _skip_numba_blas()
     if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 typed or piped in: U+FFFD, not a crash
         sys.stdin.reconfigure(errors="surrogateescape")
     try:
