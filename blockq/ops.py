@@ -355,6 +355,22 @@ def _rope_one(x, cos, sin, neox):  # x (heads, head_dim) rotated in place; cos, 
             x[r, b] = x0 * sin[i] + x1 * cos[i]
 
 
+@njit(**_JIT)
+def _put_row(c, pos, x):
+    """c[:, pos, :] = x.  NOTE: loops, not the slice assignment, which alone took 3.2 s of
+    Numba compile time (a generic broadcasting kernel) in every first run."""
+    for h in range(c.shape[0]):
+        for d in range(c.shape[2]):
+            c[h, pos, d] = x[h, d]
+
+
+@njit(**_JIT)
+def _put(dst, src):
+    """dst[:] = src for 1-d arrays of one length (loops: see _put_row)."""
+    for d in range(dst.size):
+        dst[d] = src[d]
+
+
 def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap,
                           out):
     """Rotate q, k of one token at ``pos``; store k, v in the layer's cache; attend over the
@@ -368,8 +384,8 @@ def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, wind
     if f16:
         _round_f16(k.reshape(-1))
         _round_f16(v.reshape(-1))
-    kc[:, pos, :] = k
-    vc[:, pos, :] = v
+    _put_row(kc, pos, k)
+    _put_row(vc, pos, v)
     n_head, hd = q.shape
     g = n_head // kc.shape[0]
     t0 = max(0, pos - window + 1) if window > 0 else 0
@@ -486,7 +502,7 @@ def attend_prompt(q, kc, vc, p0, scale, window, softcap, out):
                 acc[3, d] += w3 * v
         # rows past n are copies of row n - 1 (i1..i3 clamped): written last, so row n - 1
         # gets its own values
-        o3[:] = acc[3]
-        o2[:] = acc[2]
-        o1[:] = acc[1]
-        o0[:] = acc[0]
+        _put(o3, acc[3])
+        _put(o2, acc[2])
+        _put(o1, acc[1])
+        _put(o0, acc[0])
