@@ -29,16 +29,19 @@ def _gemm():
 
 
 def _variants():
-    """The k-quant tile builds this machine can run (zmm only with AVX-512 F + BW)."""
+    """The k-quant tile builds this machine can run: "ymm"; "zmm" with AVX-512 F + BW; "vnni"
+    (zmm vpdpbusd, lane-order tiles) where the process runs the avx512vnni variant."""
     from blockq.kernels.cpu_isa import host_features
     f = host_features()
-    return [False] + ([True] if f.get("avx512f") and f.get("avx512bw") else [])
+    zmm = bool(f.get("avx512f") and f.get("avx512bw"))
+    return ["ymm"] + (["zmm"] if zmm else []) + \
+        (["vnni"] if zmm and cpu_isa.isa() == "avx512vnni" else [])
 
 
-@pytest.fixture(params=_variants() if cpu_isa.isa() != "float" else [False],
-                ids=lambda z: "zmm" if z else "ymm")
+@pytest.fixture(params=_variants() if cpu_isa.isa() != "float" else ["ymm"])
 def variant(request, monkeypatch):
-    monkeypatch.setattr(_gemm(), "ZMM", request.param)
+    monkeypatch.setattr(_gemm(), "ZMM", request.param != "ymm")
+    monkeypatch.setattr(_gemm(), "VNNI512", request.param == "vnni")
     return request.param
 
 

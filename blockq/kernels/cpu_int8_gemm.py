@@ -501,6 +501,216 @@ def _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, r0):
 
 
 # =============================================================================================
+# AVX-512 VNNI k-quant tiles: one ``vpdpbusd`` per 64 weights, the scales applied once per
+# super-block.  Every k-quant's sub-block scales and mins are per 16 weights (Q4_K / Q5_K's 32-
+# weight sub-blocks are two such groups with the same scale), and a super-block has 16 groups,
+# one per int32 lane of a zmm.  So the tile keeps each super-block's 256 codes in "lane order":
+# 64-byte chunk c, lane l (4 bytes) holds weights 16 l + 4 c .. 16 l + 4 c + 3, and the
+# activations get the same order once per product.  Four chained vpdpbusd then leave in lane l
+# the whole dot of group l, p_l = sum(codes * y) over its 16 weights, and
+#     row . token = sum over super-blocks b, lanes l of
+#                   dy_b * (d_b sc_l) * p_l  -  (dm_b mn_l) * (dy_b bsum_l)
+# with W = d sc and M = dm mn per row (float, 16 per super-block) and B = dy bsums per token.
+# Codes are unsigned (at most 63) and Q8_K's codes within +-127, so every p_l is exact.
+
+VNNI512 = ZMM and k8.VARIANT == "avx512vnni"  # vpdpbusd on zmm registers (AVX-512 VNNI)
+VNNI_OFFSET = {"Q3_K": 4, "Q6_K": 32}  # the code offset of the types whose mins are it x scale
+_LANE_ORDER = [16 * (k % 16) // 4 + k // 16 for k in range(64)]  # lane-order u32 k <- natural
+
+
+@intrinsic
+def lane_order(typingctx, dst, i, o, src, j, so):
+    """dst[i, o:o+256] = the 256 bytes src[j, so:so+256] in lane order (64 four-byte units
+    transposed 16 x 4)."""
+    def codegen(context, builder, signature, args):
+        dt, it, ot, st, jt, sot = signature.args
+        v64 = ir.VectorType(ir.IntType(32), 64)
+        src_p = _ptr(context, builder, st, args[3], jt, args[4], sot, args[5])
+        v = builder.load(builder.bitcast(src_p, v64.as_pointer()), align=1)
+        v = builder.shuffle_vector(v, v, ir.Constant(v64, _LANE_ORDER))
+        dst_p = _ptr(context, builder, dt, args[0], it, args[1], ot, args[2])
+        builder.store(v, builder.bitcast(dst_p, v64.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.none(dst, i, o, src, j, so), codegen
+
+
+@intrinsic
+def dpbusd64(typingctx, acc, q, i, o, y, t, k):
+    """acc + vpdpbusd(q[i, o:o+64], y[t, k:k+64]): lane l gains the four products of bytes
+    4l..4l+3 (q unsigned, y signed)."""
+    def codegen(context, builder, signature, args):
+        at, qt, it, ot, yt, tt, kt = signature.args
+        v64 = ir.VectorType(ir.IntType(8), 64)
+
+        def load(ty, a, rt, r, ct, c):
+            ptr = _ptr(context, builder, ty, a, rt, r, ct, c)
+            return builder.bitcast(builder.load(builder.bitcast(ptr, v64.as_pointer()), align=1),
+                                   _V16I32)
+        qv = load(qt, args[1], it, args[2], ot, args[3])
+        yv = load(yt, args[4], tt, args[5], kt, args[6])
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [args[0], qv, yv])
+    return I32x16(acc, q, i, o, y, t, k), codegen
+
+
+def _load16f(context, builder, aty, a, rty, r, ity, i):
+    ptr = _ptr(context, builder, aty, a, rty, r, ity, i)
+    return builder.load(builder.bitcast(ptr, _V16F32.as_pointer()), align=1)
+
+
+def _splat16(context, builder, ty, v):
+    x = context.cast(builder, v, ty, types.float32)
+    vec = builder.insert_element(ir.Constant(_V16F32, ir.Undefined), x,
+                                 ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vec, ir.Constant(_V16F32, ir.Undefined),
+                                  ir.Constant(_V16I32, [0] * 16))
+
+
+def _fmuladd16(builder, a, b, c):
+    from numba.core import cgutils
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3),
+                                       "llvm.fmuladd.v16f32")
+    return builder.call(f, [a, b, c])
+
+
+@intrinsic
+def scaled_acc(typingctx, acc, p, w, i, o, f, mn, b, t, bo):
+    """acc + float(p) * (w[i, o:o+16] * f) - mn[i, o:o+16] * b[t, bo:bo+16]: one super-block
+    of a row . token (F32x16 acc, I32x16 p, float32 arrays w, mn, b, scalar f)."""
+    def codegen(context, builder, signature, args):
+        act, pt, wt, it, ot, ft, mt, bt, tt, bot = signature.args
+        acc_v, p_v, w_a, i_v, o_v, f_v, m_a, b_a, t_v, bo_v = args
+        wv = _load16f(context, builder, wt, w_a, it, i_v, ot, o_v)
+        x = _fmuladd16(builder, builder.sitofp(p_v, _V16F32),
+                       builder.fmul(wv, _splat16(context, builder, ft, f_v)), acc_v)
+        mv = _load16f(context, builder, mt, m_a, it, i_v, ot, o_v)
+        bv = _load16f(context, builder, bt, b_a, tt, t_v, bot, bo_v)
+        return _fmuladd16(builder, builder.fneg(mv), bv, x)
+    return F32x16(acc, p, w, i, o, f, mn, b, t, bo), codegen
+
+
+@intrinsic
+def scaled_acc0(typingctx, acc, p, w, i, o, f):
+    """acc + float(p) * (w[i, o:o+16] * f): scaled_acc without a min term."""
+    def codegen(context, builder, signature, args):
+        act, pt, wt, it, ot, ft = signature.args
+        wv = _load16f(context, builder, wt, args[2], it, args[3], ot, args[4])
+        return _fmuladd16(builder, builder.sitofp(args[1], _V16F32),
+                          builder.fmul(wv, _splat16(context, builder, ft, args[5])), args[0])
+    return F32x16(acc, p, w, i, o, f), codegen
+
+
+@intrinsic
+def load16i(typingctx, a, t, o):
+    """An I32x16 of a[t, o:o+16] (an int32 array)."""
+    def codegen(context, builder, signature, args):
+        ptr = _ptr(context, builder, signature.args[0], args[0], signature.args[1], args[1],
+                   signature.args[2], args[2])
+        return builder.load(builder.bitcast(ptr, _V16I32.as_pointer()), align=1)
+    return I32x16(a, t, o), codegen
+
+
+@_jit(**JIT)
+def _vnni_weights(codes, scales, mins, d, dm, m, pc, W, M):
+    """An unpacked k-quant tile (the layout of the ``_un_*`` kernels) -> pc its codes in lane
+    order, W (m, 16 per super-block) = d * the scale of each 16 weights, M = dm * their min."""
+    for i in range(m):
+        for b in range(d.shape[1]):
+            lane_order(pc, i, b * KQ, codes, i, b * KQ)
+            f, g = d[i, b], dm[i, b]
+            for l in range(16):
+                W[i, 16 * b + l] = f * F32(k8.i16_at(scales, i, b * KQ + 16 * l))
+                M[i, 16 * b + l] = g * F32(k8.i16_at(mins, i, 32 * b + 2 * l))
+
+
+@_jit(**JIT)
+def _vnni_acts(Y, off, Yp, dy, B, I):
+    """Q8_K rows Y -> Yp their codes in lane order, dy (n, blocks) their scales, B (n, 16 per
+    block) = dy * each sum of 16 codes, I (int32, as B) = -off * those sums."""
+    for t in range(Y.shape[0]):
+        for b in range(dy.shape[1]):
+            yo = b * Q8K
+            lane_order(Yp, t, b * KQ, Y, t, yo + Q8K_QS)
+            f = f32_at(Y, t, yo)
+            dy[t, b] = f
+            for l in range(16):
+                s = k8.i16_at(Y, t, yo + Q8K_BSUMS + 2 * l)
+                B[t, 16 * b + l] = f * F32(s)
+                I[t, 16 * b + l] = -off * s
+
+
+@_jit(**JIT)
+def _store2x4(out, r0, r1, t0, x00, x01, x02, x03, x10, x11, x12, x13):
+    _store4(out, r0, t0, x00, x01, x02, x03)
+    if r1 != r0:
+        _store4(out, r1, t0, x10, x11, x12, x13)
+
+
+@_jit(**JIT)
+def _kq_tile_vnni(pc, W, M, m, Yp, dy, B, I, out, r0, offset):
+    """out[:, r0:r0+m] for a tile in lane order: two rows by four tokens per pass, 8 zmm
+    accumulators (rows / tokens past the end are repeats, not stored).  offset (Q3_K, Q6_K:
+    mins are the code offset times the scale): each group's dot starts at I = -offset * its
+    activation sum, exact in int32, and M, B are not read; else the min term M * B."""
+    n, nsb = Yp.shape[0], dy.shape[1]
+    for t0 in range(0, n, 4):
+        t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
+        for i in range(0, m, 2):
+            j = min(i + 1, m - 1)
+            a00, a01, a02, a03 = zeros16(0.0), zeros16(0.0), zeros16(0.0), zeros16(0.0)
+            a10, a11, a12, a13 = zeros16(0.0), zeros16(0.0), zeros16(0.0), zeros16(0.0)
+            for b in range(nsb):
+                ib, so = b * KQ, 16 * b
+                if offset:
+                    p00, p01, p02, p03 = load16i(I, t0, so), load16i(I, t1, so), \
+                        load16i(I, t2, so), load16i(I, t3, so)
+                    p10, p11, p12, p13 = p00, p01, p02, p03
+                else:
+                    p00, p01, p02, p03 = zeros16(0), zeros16(0), zeros16(0), zeros16(0)
+                    p10, p11, p12, p13 = zeros16(0), zeros16(0), zeros16(0), zeros16(0)
+                for c in range(4):
+                    o = ib + 64 * c
+                    p00 = dpbusd64(p00, pc, i, o, Yp, t0, o)
+                    p01 = dpbusd64(p01, pc, i, o, Yp, t1, o)
+                    p02 = dpbusd64(p02, pc, i, o, Yp, t2, o)
+                    p03 = dpbusd64(p03, pc, i, o, Yp, t3, o)
+                    p10 = dpbusd64(p10, pc, j, o, Yp, t0, o)
+                    p11 = dpbusd64(p11, pc, j, o, Yp, t1, o)
+                    p12 = dpbusd64(p12, pc, j, o, Yp, t2, o)
+                    p13 = dpbusd64(p13, pc, j, o, Yp, t3, o)
+                y0, y1, y2, y3 = dy[t0, b], dy[t1, b], dy[t2, b], dy[t3, b]
+                if offset:
+                    a00 = scaled_acc0(a00, p00, W, i, so, y0)
+                    a01 = scaled_acc0(a01, p01, W, i, so, y1)
+                    a02 = scaled_acc0(a02, p02, W, i, so, y2)
+                    a03 = scaled_acc0(a03, p03, W, i, so, y3)
+                    a10 = scaled_acc0(a10, p10, W, j, so, y0)
+                    a11 = scaled_acc0(a11, p11, W, j, so, y1)
+                    a12 = scaled_acc0(a12, p12, W, j, so, y2)
+                    a13 = scaled_acc0(a13, p13, W, j, so, y3)
+                else:
+                    a00 = scaled_acc(a00, p00, W, i, so, y0, M, B, t0, so)
+                    a01 = scaled_acc(a01, p01, W, i, so, y1, M, B, t1, so)
+                    a02 = scaled_acc(a02, p02, W, i, so, y2, M, B, t2, so)
+                    a03 = scaled_acc(a03, p03, W, i, so, y3, M, B, t3, so)
+                    a10 = scaled_acc(a10, p10, W, j, so, y0, M, B, t0, so)
+                    a11 = scaled_acc(a11, p11, W, j, so, y1, M, B, t1, so)
+                    a12 = scaled_acc(a12, p12, W, j, so, y2, M, B, t2, so)
+                    a13 = scaled_acc(a13, p13, W, j, so, y3, M, B, t3, so)
+            _store2x4(out, r0 + i, r0 + j, t0, hsum16(a00), hsum16(a01), hsum16(a02),
+                      hsum16(a03), hsum16(a10), hsum16(a11), hsum16(a12), hsum16(a13))
+
+
+@_jit(**JIT)
+def _kq_tile_vnni_off(pc, W, M, m, Yp, dy, B, I, out, r0):
+    _kq_tile_vnni(pc, W, M, m, Yp, dy, B, I, out, r0, True)
+
+
+@_jit(**JIT)
+def _kq_tile_vnni_min(pc, W, M, m, Yp, dy, B, I, out, r0):
+    _kq_tile_vnni(pc, W, M, m, Yp, dy, B, I, out, r0, False)
+
+
+# =============================================================================================
 # the table and the threaded drivers
 
 # weight type -> (unpacking kernel, family): "kq" k-quant, "signed" / "min" legacy
@@ -559,6 +769,25 @@ def _run_kq_zmm(un, w, Y, out, n_threads):
             _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, rt)
 
 
+def _run_kq_vnni(un, offset, w, Yp, dy, B, I, out, n_threads):
+    """_run_kq with the AVX-512 VNNI tiles (a function of its own, as _run_kq_zmm)."""
+    rows, nsb = w.shape[0], dy.shape[1]
+    for c in prange(n_threads):
+        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+        codes, scales, mins, d, dm = _kq_buffers(nsb)
+        pc = np.empty((TILE_ROWS, nsb * KQ), np.uint8)
+        W = np.empty((TILE_ROWS, nsb * 16), F32)
+        M = np.empty((TILE_ROWS, nsb * 16), F32)
+        for rt in range(r0, r1, TILE_ROWS):
+            m = min(TILE_ROWS, r1 - rt)
+            _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
+            _vnni_weights(codes, scales, mins, d, dm, m, pc, W, M)
+            if offset:
+                _kq_tile_vnni_off(pc, W, M, m, Yp, dy, B, I, out, rt)
+            else:
+                _kq_tile_vnni_min(pc, W, M, m, Yp, dy, B, I, out, rt)
+
+
 def _run_lg(un, signed, w, Y, dy, sy, out, n_threads):
     rows, nb = w.shape[0], dy.shape[1]
     for c in prange(n_threads):
@@ -578,6 +807,8 @@ def _run_lg(un, signed, w, Y, dy, sy, out, n_threads):
 
 RUN_KQ_SIG = types.void(types.int64, _W, _B, _F, types.int64)
 RUN_LG_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
+RUN_VNNI_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F,
+                          types.Array(types.int32, 2, "C"), _F, types.int64)
 
 
 @functools.cache
@@ -586,7 +817,7 @@ def _driver(family: str):
     # signature and bytecode, not by flags, so a serial and a parallel njit of one Python
     # function share one cache entry and whichever was compiled first is loaded for both.
     fn, sig = {"kq": (_run_kq, RUN_KQ_SIG), "kq_zmm": (_run_kq_zmm, RUN_KQ_SIG),
-               "lg": (_run_lg, RUN_LG_SIG)}[family]
+               "kq_vnni": (_run_kq_vnni, RUN_VNNI_SIG), "lg": (_run_lg, RUN_LG_SIG)}[family]
     return compiled(_jit(parallel=True)(fn), sig)[0]
 
 
@@ -632,6 +863,14 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         n_threads = 1
     Y = quantize_activations(name, X, n_threads)  # (n, activation bytes)
     n_threads = max(1, min(n_threads, -(-rows // TILE_ROWS)))
+    if family == "kq" and VNNI512:
+        n, nsb = X.shape[0], X.shape[1] // KQ
+        off = VNNI_OFFSET.get(name, 0)
+        Yp, dy = np.empty((n, nsb * KQ), np.uint8), np.empty((n, nsb), F32)
+        B, I = np.empty((n, nsb * 16), F32), np.empty((n, nsb * 16), np.int32)
+        _vnni_acts(Y, off, Yp, dy, B, I)
+        _driver("kq_vnni")(_unpacker(name), off > 0, w, Yp, dy, B, I, out, n_threads)
+        return
     run = _driver(("kq_zmm" if ZMM else "kq") if family == "kq" else "lg")
     if family == "kq":
         run(_unpacker(name), w, Y, out, n_threads)
