@@ -509,9 +509,10 @@ def _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, r0):
 # activations get the same order once per product.  Four chained vpdpbusd then leave in lane l
 # the whole dot of group l, p_l = sum(codes * y) over its 16 weights, and
 #     row . token = sum over super-blocks b, lanes l of
-#                   dy_b * (d_b sc_l) * p_l  -  (dm_b mn_l) * (dy_b bsum_l)
-# with W = d sc and M = dm mn per row (float, 16 per super-block) and B = dy bsums per token.
-# Codes are unsigned (at most 63) and Q8_K's codes within +-127, so every p_l is exact.
+#                   (d_b dy_b) * (sc_l p_l)  -  (dm_b dy_b) * (mn_l bsum_l)
+# with S = sc, M = mn per row and B = bsums per token (int32, 16 per super-block).  Codes are
+# unsigned (at most 63) and Q8_K's codes within +-127, so every p_l, and its products with the
+# scale and min in int32, are exact: one float rounding per lane and super-block, as llama.cpp.
 
 VNNI512 = ZMM and k8.VARIANT == "avx512vnni"  # vpdpbusd on zmm registers (AVX-512 VNNI)
 VNNI_OFFSET = {"Q3_K": 4, "Q6_K": 32}  # the code offset of the types whose mins are it x scale
@@ -552,11 +553,6 @@ def dpbusd64(typingctx, acc, q, i, o, y, t, k):
     return I32x16(acc, q, i, o, y, t, k), codegen
 
 
-def _load16f(context, builder, aty, a, rty, r, ity, i):
-    ptr = _ptr(context, builder, aty, a, rty, r, ity, i)
-    return builder.load(builder.bitcast(ptr, _V16F32.as_pointer()), align=1)
-
-
 def _splat16(context, builder, ty, v):
     x = context.cast(builder, v, ty, types.float32)
     vec = builder.insert_element(ir.Constant(_V16F32, ir.Undefined), x,
@@ -572,31 +568,38 @@ def _fmuladd16(builder, a, b, c):
     return builder.call(f, [a, b, c])
 
 
-@intrinsic
-def scaled_acc(typingctx, acc, p, w, i, o, f, mn, b, t, bo):
-    """acc + float(p) * (w[i, o:o+16] * f) - mn[i, o:o+16] * b[t, bo:bo+16]: one super-block
-    of a row . token (F32x16 acc, I32x16 p, float32 arrays w, mn, b, scalar f)."""
-    def codegen(context, builder, signature, args):
-        act, pt, wt, it, ot, ft, mt, bt, tt, bot = signature.args
-        acc_v, p_v, w_a, i_v, o_v, f_v, m_a, b_a, t_v, bo_v = args
-        wv = _load16f(context, builder, wt, w_a, it, i_v, ot, o_v)
-        x = _fmuladd16(builder, builder.sitofp(p_v, _V16F32),
-                       builder.fmul(wv, _splat16(context, builder, ft, f_v)), acc_v)
-        mv = _load16f(context, builder, mt, m_a, it, i_v, ot, o_v)
-        bv = _load16f(context, builder, bt, b_a, tt, t_v, bot, bo_v)
-        return _fmuladd16(builder, builder.fneg(mv), bv, x)
-    return F32x16(acc, p, w, i, o, f, mn, b, t, bo), codegen
+def _load16i(context, builder, aty, a, rty, r, ity, i):
+    ptr = _ptr(context, builder, aty, a, rty, r, ity, i)
+    return builder.load(builder.bitcast(ptr, _V16I32.as_pointer()), align=1)
 
 
 @intrinsic
-def scaled_acc0(typingctx, acc, p, w, i, o, f):
-    """acc + float(p) * (w[i, o:o+16] * f): scaled_acc without a min term."""
+def scaled_acc(typingctx, acc, p, s, i, o, f, mn, b, t, bo, g):
+    """acc + float(p * s[i, o:o+16]) * f + float(mn[i, o:o+16] * b[t, bo:bo+16]) * g: one
+    super-block of a row . token (F32x16 acc, I32x16 p, int32 arrays s, mn, b, scalars f, g).
+    The scales and mins multiply in int32, as llama.cpp's dots do: one rounding per lane."""
     def codegen(context, builder, signature, args):
-        act, pt, wt, it, ot, ft = signature.args
-        wv = _load16f(context, builder, wt, args[2], it, args[3], ot, args[4])
-        return _fmuladd16(builder, builder.sitofp(args[1], _V16F32),
-                          builder.fmul(wv, _splat16(context, builder, ft, args[5])), args[0])
-    return F32x16(acc, p, w, i, o, f), codegen
+        act, pt, st, it, ot, ft, mt, bt, tt, bot, gt = signature.args
+        acc_v, p_v, s_a, i_v, o_v, f_v, m_a, b_a, t_v, bo_v, g_v = args
+        sv = _load16i(context, builder, st, s_a, it, i_v, ot, o_v)
+        x = _fmuladd16(builder, builder.sitofp(builder.mul(p_v, sv), _V16F32),
+                       _splat16(context, builder, ft, f_v), acc_v)
+        mv = _load16i(context, builder, mt, m_a, it, i_v, ot, o_v)
+        bv = _load16i(context, builder, bt, b_a, tt, t_v, bot, bo_v)
+        return _fmuladd16(builder, builder.sitofp(builder.mul(mv, bv), _V16F32),
+                          _splat16(context, builder, gt, g_v), x)
+    return F32x16(acc, p, s, i, o, f, mn, b, t, bo, g), codegen
+
+
+@intrinsic
+def scaled_acc0(typingctx, acc, p, s, i, o, f):
+    """acc + float(p * s[i, o:o+16]) * f: scaled_acc without a min term."""
+    def codegen(context, builder, signature, args):
+        act, pt, st, it, ot, ft = signature.args
+        sv = _load16i(context, builder, st, args[2], it, args[3], ot, args[4])
+        return _fmuladd16(builder, builder.sitofp(builder.mul(args[1], sv), _V16F32),
+                          _splat16(context, builder, ft, args[5]), args[0])
+    return F32x16(acc, p, s, i, o, f), codegen
 
 
 @intrinsic
@@ -610,31 +613,30 @@ def load16i(typingctx, a, t, o):
 
 
 @_jit(**JIT)
-def _vnni_weights(codes, scales, mins, d, dm, m, pc, W, M):
+def _vnni_weights(codes, scales, mins, m, pc, S, M):
     """An unpacked k-quant tile (the layout of the ``_un_*`` kernels) -> pc its codes in lane
-    order, W (m, 16 per super-block) = d * the scale of each 16 weights, M = dm * their min."""
+    order, S (m, 16 per super-block, int32) the scale of each 16 weights, M their min."""
+    nsb = S.shape[1] // 16
     for i in range(m):
-        for b in range(d.shape[1]):
+        for b in range(nsb):
             lane_order(pc, i, b * KQ, codes, i, b * KQ)
-            f, g = d[i, b], dm[i, b]
             for l in range(16):
-                W[i, 16 * b + l] = f * F32(k8.i16_at(scales, i, b * KQ + 16 * l))
-                M[i, 16 * b + l] = g * F32(k8.i16_at(mins, i, 32 * b + 2 * l))
+                S[i, 16 * b + l] = k8.i16_at(scales, i, b * KQ + 16 * l)
+                M[i, 16 * b + l] = k8.i16_at(mins, i, 32 * b + 2 * l)
 
 
 @_jit(**JIT)
 def _vnni_acts(Y, off, Yp, dy, B, I):
     """Q8_K rows Y -> Yp their codes in lane order, dy (n, blocks) their scales, B (n, 16 per
-    block) = dy * each sum of 16 codes, I (int32, as B) = -off * those sums."""
+    block, int32) each sum of 16 codes, I (int32, as B) = -off * those sums."""
     for t in range(Y.shape[0]):
         for b in range(dy.shape[1]):
             yo = b * Q8K
             lane_order(Yp, t, b * KQ, Y, t, yo + Q8K_QS)
-            f = f32_at(Y, t, yo)
-            dy[t, b] = f
+            dy[t, b] = f32_at(Y, t, yo)
             for l in range(16):
                 s = k8.i16_at(Y, t, yo + Q8K_BSUMS + 2 * l)
-                B[t, 16 * b + l] = f * F32(s)
+                B[t, 16 * b + l] = s
                 I[t, 16 * b + l] = -off * s
 
 
@@ -646,11 +648,11 @@ def _store2x4(out, r0, r1, t0, x00, x01, x02, x03, x10, x11, x12, x13):
 
 
 @_jit(**JIT)
-def _kq_tile_vnni(pc, W, M, m, Yp, dy, B, I, out, r0, offset):
+def _kq_tile_vnni(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0, offset):
     """out[:, r0:r0+m] for a tile in lane order: two rows by four tokens per pass, 8 zmm
     accumulators (rows / tokens past the end are repeats, not stored).  offset (Q3_K, Q6_K:
     mins are the code offset times the scale): each group's dot starts at I = -offset * its
-    activation sum, exact in int32, and M, B are not read; else the min term M * B."""
+    activation sum, exact in int32, and M, B, dm are not read; else the min term M * B."""
     n, nsb = Yp.shape[0], dy.shape[1]
     for t0 in range(0, n, 4):
         t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
@@ -678,36 +680,38 @@ def _kq_tile_vnni(pc, W, M, m, Yp, dy, B, I, out, r0, offset):
                     p12 = dpbusd64(p12, pc, j, o, Yp, t2, o)
                     p13 = dpbusd64(p13, pc, j, o, Yp, t3, o)
                 y0, y1, y2, y3 = dy[t0, b], dy[t1, b], dy[t2, b], dy[t3, b]
+                f, h = d[i, b], d[j, b]
                 if offset:
-                    a00 = scaled_acc0(a00, p00, W, i, so, y0)
-                    a01 = scaled_acc0(a01, p01, W, i, so, y1)
-                    a02 = scaled_acc0(a02, p02, W, i, so, y2)
-                    a03 = scaled_acc0(a03, p03, W, i, so, y3)
-                    a10 = scaled_acc0(a10, p10, W, j, so, y0)
-                    a11 = scaled_acc0(a11, p11, W, j, so, y1)
-                    a12 = scaled_acc0(a12, p12, W, j, so, y2)
-                    a13 = scaled_acc0(a13, p13, W, j, so, y3)
+                    a00 = scaled_acc0(a00, p00, S, i, so, f * y0)
+                    a01 = scaled_acc0(a01, p01, S, i, so, f * y1)
+                    a02 = scaled_acc0(a02, p02, S, i, so, f * y2)
+                    a03 = scaled_acc0(a03, p03, S, i, so, f * y3)
+                    a10 = scaled_acc0(a10, p10, S, j, so, h * y0)
+                    a11 = scaled_acc0(a11, p11, S, j, so, h * y1)
+                    a12 = scaled_acc0(a12, p12, S, j, so, h * y2)
+                    a13 = scaled_acc0(a13, p13, S, j, so, h * y3)
                 else:
-                    a00 = scaled_acc(a00, p00, W, i, so, y0, M, B, t0, so)
-                    a01 = scaled_acc(a01, p01, W, i, so, y1, M, B, t1, so)
-                    a02 = scaled_acc(a02, p02, W, i, so, y2, M, B, t2, so)
-                    a03 = scaled_acc(a03, p03, W, i, so, y3, M, B, t3, so)
-                    a10 = scaled_acc(a10, p10, W, j, so, y0, M, B, t0, so)
-                    a11 = scaled_acc(a11, p11, W, j, so, y1, M, B, t1, so)
-                    a12 = scaled_acc(a12, p12, W, j, so, y2, M, B, t2, so)
-                    a13 = scaled_acc(a13, p13, W, j, so, y3, M, B, t3, so)
+                    g, e = -dm[i, b], -dm[j, b]
+                    a00 = scaled_acc(a00, p00, S, i, so, f * y0, M, B, t0, so, g * y0)
+                    a01 = scaled_acc(a01, p01, S, i, so, f * y1, M, B, t1, so, g * y1)
+                    a02 = scaled_acc(a02, p02, S, i, so, f * y2, M, B, t2, so, g * y2)
+                    a03 = scaled_acc(a03, p03, S, i, so, f * y3, M, B, t3, so, g * y3)
+                    a10 = scaled_acc(a10, p10, S, j, so, h * y0, M, B, t0, so, e * y0)
+                    a11 = scaled_acc(a11, p11, S, j, so, h * y1, M, B, t1, so, e * y1)
+                    a12 = scaled_acc(a12, p12, S, j, so, h * y2, M, B, t2, so, e * y2)
+                    a13 = scaled_acc(a13, p13, S, j, so, h * y3, M, B, t3, so, e * y3)
             _store2x4(out, r0 + i, r0 + j, t0, hsum16(a00), hsum16(a01), hsum16(a02),
                       hsum16(a03), hsum16(a10), hsum16(a11), hsum16(a12), hsum16(a13))
 
 
 @_jit(**JIT)
-def _kq_tile_vnni_off(pc, W, M, m, Yp, dy, B, I, out, r0):
-    _kq_tile_vnni(pc, W, M, m, Yp, dy, B, I, out, r0, True)
+def _kq_tile_vnni_off(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0):
+    _kq_tile_vnni(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0, True)
 
 
 @_jit(**JIT)
-def _kq_tile_vnni_min(pc, W, M, m, Yp, dy, B, I, out, r0):
-    _kq_tile_vnni(pc, W, M, m, Yp, dy, B, I, out, r0, False)
+def _kq_tile_vnni_min(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0):
+    _kq_tile_vnni(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0, False)
 
 
 # =============================================================================================
@@ -776,16 +780,16 @@ def _run_kq_vnni(un, offset, w, Yp, dy, B, I, out, n_threads):
         r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
         codes, scales, mins, d, dm = _kq_buffers(nsb)
         pc = np.empty((TILE_ROWS, nsb * KQ), np.uint8)
-        W = np.empty((TILE_ROWS, nsb * 16), F32)
-        M = np.empty((TILE_ROWS, nsb * 16), F32)
+        S = np.empty((TILE_ROWS, nsb * 16), np.int32)
+        M = np.empty((TILE_ROWS, nsb * 16), np.int32)
         for rt in range(r0, r1, TILE_ROWS):
             m = min(TILE_ROWS, r1 - rt)
             _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
-            _vnni_weights(codes, scales, mins, d, dm, m, pc, W, M)
+            _vnni_weights(codes, scales, mins, m, pc, S, M)
             if offset:
-                _kq_tile_vnni_off(pc, W, M, m, Yp, dy, B, I, out, rt)
+                _kq_tile_vnni_off(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
             else:
-                _kq_tile_vnni_min(pc, W, M, m, Yp, dy, B, I, out, rt)
+                _kq_tile_vnni_min(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
 
 
 def _run_lg(un, signed, w, Y, dy, sy, out, n_threads):
@@ -807,8 +811,8 @@ def _run_lg(un, signed, w, Y, dy, sy, out, n_threads):
 
 RUN_KQ_SIG = types.void(types.int64, _W, _B, _F, types.int64)
 RUN_LG_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
-RUN_VNNI_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F,
-                          types.Array(types.int32, 2, "C"), _F, types.int64)
+_I = types.Array(types.int32, 2, "C")
+RUN_VNNI_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _I, _I, _F, types.int64)
 
 
 @functools.cache
@@ -867,7 +871,7 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         n, nsb = X.shape[0], X.shape[1] // KQ
         off = VNNI_OFFSET.get(name, 0)
         Yp, dy = np.empty((n, nsb * KQ), np.uint8), np.empty((n, nsb), F32)
-        B, I = np.empty((n, nsb * 16), F32), np.empty((n, nsb * 16), np.int32)
+        B, I = np.empty((n, nsb * 16), np.int32), np.empty((n, nsb * 16), np.int32)
         _vnni_acts(Y, off, Yp, dy, B, I)
         _driver("kq_vnni")(_unpacker(name), off > 0, w, Yp, dy, B, I, out, n_threads)
         return
