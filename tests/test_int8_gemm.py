@@ -95,6 +95,16 @@ def test_gemm_random_blocks(name, rows, cols, n, threads, rng, variant):
     check_gemm(name, w, X, threads)
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("cols", [32, 96, 608])
+def test_gemm_legacy_odd_block_counts(name, cols, rng, variant):
+    """Rows of an odd number of 32-weight blocks: the VNNI tiles pair blocks into 64-byte
+    chunks, so the last one is padded; the padding must add nothing."""
+    t = BY_NAME[name]
+    w = random_blocks(name, 19 * cols // t.block_size, rng, scales=0.05).reshape(19, -1)
+    check_gemm(name, w, rng.standard_normal((6, cols)).astype(np.float32), 2)
+
+
 @pytest.mark.parametrize("name", TYPES)
 def test_gemm_extreme_codes(name, rng, variant):
     """All-ones, all-zero and half bytes (largest codes: Q8_0 -1 / -128, Q6_K 63, Q3_K's

@@ -553,6 +553,11 @@ def dpbusd64(typingctx, acc, q, i, o, y, t, k):
     return I32x16(acc, q, i, o, y, t, k), codegen
 
 
+def _load16f(context, builder, aty, a, rty, r, ity, i):
+    ptr = _ptr(context, builder, aty, a, rty, r, ity, i)
+    return builder.load(builder.bitcast(ptr, _V16F32.as_pointer()), align=1)
+
+
 def _splat16(context, builder, ty, v):
     x = context.cast(builder, v, ty, types.float32)
     vec = builder.insert_element(ir.Constant(_V16F32, ir.Undefined), x,
@@ -714,6 +719,120 @@ def _kq_tile_vnni_min(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0):
     _kq_tile_vnni(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0, False)
 
 
+# AVX-512 VNNI legacy tiles (Q4_0 / Q5_0 / Q8_0 / Q4_1 / Q5_1): a 64-byte chunk is two 32-weight
+# blocks, lanes 0-7 the first and 8-15 the second, in natural order.  The signed types' codes
+# become unsigned u = q + offset (8, 16, 128: within 0..255), and each lane's dot starts at
+# -offset times its four activations' sum, so one vpdpbusd leaves in lane l the exact int32 part
+# of the block's dot that falls in l.  Every lane then takes its block's d_w dy in float (the
+# same rounding per 4 weights as the ymm tiles), and Q4_1 / Q5_1 add m s once per block.
+
+VNNI_LG_OFFSET = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q4_1": 0, "Q5_1": 0}
+
+
+@intrinsic
+def lg_acc(typingctx, acc, p, a, i, o, b, t):
+    """acc + float(p) * (a[i, o:o+16] * b[t, o:o+16]) (F32x16 acc, I32x16 p, float32 a, b)."""
+    def codegen(context, builder, signature, args):
+        act, pt, at, it, ot, bt, tt = signature.args
+        av = _load16f(context, builder, at, args[2], it, args[3], ot, args[4])
+        bv = _load16f(context, builder, bt, args[5], tt, args[6], ot, args[4])
+        return _fmuladd16(builder, builder.sitofp(args[1], _V16F32), builder.fmul(av, bv),
+                          args[0])
+    return F32x16(acc, p, a, i, o, b, t), codegen
+
+
+@intrinsic
+def fma_rows(typingctx, acc, a, i, o, b, t):
+    """acc + a[i, o:o+16] * b[t, o:o+16] (F32x16 acc, float32 a, b)."""
+    def codegen(context, builder, signature, args):
+        act, at, it, ot, bt, tt = signature.args
+        av = _load16f(context, builder, at, args[1], it, args[2], ot, args[3])
+        bv = _load16f(context, builder, bt, args[4], tt, args[5], ot, args[3])
+        return _fmuladd16(builder, av, bv, args[0])
+    return F32x16(acc, a, i, o, b, t), codegen
+
+
+@_jit(**JIT)
+def _vnni_lg_weights(codes, signs, d, dm, m, off, U, Dw, Mw):
+    """An unpacked legacy tile -> U its unsigned codes (q + off for the signed types, which
+    ``signs`` holds, else ``codes``), Dw / Mw each block's d / min repeated over its 8 lanes.
+    U, Dw, Mw may be longer than the row (an odd block count): that tail stays zero."""
+    nb = d.shape[1]
+    for i in range(m):
+        for b in range(nb):
+            for k in range(LG * b, LG * b + LG):
+                U[i, k] = codes[i, k] if off == 0 else np.uint8((np.int32(signs[i, k]) + off) & 255)
+            for l in range(8 * b, 8 * b + 8):
+                Dw[i, l] = d[i, b]
+                Mw[i, l] = dm[i, b]
+
+
+@_jit(**JIT)
+def _vnni_lg_acts(Y, nb, off, Yq, Dy, I, Sy):
+    """Q8_1 rows Y (nb blocks) -> Yq their codes, Dy each block's d over its 8 lanes, I (int32)
+    -off * each lane's four codes' sum, Sy the block sum s in each block's first lane; all
+    zero past block nb (arrays made with np.zeros)."""
+    for t in range(Y.shape[0]):
+        for b in range(nb):
+            yo = b * Q8_1
+            dv, sv = f16_to_f32(Y, t, yo), f16_to_f32(Y, t, yo + 2)
+            for l in range(8):
+                acc = 0
+                for k in range(4):
+                    v = np.int32(Y[t, yo + k8.Q8_1_QS + 4 * l + k])
+                    Yq[t, LG * b + 4 * l + k] = Y[t, yo + k8.Q8_1_QS + 4 * l + k]
+                    acc += v - 256 if v > 127 else v
+                I[t, 8 * b + l] = -off * acc
+                Dy[t, 8 * b + l] = dv
+                Sy[t, 8 * b + l] = sv if l == 0 else F32(0)
+
+
+@_jit(**JIT)
+def _lg_tile_vnni(U, Dw, Mw, m, Yq, Dy, I, Sy, out, r0, has_min):
+    """out[:, r0:r0+m] for a legacy tile (U, Dw, Mw from _vnni_lg_weights), two rows by four
+    tokens per pass, 8 zmm accumulators; has_min: Q4_1 / Q5_1's m s terms."""
+    n, nc = Yq.shape[0], Yq.shape[1] // 64
+    for t0 in range(0, n, 4):
+        t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
+        for i in range(0, m, 2):
+            j = min(i + 1, m - 1)
+            a00, a01, a02, a03 = zeros16(0.0), zeros16(0.0), zeros16(0.0), zeros16(0.0)
+            a10, a11, a12, a13 = zeros16(0.0), zeros16(0.0), zeros16(0.0), zeros16(0.0)
+            for c in range(nc):
+                o, so = 64 * c, 16 * c
+                s0, s1, s2, s3 = load16i(I, t0, so), load16i(I, t1, so), load16i(I, t2, so), \
+                    load16i(I, t3, so)
+                a00 = lg_acc(a00, dpbusd64(s0, U, i, o, Yq, t0, o), Dw, i, so, Dy, t0)
+                a01 = lg_acc(a01, dpbusd64(s1, U, i, o, Yq, t1, o), Dw, i, so, Dy, t1)
+                a02 = lg_acc(a02, dpbusd64(s2, U, i, o, Yq, t2, o), Dw, i, so, Dy, t2)
+                a03 = lg_acc(a03, dpbusd64(s3, U, i, o, Yq, t3, o), Dw, i, so, Dy, t3)
+                a10 = lg_acc(a10, dpbusd64(s0, U, j, o, Yq, t0, o), Dw, j, so, Dy, t0)
+                a11 = lg_acc(a11, dpbusd64(s1, U, j, o, Yq, t1, o), Dw, j, so, Dy, t1)
+                a12 = lg_acc(a12, dpbusd64(s2, U, j, o, Yq, t2, o), Dw, j, so, Dy, t2)
+                a13 = lg_acc(a13, dpbusd64(s3, U, j, o, Yq, t3, o), Dw, j, so, Dy, t3)
+                if has_min:
+                    a00 = fma_rows(a00, Mw, i, so, Sy, t0)
+                    a01 = fma_rows(a01, Mw, i, so, Sy, t1)
+                    a02 = fma_rows(a02, Mw, i, so, Sy, t2)
+                    a03 = fma_rows(a03, Mw, i, so, Sy, t3)
+                    a10 = fma_rows(a10, Mw, j, so, Sy, t0)
+                    a11 = fma_rows(a11, Mw, j, so, Sy, t1)
+                    a12 = fma_rows(a12, Mw, j, so, Sy, t2)
+                    a13 = fma_rows(a13, Mw, j, so, Sy, t3)
+            _store2x4(out, r0 + i, r0 + j, t0, hsum16(a00), hsum16(a01), hsum16(a02),
+                      hsum16(a03), hsum16(a10), hsum16(a11), hsum16(a12), hsum16(a13))
+
+
+@_jit(**JIT)
+def _lg_tile_vnni_signed(U, Dw, Mw, m, Yq, Dy, I, Sy, out, r0):
+    _lg_tile_vnni(U, Dw, Mw, m, Yq, Dy, I, Sy, out, r0, False)
+
+
+@_jit(**JIT)
+def _lg_tile_vnni_min(U, Dw, Mw, m, Yq, Dy, I, Sy, out, r0):
+    _lg_tile_vnni(U, Dw, Mw, m, Yq, Dy, I, Sy, out, r0, True)
+
+
 # =============================================================================================
 # the table and the threaded drivers
 
@@ -809,10 +928,35 @@ def _run_lg(un, signed, w, Y, dy, sy, out, n_threads):
                 _lg_min_tile(codes, d, dm, m, Y, dy, sy, out, rt)
 
 
+def _run_lg_vnni(un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
+    """_run_lg with the AVX-512 VNNI tiles (a function of its own, as _run_kq_zmm); nb blocks
+    per row, Yq (and so the tile) padded to an even count."""
+    rows, nbp = w.shape[0], Yq.shape[1] // LG
+    for c in prange(n_threads):
+        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+        codes = np.empty((TILE_ROWS, nb * LG), np.uint8)
+        signs = np.empty((TILE_ROWS, nb * LG), np.uint8)
+        d = np.empty((TILE_ROWS, nb), F32)
+        dm = np.empty((TILE_ROWS, nb), F32)
+        U = np.zeros((TILE_ROWS, nbp * LG), np.uint8)
+        Dw = np.zeros((TILE_ROWS, nbp * 8), F32)
+        Mw = np.zeros((TILE_ROWS, nbp * 8), F32)
+        for rt in range(r0, r1, TILE_ROWS):
+            m = min(TILE_ROWS, r1 - rt)
+            _lg_at(un)(w, rt, m, codes, signs, d, dm)
+            _vnni_lg_weights(codes, signs, d, dm, m, off, U, Dw, Mw)
+            if has_min:
+                _lg_tile_vnni_min(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
+            else:
+                _lg_tile_vnni_signed(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
+
+
 RUN_KQ_SIG = types.void(types.int64, _W, _B, _F, types.int64)
 RUN_LG_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
 _I = types.Array(types.int32, 2, "C")
 RUN_VNNI_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _I, _I, _F, types.int64)
+RUN_LG_VNNI_SIG = types.void(types.int64, types.int64, types.boolean, _W, _B, _F, _I, _F, _F,
+                             types.int64, types.int64)
 
 
 @functools.cache
@@ -821,7 +965,8 @@ def _driver(family: str):
     # signature and bytecode, not by flags, so a serial and a parallel njit of one Python
     # function share one cache entry and whichever was compiled first is loaded for both.
     fn, sig = {"kq": (_run_kq, RUN_KQ_SIG), "kq_zmm": (_run_kq_zmm, RUN_KQ_SIG),
-               "kq_vnni": (_run_kq_vnni, RUN_VNNI_SIG), "lg": (_run_lg, RUN_LG_SIG)}[family]
+               "kq_vnni": (_run_kq_vnni, RUN_VNNI_SIG), "lg": (_run_lg, RUN_LG_SIG),
+               "lg_vnni": (_run_lg_vnni, RUN_LG_VNNI_SIG)}[family]
     return compiled(_jit(parallel=True)(fn), sig)[0]
 
 
@@ -874,6 +1019,16 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         B, I = np.empty((n, nsb * 16), np.int32), np.empty((n, nsb * 16), np.int32)
         _vnni_acts(Y, off, Yp, dy, B, I)
         _driver("kq_vnni")(_unpacker(name), off > 0, w, Yp, dy, B, I, out, n_threads)
+        return
+    if VNNI512:
+        n, nb = X.shape[0], X.shape[1] // LG
+        nbp, off = nb + (nb & 1), VNNI_LG_OFFSET[name]
+        Yq = np.zeros((n, nbp * LG), np.uint8)
+        Dy, Sy = np.zeros((n, nbp * 8), F32), np.zeros((n, nbp * 8), F32)
+        I = np.zeros((n, nbp * 8), np.int32)
+        _vnni_lg_acts(Y, nb, off, Yq, Dy, I, Sy)
+        _driver("lg_vnni")(_unpacker(name), off, family == "min", w, Yq, Dy, I, Sy, out, nb,
+                           n_threads)
         return
     run = _driver(("kq_zmm" if ZMM else "kq") if family == "kq" else "lg")
     if family == "kq":
