@@ -509,10 +509,12 @@ def _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, r0):
 # activations get the same order once per product.  Four chained vpdpbusd then leave in lane l
 # the whole dot of group l, p_l = sum(codes * y) over its 16 weights, and
 #     row . token = sum over super-blocks b, lanes l of
-#                   (d_b dy_b) * (sc_l p_l)  -  (dm_b dy_b) * (mn_l bsum_l)
-# with S = sc, M = mn per row and B = bsums per token (int32, 16 per super-block).  Codes are
-# unsigned (at most 63) and Q8_K's codes within +-127, so every p_l, and its products with the
-# scale and min in int32, are exact: one float rounding per lane and super-block, as llama.cpp.
+#                   (d_b dy_b) * (sc_l p_l)  +  (-dm_b mn_l) * (dy_b bsum_l)
+# with S = sc per row (int32), M = -dm mn per row and B = dy bsums per token (float), 16 per
+# super-block.  Codes are unsigned (at most 63) and Q8_K's codes within +-127, so every p_l and
+# sc_l p_l is exact in int32: one float rounding per lane and super-block for the code part, as
+# llama.cpp's dots.  The min part, which does not depend on the codes, is one fma per lane
+# (an integer product there cost 11 % of Q4_K's tile time).
 
 VNNI512 = ZMM and k8.VARIANT == "avx512vnni"  # vpdpbusd on zmm registers (AVX-512 VNNI)
 VNNI_OFFSET = {"Q3_K": 4, "Q6_K": 32}  # the code offset of the types whose mins are it x scale
@@ -579,21 +581,20 @@ def _load16i(context, builder, aty, a, rty, r, ity, i):
 
 
 @intrinsic
-def scaled_acc(typingctx, acc, p, s, i, o, f, mn, b, t, bo, g):
-    """acc + float(p * s[i, o:o+16]) * f + float(mn[i, o:o+16] * b[t, bo:bo+16]) * g: one
-    super-block of a row . token (F32x16 acc, I32x16 p, int32 arrays s, mn, b, scalars f, g).
-    The scales and mins multiply in int32, as llama.cpp's dots do: one rounding per lane."""
+def scaled_acc(typingctx, acc, p, s, i, o, f, mn, b, t):
+    """acc + float(p * s[i, o:o+16]) * f + mn[i, o:o+16] * b[t, o:o+16]: one super-block of a
+    row . token (F32x16 acc, I32x16 p, int32 array s, float32 arrays mn, b, scalar f).  The
+    scales multiply the group dots in int32, as llama.cpp's dots do: one rounding per lane."""
     def codegen(context, builder, signature, args):
-        act, pt, st, it, ot, ft, mt, bt, tt, bot, gt = signature.args
-        acc_v, p_v, s_a, i_v, o_v, f_v, m_a, b_a, t_v, bo_v, g_v = args
+        act, pt, st, it, ot, ft, mt, bt, tt = signature.args
+        acc_v, p_v, s_a, i_v, o_v, f_v, m_a, b_a, t_v = args
         sv = _load16i(context, builder, st, s_a, it, i_v, ot, o_v)
         x = _fmuladd16(builder, builder.sitofp(builder.mul(p_v, sv), _V16F32),
                        _splat16(context, builder, ft, f_v), acc_v)
-        mv = _load16i(context, builder, mt, m_a, it, i_v, ot, o_v)
-        bv = _load16i(context, builder, bt, b_a, tt, t_v, bot, bo_v)
-        return _fmuladd16(builder, builder.sitofp(builder.mul(mv, bv), _V16F32),
-                          _splat16(context, builder, gt, g_v), x)
-    return F32x16(acc, p, s, i, o, f, mn, b, t, bo, g), codegen
+        mv = _load16f(context, builder, mt, m_a, it, i_v, ot, o_v)
+        bv = _load16f(context, builder, bt, b_a, tt, t_v, ot, o_v)
+        return _fmuladd16(builder, mv, bv, x)
+    return F32x16(acc, p, s, i, o, f, mn, b, t), codegen
 
 
 @intrinsic
@@ -618,22 +619,23 @@ def load16i(typingctx, a, t, o):
 
 
 @_jit(**JIT)
-def _vnni_weights(codes, scales, mins, m, pc, S, M):
+def _vnni_weights(codes, scales, mins, dm, m, pc, S, M):
     """An unpacked k-quant tile (the layout of the ``_un_*`` kernels) -> pc its codes in lane
-    order, S (m, 16 per super-block, int32) the scale of each 16 weights, M their min."""
+    order, S (m, 16 per super-block, int32) the scale of each 16 weights, M (float) -dm times
+    their min (exact: an f16 times a 6-bit integer)."""
     nsb = S.shape[1] // 16
     for i in range(m):
         for b in range(nsb):
             lane_order(pc, i, b * KQ, codes, i, b * KQ)
             for l in range(16):
                 S[i, 16 * b + l] = k8.i16_at(scales, i, b * KQ + 16 * l)
-                M[i, 16 * b + l] = k8.i16_at(mins, i, 32 * b + 2 * l)
+                M[i, 16 * b + l] = -dm[i, b] * F32(k8.i16_at(mins, i, 32 * b + 2 * l))
 
 
 @_jit(**JIT)
 def _vnni_acts(Y, off, Yp, dy, B, I):
     """Q8_K rows Y -> Yp their codes in lane order, dy (n, blocks) their scales, B (n, 16 per
-    block, int32) each sum of 16 codes, I (int32, as B) = -off * those sums."""
+    block) dy times each sum of 16 codes, I (int32, as B) = -off * those sums."""
     for t in range(Y.shape[0]):
         for b in range(dy.shape[1]):
             yo = b * Q8K
@@ -641,7 +643,7 @@ def _vnni_acts(Y, off, Yp, dy, B, I):
             dy[t, b] = f32_at(Y, t, yo)
             for l in range(16):
                 s = k8.i16_at(Y, t, yo + Q8K_BSUMS + 2 * l)
-                B[t, 16 * b + l] = s
+                B[t, 16 * b + l] = dy[t, b] * F32(s)
                 I[t, 16 * b + l] = -off * s
 
 
@@ -696,15 +698,14 @@ def _kq_tile_vnni(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0, offset):
                     a12 = scaled_acc0(a12, p12, S, j, so, h * y2)
                     a13 = scaled_acc0(a13, p13, S, j, so, h * y3)
                 else:
-                    g, e = -dm[i, b], -dm[j, b]
-                    a00 = scaled_acc(a00, p00, S, i, so, f * y0, M, B, t0, so, g * y0)
-                    a01 = scaled_acc(a01, p01, S, i, so, f * y1, M, B, t1, so, g * y1)
-                    a02 = scaled_acc(a02, p02, S, i, so, f * y2, M, B, t2, so, g * y2)
-                    a03 = scaled_acc(a03, p03, S, i, so, f * y3, M, B, t3, so, g * y3)
-                    a10 = scaled_acc(a10, p10, S, j, so, h * y0, M, B, t0, so, e * y0)
-                    a11 = scaled_acc(a11, p11, S, j, so, h * y1, M, B, t1, so, e * y1)
-                    a12 = scaled_acc(a12, p12, S, j, so, h * y2, M, B, t2, so, e * y2)
-                    a13 = scaled_acc(a13, p13, S, j, so, h * y3, M, B, t3, so, e * y3)
+                    a00 = scaled_acc(a00, p00, S, i, so, f * y0, M, B, t0)
+                    a01 = scaled_acc(a01, p01, S, i, so, f * y1, M, B, t1)
+                    a02 = scaled_acc(a02, p02, S, i, so, f * y2, M, B, t2)
+                    a03 = scaled_acc(a03, p03, S, i, so, f * y3, M, B, t3)
+                    a10 = scaled_acc(a10, p10, S, j, so, h * y0, M, B, t0)
+                    a11 = scaled_acc(a11, p11, S, j, so, h * y1, M, B, t1)
+                    a12 = scaled_acc(a12, p12, S, j, so, h * y2, M, B, t2)
+                    a13 = scaled_acc(a13, p13, S, j, so, h * y3, M, B, t3)
             _store2x4(out, r0 + i, r0 + j, t0, hsum16(a00), hsum16(a01), hsum16(a02),
                       hsum16(a03), hsum16(a10), hsum16(a11), hsum16(a12), hsum16(a13))
 
@@ -900,11 +901,11 @@ def _run_kq_vnni(un, offset, w, Yp, dy, B, I, out, n_threads):
         codes, scales, mins, d, dm = _kq_buffers(nsb)
         pc = np.empty((TILE_ROWS, nsb * KQ), np.uint8)
         S = np.empty((TILE_ROWS, nsb * 16), np.int32)
-        M = np.empty((TILE_ROWS, nsb * 16), np.int32)
+        M = np.empty((TILE_ROWS, nsb * 16), F32)
         for rt in range(r0, r1, TILE_ROWS):
             m = min(TILE_ROWS, r1 - rt)
             _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
-            _vnni_weights(codes, scales, mins, m, pc, S, M)
+            _vnni_weights(codes, scales, mins, dm, m, pc, S, M)
             if offset:
                 _kq_tile_vnni_off(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
             else:
@@ -954,7 +955,7 @@ def _run_lg_vnni(un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
 RUN_KQ_SIG = types.void(types.int64, _W, _B, _F, types.int64)
 RUN_LG_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
 _I = types.Array(types.int32, 2, "C")
-RUN_VNNI_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _I, _I, _F, types.int64)
+RUN_VNNI_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F, _I, _F, types.int64)
 RUN_LG_VNNI_SIG = types.void(types.int64, types.int64, types.boolean, _W, _B, _F, _I, _F, _F,
                              types.int64, types.int64)
 
@@ -1016,7 +1017,7 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         n, nsb = X.shape[0], X.shape[1] // KQ
         off = VNNI_OFFSET.get(name, 0)
         Yp, dy = np.empty((n, nsb * KQ), np.uint8), np.empty((n, nsb), F32)
-        B, I = np.empty((n, nsb * 16), np.int32), np.empty((n, nsb * 16), np.int32)
+        B, I = np.empty((n, nsb * 16), F32), np.empty((n, nsb * 16), np.int32)
         _vnni_acts(Y, off, Yp, dy, B, I)
         _driver("kq_vnni")(_unpacker(name), off > 0, w, Yp, dy, B, I, out, n_threads)
         return
