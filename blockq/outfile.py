@@ -8,7 +8,8 @@
   where unnamed files are not available it falls back to a hidden temporary file + rename;
 - :class:`SourceWatch` notices a source file changing while a long job reads it;
 - :func:`signals_as_interrupt` turns SIGTERM, SIGHUP (a closed terminal) and SIGQUIT into
-  KeyboardInterrupt, so the clean-up above runs;
+  KeyboardInterrupt, so the clean-up above runs (once Numba's compiler is left, if one came
+  inside it);
 - :func:`file_error`: an OSError as one line naming the path and the cause.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ import errno
 import os
 import signal
 import stat
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -273,21 +276,64 @@ class SourceWatch:
 
 
 _pending: list[int] = []  # termination signals received inside signals_as_interrupt()
+_deferred: list[int] = []  # ... of which those that came while Numba compiled, not yet raised
+_rearm = None  # the Numba event listener raising them once the compile is over
 
 
 def check_interrupt() -> None:
-    """Raise KeyboardInterrupt if a signal came while its exception may have been swallowed
-    (a signal landing in a ctypes callback, e.g. while Numba compiles, is only printed)."""
+    """Raise KeyboardInterrupt if a signal came while its exception could not be raised (inside
+    Numba's compiler, see :func:`signals_as_interrupt`) or may have been swallowed."""
     if _pending:
+        _deferred.clear()
         raise KeyboardInterrupt
+
+
+def _compiling() -> bool:
+    """Whether this thread is inside Numba's compiler (holds its lock)."""
+    lock = sys.modules.get("numba.core.compiler_lock")
+    return lock is not None and lock.global_compiler_lock.is_locked()
+
+
+def _arm_after_compile() -> None:
+    """Have the end of the current compile raise the deferred KeyboardInterrupt (a listener of
+    Numba's ``numba:compiler_lock`` event, whose end is announced once the lock is released)."""
+    global _rearm
+    if _rearm is not None:
+        return
+    from numba.core import event
+
+    class Rearm(event.Listener):
+        def on_start(self, ev) -> None:
+            pass
+
+        def on_end(self, ev) -> None:
+            if (_deferred and threading.current_thread() is threading.main_thread()
+                    and not _compiling()):
+                _deferred.clear()
+                raise KeyboardInterrupt
+
+    _rearm = Rearm()
+    event.register("numba:compiler_lock", _rearm)
 
 
 @contextlib.contextmanager
 def signals_as_interrupt():
     """SIGINT, SIGTERM, SIGHUP and SIGQUIT raise KeyboardInterrupt, so clean-up code runs; and
-    :meth:`AtomicFile.commit` refuses to name a file after any of them came."""
+    :meth:`AtomicFile.commit` refuses to name a file after any of them came.
+
+    A signal that comes while Numba compiles is raised only once the compile is over: an
+    exception thrown into its compiler (or into LLVM's callbacks, where ctypes swallows it)
+    leaves half-built LLVM objects behind (a module the engine owns but Python still frees), and
+    the process then dies of "no compiled object yet" (exit code 1) or a memory error (SIGSEGV)
+    instead of exiting with 130."""
+    global _rearm
+
     def handler(signum, frame):
         _pending.append(signum)
+        if _compiling():
+            _deferred.append(signum)
+            _arm_after_compile()
+            return
         raise KeyboardInterrupt
     old = {}
     try:
@@ -301,3 +347,8 @@ def signals_as_interrupt():
         for s, h in old.items():
             signal.signal(s, h)
         _pending.clear()
+        _deferred.clear()
+        if _rearm is not None:
+            from numba.core import event
+            event.unregister("numba:compiler_lock", _rearm)
+            _rearm = None

@@ -295,6 +295,38 @@ def test_a_signal_during_convert_leaves_only_the_old_file(tmp_path, sig):
     assert (tmp_path / "o" / "out.gguf").read_bytes() == b"old"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+def test_a_signal_while_numba_compiles_is_raised_once_the_compile_is_over(sig):
+    # a KeyboardInterrupt thrown into Numba's compiler, or into the LLVM callbacks where ctypes
+    # swallows it, left half-built LLVM objects: the convert of a clean clone (nothing cached
+    # yet) died of "no compiled object yet" (exit code 1), or of SIGSEGV, instead of 130
+    import numba
+    from numba.core import event
+
+    from blockq.outfile import signals_as_interrupt
+
+    class Signal(event.Listener):
+        def on_start(self, ev):
+            os.kill(os.getpid(), sig)
+
+        def on_end(self, ev):
+            pass
+
+    @numba.njit(cache=False)
+    def f(x):
+        return x + 1
+
+    listener = Signal()
+    event.register("numba:compile", listener)
+    try:
+        with signals_as_interrupt(), pytest.raises(KeyboardInterrupt):
+            f(1)
+    finally:
+        event.unregister("numba:compile", listener)
+    assert len(f.signatures) == 1  # the compile was not cut short
+    assert f(1) == 2
+
+
 def test_a_source_changing_under_convert_stops_it(tmp_path):
     make_hf(tmp_path / "hf")
     (tmp_path / "o").mkdir()
