@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import numba
 from numba import njit, prange
 
 from .errors import BadArgument, UnsupportedModel
@@ -321,10 +322,25 @@ def _swiglu_into(g, u):  # g = silu(g) * u
         g[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
 
 
-@njit(parallel=True, **_JIT)
-def _swiglu_rows(g, u):  # g = silu(g) * u, (n, n_ff): rows on Numba's threads (prompts)
-    for t in prange(g.shape[0]):
+@njit(nogil=True, **_JIT)
+def _swiglu_chunk(c, g, u, n_threads):  # g = silu(g) * u, (n, n_ff): chunk c of the rows
+    n = g.shape[0]
+    for t in range(n * c // n_threads, n * (c + 1) // n_threads):
         _swiglu_into(g[t], u[t])
+
+
+@njit(parallel=True, **_JIT)
+def _swiglu_par(g, u, n_threads):
+    for c in prange(n_threads):
+        _swiglu_chunk(c, g, u, n_threads)
+
+
+def _swiglu_rows(g, u):  # prompts: the rows on Numba's threads
+    n = min(numba.get_num_threads(), g.shape[0])
+    if n <= 1:  # NOTE: one thread runs the serial kernel: a parfor costs ~2 s of compile time
+        _swiglu_chunk(0, g, u, 1)
+    else:
+        _swiglu_par(g, u, n)
 
 
 @njit(cache=True)
@@ -450,7 +466,6 @@ def _softmax_rows(s, lo, hi, scale, softcap):
             s[j, c] = s[j, c] * inv if lo[j] <= c < hi[j] else np.float32(0.0)
 
 
-@njit(parallel=True, **_JIT)
 def attend_prompt(q, kc, vc, p0, scale, window, softcap, out):
     """:func:`attention` of n queries at positions p0.. (already rotated) over the cache's keys
     0..p0+n-1 on Numba's threads: one task per query head and block of ATTEND_QB queries, which
@@ -460,10 +475,28 @@ def attend_prompt(q, kc, vc, p0, scale, window, softcap, out):
     query position p sees keys p - window < t <= p; ``softcap`` > 0: scores become
     ``softcap * tanh(score / softcap)``.
     """
+    jobs = q.shape[1] * ((q.shape[0] + ATTEND_QB - 1) // ATTEND_QB)
+    n = min(numba.get_num_threads(), jobs)
+    if n <= 1:  # NOTE: as _swiglu_rows, one thread runs the serial kernel, never the parfor
+        _attend_prompt_chunk(0, q, kc, vc, p0, scale, window, softcap, out, 1)
+    else:
+        _attend_prompt_par(q, kc, vc, p0, scale, window, softcap, out, n)
+
+
+@njit(parallel=True, **_JIT)
+def _attend_prompt_par(q, kc, vc, p0, scale, window, softcap, out, n_threads):
+    for c in prange(n_threads):
+        _attend_prompt_chunk(c, q, kc, vc, p0, scale, window, softcap, out, n_threads)
+
+
+@njit(nogil=True, **_JIT)
+def _attend_prompt_chunk(c, q, kc, vc, p0, scale, window, softcap, out, n_threads):
+    """attend_prompt's jobs c * J / n_threads .. (c + 1) * J / n_threads of J."""
     n, n_head, hd = q.shape
     g = n_head // kc.shape[0]
     nb = (n + ATTEND_QB - 1) // ATTEND_QB
-    for job in prange(n_head * nb):
+    jobs = n_head * nb
+    for job in range(jobs * c // n_threads, jobs * (c + 1) // n_threads):
         hh, i0 = job // nb, (job % nb) * ATTEND_QB
         kv = hh // g
         i1, i2, i3 = min(i0 + 1, n - 1), min(i0 + 2, n - 1), min(i0 + 3, n - 1)

@@ -971,7 +971,7 @@ def prepare_products(names, ws, cols: int):
     dots = tuple(_addresses(n)[1] for n in names)
     ws = tuple(ws)
     nbytes = activation_bytes(names[0], cols)
-    serial, parallel = _driver(False, len(ws)), _driver(True, len(ws))
+    m, serial = len(ws), _driver(False, len(ws))
     small = sum(w.nbytes for w in ws) < PARALLEL_MIN_BYTES
 
     def run(x, outs):
@@ -979,8 +979,8 @@ def prepare_products(names, ws, cols: int):
         n_threads = numba.get_num_threads()
         if n_threads == 1 or small:
             serial(quant, dots, ws, x, Y, outs, 1)
-        else:
-            parallel(quant, dots, ws, x, Y, outs, n_threads)
+        else:  # NOTE: compiled on first use: one thread never pays for the parfor (~2 s)
+            _driver(True, m)(quant, dots, ws, x, Y, outs, n_threads)
     return run
 
 

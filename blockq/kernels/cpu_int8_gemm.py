@@ -762,7 +762,8 @@ def _vnni_lg_weights(codes, signs, d, dm, m, off, U, Dw, Mw):
     for i in range(m):
         for b in range(nb):
             for k in range(LG * b, LG * b + LG):
-                U[i, k] = codes[i, k] if off == 0 else np.uint8((np.int32(signs[i, k]) + off) & 255)
+                U[i, k] = codes[i, k] if off == 0 else \
+                    np.uint8((np.int32(signs[i, k]) + off) & 255)
             for l in range(8 * b, 8 * b + 8):
                 Dw[i, l] = d[i, b]
                 Mw[i, l] = dm[i, b]
@@ -868,129 +869,185 @@ def _kq_buffers(nsb):
             np.empty((TILE_ROWS, nsb), F32))
 
 
-def _run_kq(un, w, Y, out, n_threads):
+@_jit(nogil=True)
+def _run_kq(c, un, w, Y, out, n_threads):
     rows, nsb = w.shape[0], Y.shape[1] // Q8K
-    for c in prange(n_threads):
-        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
-        codes, scales, mins, d, dm = _kq_buffers(nsb)  # this thread's tile
-        for rt in range(r0, r1, TILE_ROWS):
-            m = min(TILE_ROWS, r1 - rt)
-            _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
-            _kq_tile(codes, scales, mins, d, dm, m, Y, out, rt)
+    r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+    codes, scales, mins, d, dm = _kq_buffers(nsb)  # this thread's tile
+    for rt in range(r0, r1, TILE_ROWS):
+        m = min(TILE_ROWS, r1 - rt)
+        _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
+        _kq_tile(codes, scales, mins, d, dm, m, Y, out, rt)
 
 
-def _run_kq_zmm(un, w, Y, out, n_threads):
+@_jit(nogil=True)
+def _run_kq_zmm(c, un, w, Y, out, n_threads):
     """_run_kq with the zmm tile kernel.  NOTE: a function of its own, not a flag: a CPU
     without AVX-512 must never compile the zmm kernel (LLVM aborts), and Numba's cache is per
     function, so the two builds never share an entry."""
     rows, nsb = w.shape[0], Y.shape[1] // Q8K
-    for c in prange(n_threads):
-        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
-        codes, scales, mins, d, dm = _kq_buffers(nsb)
-        for rt in range(r0, r1, TILE_ROWS):
-            m = min(TILE_ROWS, r1 - rt)
-            _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
-            _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, rt)
+    r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+    codes, scales, mins, d, dm = _kq_buffers(nsb)
+    for rt in range(r0, r1, TILE_ROWS):
+        m = min(TILE_ROWS, r1 - rt)
+        _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
+        _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, rt)
 
 
-def _run_kq_vnni(un, offset, w, Yp, dy, B, I, out, n_threads):
+@_jit(nogil=True)
+def _run_kq_vnni(c, un, offset, w, Yp, dy, B, I, out, n_threads):
     """_run_kq with the AVX-512 VNNI tiles (a function of its own, as _run_kq_zmm)."""
     rows, nsb = w.shape[0], dy.shape[1]
-    for c in prange(n_threads):
-        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
-        codes, scales, mins, d, dm = _kq_buffers(nsb)
-        pc = np.empty((TILE_ROWS, nsb * KQ), np.uint8)
-        S = np.empty((TILE_ROWS, nsb * 16), np.int32)
-        M = np.empty((TILE_ROWS, nsb * 16), F32)
-        for rt in range(r0, r1, TILE_ROWS):
-            m = min(TILE_ROWS, r1 - rt)
-            _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
-            _vnni_weights(codes, scales, mins, dm, m, pc, S, M)
-            if offset:
-                _kq_tile_vnni_off(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
-            else:
-                _kq_tile_vnni_min(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
+    r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+    codes, scales, mins, d, dm = _kq_buffers(nsb)
+    pc = np.empty((TILE_ROWS, nsb * KQ), np.uint8)
+    S = np.empty((TILE_ROWS, nsb * 16), np.int32)
+    M = np.empty((TILE_ROWS, nsb * 16), F32)
+    for rt in range(r0, r1, TILE_ROWS):
+        m = min(TILE_ROWS, r1 - rt)
+        _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
+        _vnni_weights(codes, scales, mins, dm, m, pc, S, M)
+        if offset:
+            _kq_tile_vnni_off(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
+        else:
+            _kq_tile_vnni_min(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
 
 
-def _run_lg(un, signed, w, Y, dy, sy, out, n_threads):
+@_jit(nogil=True)
+def _run_lg(c, un, signed, w, Y, dy, sy, out, n_threads):
     rows, nb = w.shape[0], dy.shape[1]
-    for c in prange(n_threads):
-        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
-        codes = np.empty((TILE_ROWS, nb * LG), np.uint8)
-        signs = np.empty((TILE_ROWS, nb * LG), np.uint8)
-        d = np.empty((TILE_ROWS, nb), F32)
-        dm = np.empty((TILE_ROWS, nb), F32)
-        for rt in range(r0, r1, TILE_ROWS):
-            m = min(TILE_ROWS, r1 - rt)
-            _lg_at(un)(w, rt, m, codes, signs, d, dm)
-            if signed:
-                _lg_signed_tile(codes, signs, d, m, Y, dy, out, rt)
-            else:
-                _lg_min_tile(codes, d, dm, m, Y, dy, sy, out, rt)
+    r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+    codes = np.empty((TILE_ROWS, nb * LG), np.uint8)
+    signs = np.empty((TILE_ROWS, nb * LG), np.uint8)
+    d = np.empty((TILE_ROWS, nb), F32)
+    dm = np.empty((TILE_ROWS, nb), F32)
+    for rt in range(r0, r1, TILE_ROWS):
+        m = min(TILE_ROWS, r1 - rt)
+        _lg_at(un)(w, rt, m, codes, signs, d, dm)
+        if signed:
+            _lg_signed_tile(codes, signs, d, m, Y, dy, out, rt)
+        else:
+            _lg_min_tile(codes, d, dm, m, Y, dy, sy, out, rt)
 
 
-def _run_lg_vnni(un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
+@_jit(nogil=True)
+def _run_lg_vnni(c, un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
     """_run_lg with the AVX-512 VNNI tiles (a function of its own, as _run_kq_zmm); nb blocks
     per row, Yq (and so the tile) padded to an even count."""
     rows, nbp = w.shape[0], Yq.shape[1] // LG
-    for c in prange(n_threads):
-        r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
-        codes = np.empty((TILE_ROWS, nb * LG), np.uint8)
-        signs = np.empty((TILE_ROWS, nb * LG), np.uint8)
-        d = np.empty((TILE_ROWS, nb), F32)
-        dm = np.empty((TILE_ROWS, nb), F32)
-        U = np.zeros((TILE_ROWS, nbp * LG), np.uint8)
-        Dw = np.zeros((TILE_ROWS, nbp * 8), F32)
-        Mw = np.zeros((TILE_ROWS, nbp * 8), F32)
-        for rt in range(r0, r1, TILE_ROWS):
-            m = min(TILE_ROWS, r1 - rt)
-            _lg_at(un)(w, rt, m, codes, signs, d, dm)
-            _vnni_lg_weights(codes, signs, d, dm, m, off, U, Dw, Mw)
-            if has_min:
-                _lg_tile_vnni_min(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
-            else:
-                _lg_tile_vnni_signed(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
+    r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
+    codes = np.empty((TILE_ROWS, nb * LG), np.uint8)
+    signs = np.empty((TILE_ROWS, nb * LG), np.uint8)
+    d = np.empty((TILE_ROWS, nb), F32)
+    dm = np.empty((TILE_ROWS, nb), F32)
+    U = np.zeros((TILE_ROWS, nbp * LG), np.uint8)
+    Dw = np.zeros((TILE_ROWS, nbp * 8), F32)
+    Mw = np.zeros((TILE_ROWS, nbp * 8), F32)
+    for rt in range(r0, r1, TILE_ROWS):
+        m = min(TILE_ROWS, r1 - rt)
+        _lg_at(un)(w, rt, m, codes, signs, d, dm)
+        _vnni_lg_weights(codes, signs, d, dm, m, off, U, Dw, Mw)
+        if has_min:
+            _lg_tile_vnni_min(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
+        else:
+            _lg_tile_vnni_signed(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
 
 
-RUN_KQ_SIG = types.void(types.int64, _W, _B, _F, types.int64)
-RUN_LG_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
+# each driver computes chunk c of n_threads (a range of rows): see _run
+_C = types.int64
+RUN_KQ_SIG = types.void(_C, types.int64, _W, _B, _F, types.int64)
+RUN_LG_SIG = types.void(_C, types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
 _I = types.Array(types.int32, 2, "C")
-RUN_VNNI_SIG = types.void(types.int64, types.boolean, _W, _B, _F, _F, _I, _F, types.int64)
-RUN_LG_VNNI_SIG = types.void(types.int64, types.int64, types.boolean, _W, _B, _F, _I, _F, _F,
-                             types.int64, types.int64)
+RUN_VNNI_SIG = types.void(_C, types.int64, types.boolean, _W, _B, _F, _F, _I, _F, types.int64)
+RUN_LG_VNNI_SIG = types.void(_C, types.int64, types.int64, types.boolean, _W, _B, _F, _I, _F,
+                             _F, types.int64, types.int64)
+
+
+# NOTE: each driver above computes chunk c of n_threads; with one thread it is called as it
+# is, with more through a parfor of its own below.  One thread never compiles those: each
+# parfor function costs about 2 s of compile time (its gufunc and scheduler glue), and a first
+# run compiled six of them.
+
+
+def _par_kq(un, w, Y, out, n_threads):
+    for c in prange(n_threads):
+        _run_kq(c, un, w, Y, out, n_threads)
+
+
+def _par_kq_zmm(un, w, Y, out, n_threads):
+    for c in prange(n_threads):
+        _run_kq_zmm(c, un, w, Y, out, n_threads)
+
+
+def _par_kq_vnni(un, offset, w, Yp, dy, B, I, out, n_threads):
+    for c in prange(n_threads):
+        _run_kq_vnni(c, un, offset, w, Yp, dy, B, I, out, n_threads)
+
+
+def _par_lg(un, signed, w, Y, dy, sy, out, n_threads):
+    for c in prange(n_threads):
+        _run_lg(c, un, signed, w, Y, dy, sy, out, n_threads)
+
+
+def _par_lg_vnni(un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
+    for c in prange(n_threads):
+        _run_lg_vnni(c, un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads)
+
+
+_DRIVERS = {"kq": (_run_kq, _par_kq, RUN_KQ_SIG), "kq_zmm": (_run_kq_zmm, _par_kq_zmm, RUN_KQ_SIG),
+            "kq_vnni": (_run_kq_vnni, _par_kq_vnni, RUN_VNNI_SIG),
+            "lg": (_run_lg, _par_lg, RUN_LG_SIG),
+            "lg_vnni": (_run_lg_vnni, _par_lg_vnni, RUN_LG_VNNI_SIG)}
 
 
 @functools.cache
-def _driver(family: str):
-    # NOTE: always the parallel build.  Numba's disk cache keys a function's compilations by
-    # signature and bytecode, not by flags, so a serial and a parallel njit of one Python
-    # function share one cache entry and whichever was compiled first is loaded for both.
-    fn, sig = {"kq": (_run_kq, RUN_KQ_SIG), "kq_zmm": (_run_kq_zmm, RUN_KQ_SIG),
-               "kq_vnni": (_run_kq_vnni, RUN_VNNI_SIG), "lg": (_run_lg, RUN_LG_SIG),
-               "lg_vnni": (_run_lg_vnni, RUN_LG_VNNI_SIG)}[family]
-    return compiled(_jit(parallel=True)(fn), sig)[0]
+def _driver(family: str, parallel: bool):
+    chunk, par, sig = _DRIVERS[family]
+    if not parallel:
+        return compiled(chunk, sig)[0]
+    return compiled(_jit(parallel=True)(par), types.void(*sig.args[1:]))[0]
 
 
-def _quantize_rows(quant, X, Y, n_threads):
+def _run(family: str, n_threads: int, *args) -> None:
+    """The driver of ``family`` over n_threads chunks."""
+    if n_threads <= 1:
+        _driver(family, False)(0, *args, 1)
+    else:
+        _driver(family, True)(*args, n_threads)
+
+
+@_jit(nogil=True)
+def _quantize_rows(c, quant, X, Y, n_threads):
     """Y = the activation blocks of X, a range of tokens per thread."""
     n = X.shape[0]
+    t0, t1 = n * c // n_threads, n * (c + 1) // n_threads
+    _quant_at(quant)(X[t0:t1], Y[t0:t1])
+
+
+QUANT_ROWS_SIG = types.void(_C, types.int64, _F, _B, types.int64)
+
+
+def _par_quantize_rows(quant, X, Y, n_threads):
     for c in prange(n_threads):
-        t0, t1 = n * c // n_threads, n * (c + 1) // n_threads
-        _quant_at(quant)(X[t0:t1], Y[t0:t1])
-
-
-QUANT_ROWS_SIG = types.void(types.int64, _F, _B, types.int64)
+        _quantize_rows(c, quant, X, Y, n_threads)
 
 
 @functools.cache
-def _quantizer():
-    return compiled(_jit(parallel=True)(_quantize_rows), QUANT_ROWS_SIG)[0]
+def _quantizer(parallel: bool):
+    if not parallel:
+        return compiled(_quantize_rows, QUANT_ROWS_SIG)[0]
+    return compiled(_jit(parallel=True)(_par_quantize_rows),
+                    types.void(*QUANT_ROWS_SIG.args[1:]))[0]
 
 
 def quantize_activations(name: str, X: np.ndarray, n_threads: int) -> np.ndarray:
     """cpu_int8's activation blocks of X (n, cols) for weight type ``name``, on n_threads."""
     Y = np.empty((X.shape[0], k8.activation_bytes(name, X.shape[1])), np.uint8)
-    _quantizer()(k8._addresses(name)[0], X, Y, max(1, min(n_threads, X.shape[0])))
+    n = max(1, min(n_threads, X.shape[0]))
+    if n == 1:
+        _quantizer(False)(0, k8._addresses(name)[0], X, Y, 1)
+    else:
+        _quantizer(True)(k8._addresses(name)[0], X, Y, n)
     return Y
 
 
@@ -1019,7 +1076,7 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         Yp, dy = np.empty((n, nsb * KQ), np.uint8), np.empty((n, nsb), F32)
         B, I = np.empty((n, nsb * 16), F32), np.empty((n, nsb * 16), np.int32)
         _vnni_acts(Y, off, Yp, dy, B, I)
-        _driver("kq_vnni")(_unpacker(name), off > 0, w, Yp, dy, B, I, out, n_threads)
+        _run("kq_vnni", n_threads, _unpacker(name), off > 0, w, Yp, dy, B, I, out)
         return
     if VNNI512:
         n, nb = X.shape[0], X.shape[1] // LG
@@ -1028,18 +1085,18 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         Dy, Sy = np.zeros((n, nbp * 8), F32), np.zeros((n, nbp * 8), F32)
         I = np.zeros((n, nbp * 8), np.int32)
         _vnni_lg_acts(Y, nb, off, Yq, Dy, I, Sy)
-        _driver("lg_vnni")(_unpacker(name), off, family == "min", w, Yq, Dy, I, Sy, out, nb,
-                           n_threads)
+        _run("lg_vnni", n_threads, _unpacker(name), off, family == "min", w, Yq, Dy, I, Sy,
+             out, nb)
         return
-    run = _driver(("kq_zmm" if ZMM else "kq") if family == "kq" else "lg")
+    run = ("kq_zmm" if ZMM else "kq") if family == "kq" else "lg"
     if family == "kq":
-        run(_unpacker(name), w, Y, out, n_threads)
+        _run(run, n_threads, _unpacker(name), w, Y, out)
         return
     nb = X.shape[1] // LG
     dy = np.empty((X.shape[0], nb), F32)  # (n, blocks)
     sy = np.empty((X.shape[0], nb), F32)
     _q8_1_factors(Y, dy, sy)
-    run(_unpacker(name), family == "signed", w, Y, dy, sy, out, n_threads)
+    _run(run, n_threads, _unpacker(name), family == "signed", w, Y, dy, sy, out)
 
 
 __all__ = ["product", "UNPACK", "TILE_ROWS"]
