@@ -177,3 +177,38 @@ def test_dash_m_where_the_model_was_positional(tiny, tmp_path):
     assert res.exit_code == 2 and "Q9_X" in res.output
     ppl = run("perplexity", "-m", tiny, "-f", text, "-c", 64, "--json").stdout
     assert ppl == run("perplexity", tiny, "-f", text, "-c", 64, "--json").stdout
+
+
+def test_the_command_line_keeps_numba_from_loading_scipys_blas(tiny, tmp_path):
+    """A ``blockq`` process never imports scipy.linalg.cython_blas (Numba would, at its first
+    kernel call, where SciPy is installed: 16 MiB resident); a caller of main(argv) keeps it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print('BLAS', sys.modules.get("
+            "'scipy.linalg.cython_blas') is not None, 'arraymath' , "
+            "'numba.np.arraymath' in sys.modules, file=sys.stderr))\n"
+            f"sys.argv = ['blockq', 'generate', {str(tiny)!r}, '-p', 'a', '-n', '2']\n"
+            "from blockq.cli import main\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "BLAS False arraymath True" in r.stderr  # kernels ran; SciPy's BLAS never loaded
+    from blockq.cli import main
+
+    main(["--version"])
+    assert sys.modules.get("scipy.linalg.cython_blas", "absent") is not None
+
+
+@pytest.mark.realfile
+def test_sentencepiece_scores_are_doubles_in_an_array(gemma3_file):
+    """Gemma-3's 262k scores: 8 bytes each, not a float object and a pointer (6 MiB less)."""
+    from array import array
+
+    from blockq.gguf.reader import read_gguf
+
+    with read_gguf(gemma3_file) as r:
+        tok = Tokenizer.from_metadata(r.metadata)
+        assert tok.model == "llama" and len(tok.scores) == tok.n_vocab == 262144
+        assert isinstance(tok.scores, array) and tok.scores.typecode == "d"
+        assert list(tok.scores) == [float(x) for x in r.metadata["tokenizer.ggml.scores"]]
