@@ -257,8 +257,17 @@ def test_smollm2_server(smollm2_file):
         answer = r.choices[0].message.content
         # NOTE: not "Paris": SmolLM2-135M answers this one "L'Étoile, la Marseillaise, ..." with
         # llama.cpp's own arithmetic (numerics="llama") and with the default int8 kernels
-        local = blockq.load(smollm2_file, n_ctx=512).create_chat_completion(
-            q, max_tokens=24, temperature=0)
+        # NOTE: the library's answer from a fresh process, as the server is one: this process
+        # has run the whole suite (kernel builds monkeypatched and restored, forced variants),
+        # and once, after it, computed this prompt through the pre-VNNI tiles; 24 greedy tokens
+        # of a 135M model flip on a last-bit difference
+        code = ("import json, sys, blockq\n"
+                f"l = blockq.load({str(smollm2_file)!r}, n_ctx=512)\n"
+                f"print(json.dumps(l.create_chat_completion({q!r}, max_tokens=24, "
+                "temperature=0)))\n")
+        got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert got.returncode == 0, got.stderr
+        local = json.loads(got.stdout.strip().splitlines()[-1])
         assert answer and answer == local["choices"][0]["message"]["content"]
         assert r.usage.completion_tokens == local["usage"]["completion_tokens"] <= 24
         streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
