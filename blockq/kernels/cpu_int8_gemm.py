@@ -953,7 +953,7 @@ def _run_lg_vnni(c, un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
             _lg_tile_vnni_signed(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
 
 
-# each driver computes chunk c of n_threads (a range of rows): see _run
+# each driver computes chunk c of n_threads (a range of rows or tokens): see _run
 _C = types.int64
 RUN_KQ_SIG = types.void(_C, types.int64, _W, _B, _F, types.int64)
 RUN_LG_SIG = types.void(_C, types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
@@ -961,6 +961,17 @@ _I = types.Array(types.int32, 2, "C")
 RUN_VNNI_SIG = types.void(_C, types.int64, types.boolean, _W, _B, _F, _F, _I, _F, types.int64)
 RUN_LG_VNNI_SIG = types.void(_C, types.int64, types.int64, types.boolean, _W, _B, _F, _I, _F,
                              _F, types.int64, types.int64)
+
+
+@_jit(nogil=True)
+def _quantize_rows(c, quant, X, Y, n_threads):
+    """Y = the activation blocks of X, a range of tokens per thread."""
+    n = X.shape[0]
+    t0, t1 = n * c // n_threads, n * (c + 1) // n_threads
+    _quant_at(quant)(X[t0:t1], Y[t0:t1])
+
+
+QUANT_ROWS_SIG = types.void(_C, types.int64, _F, _B, types.int64)
 
 
 # NOTE: each driver above computes chunk c of n_threads; with one thread it is called as it
@@ -994,10 +1005,16 @@ def _par_lg_vnni(un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
         _run_lg_vnni(c, un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads)
 
 
+def _par_quantize_rows(quant, X, Y, n_threads):
+    for c in prange(n_threads):
+        _quantize_rows(c, quant, X, Y, n_threads)
+
+
 _DRIVERS = {"kq": (_run_kq, _par_kq, RUN_KQ_SIG), "kq_zmm": (_run_kq_zmm, _par_kq_zmm, RUN_KQ_SIG),
             "kq_vnni": (_run_kq_vnni, _par_kq_vnni, RUN_VNNI_SIG),
             "lg": (_run_lg, _par_lg, RUN_LG_SIG),
-            "lg_vnni": (_run_lg_vnni, _par_lg_vnni, RUN_LG_VNNI_SIG)}
+            "lg_vnni": (_run_lg_vnni, _par_lg_vnni, RUN_LG_VNNI_SIG),
+            "quant": (_quantize_rows, _par_quantize_rows, QUANT_ROWS_SIG)}
 
 
 @functools.cache
@@ -1016,38 +1033,10 @@ def _run(family: str, n_threads: int, *args) -> None:
         _driver(family, True)(*args, n_threads)
 
 
-@_jit(nogil=True)
-def _quantize_rows(c, quant, X, Y, n_threads):
-    """Y = the activation blocks of X, a range of tokens per thread."""
-    n = X.shape[0]
-    t0, t1 = n * c // n_threads, n * (c + 1) // n_threads
-    _quant_at(quant)(X[t0:t1], Y[t0:t1])
-
-
-QUANT_ROWS_SIG = types.void(_C, types.int64, _F, _B, types.int64)
-
-
-def _par_quantize_rows(quant, X, Y, n_threads):
-    for c in prange(n_threads):
-        _quantize_rows(c, quant, X, Y, n_threads)
-
-
-@functools.cache
-def _quantizer(parallel: bool):
-    if not parallel:
-        return compiled(_quantize_rows, QUANT_ROWS_SIG)[0]
-    return compiled(_jit(parallel=True)(_par_quantize_rows),
-                    types.void(*QUANT_ROWS_SIG.args[1:]))[0]
-
-
 def quantize_activations(name: str, X: np.ndarray, n_threads: int) -> np.ndarray:
     """cpu_int8's activation blocks of X (n, cols) for weight type ``name``, on n_threads."""
     Y = np.empty((X.shape[0], k8.activation_bytes(name, X.shape[1])), np.uint8)
-    n = max(1, min(n_threads, X.shape[0]))
-    if n == 1:
-        _quantizer(False)(0, k8._addresses(name)[0], X, Y, 1)
-    else:
-        _quantizer(True)(k8._addresses(name)[0], X, Y, n)
+    _run("quant", max(1, min(n_threads, X.shape[0])), k8._addresses(name)[0], X, Y)
     return Y
 
 
