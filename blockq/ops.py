@@ -33,6 +33,8 @@ import numba
 from numba import njit, prange
 
 from .errors import BadArgument, UnsupportedModel
+from .kernels.cpu_attend import attend_prompt
+from .kernels.cpu_exp import exp32, silu32
 from .kernels.cpu_matvec import matvec_many
 from .kernels.jitcache import keyed_jit
 
@@ -176,10 +178,9 @@ class CPUOps(ArrayOps):
         return super().linears(lins, x)
 
     def rms_norm(self, x, norm):
-        if x.shape[0] != 1:
-            return norm(x)
-        out = np.empty_like(x)  # (1, d)
-        _rms_norm_into(x[0], norm.weight, F32(norm.eps), out[0])
+        x = np.ascontiguousarray(x, F32)
+        out = np.empty_like(x)  # (n, d)
+        _rms_norm_rows(x, norm.weight, F32(norm.eps), out)
         return out
 
     def swiglu(self, g, u):
@@ -194,6 +195,19 @@ class CPUOps(ArrayOps):
     def store(self, il, step, k, v):
         step.cache.store(il, step.p0, k, v)
         return step.cache.k[il], step.cache.v[il]
+
+    def rope_store(self, il, q, k, v, step):
+        """ArrayOps.rope_store in one Numba call: q, k rotated in place, k and v (rounded to
+        f16 for an f16 cache) written to the layer's cache."""
+        a, n, cache = step.args, step.n, step.cache
+        q = np.ascontiguousarray(q, F32).reshape(n, a.n_head, a.head_dim)
+        k = np.ascontiguousarray(k, F32).reshape(n, a.n_head_kv, a.head_dim)
+        v = np.ascontiguousarray(v, F32).reshape(n, a.n_head_kv, a.head_dim)
+        rope = step.ropes[il]
+        cos, sin = step.tables(rope)  # (n, half)
+        _rope_store_rows(q, k, v, cos, sin, rope.neox, cache.k[il], cache.v[il], step.p0,
+                         cache.cache_type == "f16")
+        return q, cache.k[il], cache.v[il]
 
     def attend(self, il, q, k, v, step):
         if step.n != 1:
@@ -303,7 +317,9 @@ class Observed:
 # decode-step kernels: one token, one call per piece of a layer, no temporaries.  ArrayOps says
 # what they compute; tests check both paths give the same logits.
 
-_JIT = dict(cache=True, fastmath=True)
+# NOTE: error_model="numpy": a float division then has no zero test raising ZeroDivisionError,
+# a branch that kept LLVM from vectorizing the loop around it (SwiGLU ran 15x slower).
+_JIT = dict(cache=True, fastmath=True, error_model="numpy")
 
 
 @njit(**_JIT)
@@ -317,9 +333,15 @@ def _rms_norm_into(x, w, eps, out):  # x, w, out (d,)
 
 
 @njit(**_JIT)
+def _rms_norm_rows(x, w, eps, out):  # x, out (n, d), w (d,)
+    for r in range(x.shape[0]):
+        _rms_norm_into(x[r], w, eps, out[r])
+
+
+@njit(**_JIT)
 def _swiglu_into(g, u):  # g = silu(g) * u
     for i in range(g.size):
-        g[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+        g[i] = silu32(g[i]) * u[i]
 
 
 @njit(nogil=True, **_JIT)
@@ -381,10 +403,17 @@ def _put_row(c, pos, x):
 
 
 @njit(**_JIT)
-def _put(dst, src):
-    """dst[:] = src for 1-d arrays of one length (loops: see _put_row)."""
-    for d in range(dst.size):
-        dst[d] = src[d]
+def _rope_store_rows(q, k, v, cos, sin, neox, kc, vc, p0, f16):
+    """Tokens p0.. of a prompt: rotate q (n, n_head, hd) and k (n, n_head_kv, hd) in place, round
+    k, v to f16 when f16, store them at their positions of kc, vc (n_head_kv, n_ctx, hd)."""
+    for t in range(q.shape[0]):
+        _rope_one(q[t], cos[t], sin[t], neox)
+        _rope_one(k[t], cos[t], sin[t], neox)
+        if f16:
+            _round_f16(k[t].reshape(-1))
+            _round_f16(v[t].reshape(-1))
+        _put_row(kc, p0 + t, k[t])
+        _put_row(vc, p0 + t, v[t])
 
 
 def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap,
@@ -421,7 +450,7 @@ def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, wind
             m = max(m, acc)
         total = 0.0
         for j in range(T - t0):
-            e = np.exp(s[j] - m)
+            e = exp32(s[j] - m)
             s[j] = e
             total += e
         inv = np.float32(1.0 / total)
@@ -439,103 +468,3 @@ def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, wind
 ATTEND_PARALLEL_MIN = 1 << 18
 _rope_store_attend = keyed_jit(("parallel",), parallel=True, **_JIT)(_rope_store_attend_py)
 _rope_store_attend_serial = keyed_jit(("serial",), **_JIT)(_rope_store_attend_py)
-
-
-ATTEND_QB = 4  # queries per task of attend_prompt: they share every key and value row read
-
-
-@njit(**_JIT)
-def _softmax_rows(s, lo, hi, scale, softcap):
-    """Row j of s (QB, span): scale (and soft-cap) columns lo[j]..hi[j]-1, softmax over them,
-    zeros elsewhere."""
-    for j in range(s.shape[0]):
-        m = -np.inf
-        for c in range(lo[j], hi[j]):
-            x = s[j, c] * scale
-            if softcap > 0:
-                x = np.float32(np.tanh(x * (np.float32(1.0) / softcap)) * softcap)
-            s[j, c] = x
-            m = max(m, x)
-        total = 0.0
-        for c in range(lo[j], hi[j]):
-            e = np.exp(s[j, c] - m)
-            s[j, c] = e
-            total += e
-        inv = np.float32(1.0 / total)
-        for c in range(s.shape[1]):
-            s[j, c] = s[j, c] * inv if lo[j] <= c < hi[j] else np.float32(0.0)
-
-
-def attend_prompt(q, kc, vc, p0, scale, window, softcap, out):
-    """:func:`attention` of n queries at positions p0.. (already rotated) over the cache's keys
-    0..p0+n-1 on Numba's threads: one task per query head and block of ATTEND_QB queries, which
-    read each key and value row once for all of them.
-
-    q (n, n_head, hd); kc, vc (n_head_kv, n_ctx, hd); out (n, n_head * hd).  ``window`` > 0:
-    query position p sees keys p - window < t <= p; ``softcap`` > 0: scores become
-    ``softcap * tanh(score / softcap)``.
-    """
-    jobs = q.shape[1] * ((q.shape[0] + ATTEND_QB - 1) // ATTEND_QB)
-    n = min(numba.get_num_threads(), jobs)
-    if n <= 1:  # NOTE: as _swiglu_rows, one thread runs the serial kernel, never the parfor
-        _attend_prompt_chunk(0, q, kc, vc, p0, scale, window, softcap, out, 1)
-    else:
-        _attend_prompt_par(q, kc, vc, p0, scale, window, softcap, out, n)
-
-
-@njit(parallel=True, **_JIT)
-def _attend_prompt_par(q, kc, vc, p0, scale, window, softcap, out, n_threads):
-    for c in prange(n_threads):
-        _attend_prompt_chunk(c, q, kc, vc, p0, scale, window, softcap, out, n_threads)
-
-
-@njit(nogil=True, **_JIT)
-def _attend_prompt_chunk(c, q, kc, vc, p0, scale, window, softcap, out, n_threads):
-    """attend_prompt's jobs c * J / n_threads .. (c + 1) * J / n_threads of J."""
-    n, n_head, hd = q.shape
-    g = n_head // kc.shape[0]
-    nb = (n + ATTEND_QB - 1) // ATTEND_QB
-    jobs = n_head * nb
-    for job in range(jobs * c // n_threads, jobs * (c + 1) // n_threads):
-        hh, i0 = job // nb, (job % nb) * ATTEND_QB
-        kv = hh // g
-        i1, i2, i3 = min(i0 + 1, n - 1), min(i0 + 2, n - 1), min(i0 + 3, n - 1)
-        first = max(0, p0 + i0 - window + 1) if window > 0 else 0  # keys first..last
-        last = p0 + i3
-        lo = np.empty(ATTEND_QB, np.int64)  # each query's keys, relative to first
-        hi = np.empty(ATTEND_QB, np.int64)
-        for j, i in enumerate((i0, i1, i2, i3)):
-            lo[j] = (max(0, p0 + i - window + 1) if window > 0 else 0) - first
-            hi[j] = p0 + i + 1 - first
-        s = np.empty((ATTEND_QB, last + 1 - first), np.float32)  # scores, then weights
-        for t in range(first, last + 1):
-            a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
-            for d in range(hd):
-                k = kc[kv, t, d]
-                a0 += q[i0, hh, d] * k
-                a1 += q[i1, hh, d] * k
-                a2 += q[i2, hh, d] * k
-                a3 += q[i3, hh, d] * k
-            c = t - first
-            s[0, c], s[1, c], s[2, c], s[3, c] = a0, a1, a2, a3
-        _softmax_rows(s, lo, hi, scale, softcap)
-        o0 = out[i0, hh * hd:(hh + 1) * hd]
-        o1 = out[i1, hh * hd:(hh + 1) * hd]
-        o2 = out[i2, hh * hd:(hh + 1) * hd]
-        o3 = out[i3, hh * hd:(hh + 1) * hd]
-        acc = np.zeros((ATTEND_QB, hd), np.float32)
-        for t in range(first, last + 1):
-            c = t - first
-            w0, w1, w2, w3 = s[0, c], s[1, c], s[2, c], s[3, c]
-            for d in range(hd):
-                v = vc[kv, t, d]
-                acc[0, d] += w0 * v
-                acc[1, d] += w1 * v
-                acc[2, d] += w2 * v
-                acc[3, d] += w3 * v
-        # rows past n are copies of row n - 1 (i1..i3 clamped): written last, so row n - 1
-        # gets its own values
-        _put(o3, acc[3])
-        _put(o2, acc[2])
-        _put(o1, acc[1])
-        _put(o0, acc[0])
