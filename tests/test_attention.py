@@ -18,6 +18,8 @@ from blockq.ops import attend_prompt, attention
     (21, 40, 8, 8, 64, 16, 50.0, 2),  # window and cap together, no grouping
     (64, 0, 9, 3, 64, 0, 0.0, 2),  # SmolLM2's heads
     (6, 10, 4, 2, 256, 3, 0.0, 1),  # gemma3-sized heads, window < block span
+    (11, 2, 4, 2, 80, 0, 0.0, 2),  # a head dimension past a multiple of 16: the scalar tail
+    (37, 0, 2, 1, 24, 9, 0.0, 1),  # more keys than a 16-key tile, window across tiles
 ])
 def test_attend_prompt_matches_reference(n, p0, n_head, n_kv, hd, window, softcap, threads):
     rng = np.random.default_rng(n * 1000 + p0)
