@@ -180,7 +180,7 @@ class CPUOps(ArrayOps):
     def rms_norm(self, x, norm):
         x = np.ascontiguousarray(x, F32)
         out = np.empty_like(x)  # (n, d)
-        _rms_norm_rows(x, norm.weight, F32(norm.eps), out)
+        _rms_norm_rows(x, norm.weight, float(norm.eps), out)  # eps in double, as numpy adds it
         return out
 
     def swiglu(self, g, u):
@@ -323,13 +323,24 @@ _JIT = dict(cache=True, fastmath=True, error_model="numpy")
 
 
 @njit(**_JIT)
+def _sum_squares(x):  # float64, like ggml_rms_norm
+    ss = 0.0
+    for i in range(x.size):
+        xd = np.float64(x[i])  # NOTE: squared in double, as the numpy steps (ArrayOps, the
+        ss += xd * xd  # offloaded layers) do: a float32 square differs in the last bit, and
+        # with 8-bit activations that can flip a code (ggml squares in float: ~1 ulp apart)
+    return ss
+
+
+@njit(cache=True, error_model="numpy")
 def _rms_norm_into(x, w, eps, out):  # x, w, out (d,)
-    ss = 0.0  # float64, like ggml_rms_norm
+    """NOTE: the numpy steps' float32 roundings exactly: not fast-math (under which LLVM reorders
+    (x * scale) * w and takes a reciprocal-square-root estimate), and the scale cast to float32
+    (Numba types it float64, and x * scale was then a double product).  A last-bit difference
+    from the numpy steps can flip 8-bit activation codes a layer later."""
+    scale = np.float32(np.float32(1.0) / np.sqrt(np.float32(_sum_squares(x) / x.size + eps)))
     for i in range(x.size):
-        ss += x[i] * x[i]
-    scale = np.float32(1.0) / np.sqrt(np.float32(ss / x.size + eps))
-    for i in range(x.size):
-        out[i] = (x[i] * scale) * w[i]
+        out[i] = np.float32(x[i] * scale) * w[i]
 
 
 @njit(**_JIT)
