@@ -34,7 +34,7 @@ from numba import njit, prange
 
 from .errors import BadArgument, UnsupportedModel
 from .kernels.cpu_attend import attend_prompt
-from .kernels.cpu_exp import exp32, silu32
+from .kernels.cpu_exp import bits_f32, exp32, f32_bits, silu32
 from .kernels.cpu_matvec import matvec_many
 from .kernels.jitcache import keyed_jit
 
@@ -377,20 +377,19 @@ def _swiglu_rows(g, u):  # prompts: the rows on Numba's threads
 
 
 @njit(cache=True)
-def _round_f16(a):
-    """Round float32 values in place to the nearest IEEE half (ties to even), as f32."""
-    bits = a.view(np.uint32)
-    for i in range(a.size):
-        b = bits[i]
-        ax = b & np.uint32(0x7FFFFFFF)
-        if ax >= np.uint32(0x477FF000):  # rounds past 65504: inf (nan stays nan)
-            if ax <= np.uint32(0x7F800000):
-                bits[i] = (b & np.uint32(0x80000000)) | np.uint32(0x7F800000)
-        elif ax < np.uint32(0x38800000):  # half subnormal range: steps of 2^-24
-            a[i] = np.float32(np.rint(a[i] * np.float32(16777216.0)) * np.float32(5.9604645e-08))
-        else:  # drop 13 mantissa bits, rounding to nearest even
-            bits[i] = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) \
-                & np.uint32(0xFFFFE000)
+def _f16_round(x):
+    """x (float32) rounded to the nearest IEEE half (ties to even), as a float32.  Scalar bit
+    operations (NOTE: an array ``view`` made this a 0.7 s compile)."""
+    b = np.int64(f32_bits(x)) & 0xFFFFFFFF
+    ax = b & 0x7FFFFFFF
+    if ax >= 0x477FF000:  # rounds past 65504: inf (nan stays nan)
+        if ax <= 0x7F800000:
+            b = (b & 0x80000000) | 0x7F800000
+    elif ax < 0x38800000:  # half subnormal range: steps of 2^-24
+        return np.float32(np.rint(x * np.float32(16777216.0)) * np.float32(5.9604645e-08))
+    else:  # drop 13 mantissa bits, rounding to nearest even
+        b = (b + 0xFFF + ((b >> 13) & 1)) & 0xFFFFE000
+    return bits_f32(np.int32(b))
 
 
 @njit(**_JIT)
@@ -405,26 +404,24 @@ def _rope_one(x, cos, sin, neox):  # x (heads, head_dim) rotated in place; cos, 
 
 
 @njit(**_JIT)
-def _put_row(c, pos, x):
-    """c[:, pos, :] = x.  NOTE: loops, not the slice assignment, which alone took 3.2 s of
-    Numba compile time (a generic broadcasting kernel) in every first run."""
+def _put_row(c, pos, x, f16):
+    """c[:, pos, :] = x, rounded to f16 precision when f16.  NOTE: loops, not the slice
+    assignment, which alone took 3.2 s of Numba compile time (a generic broadcasting kernel) in
+    every first run."""
     for h in range(c.shape[0]):
         for d in range(c.shape[2]):
-            c[h, pos, d] = x[h, d]
+            c[h, pos, d] = _f16_round(x[h, d]) if f16 else x[h, d]
 
 
 @njit(**_JIT)
 def _rope_store_rows(q, k, v, cos, sin, neox, kc, vc, p0, f16):
-    """Tokens p0.. of a prompt: rotate q (n, n_head, hd) and k (n, n_head_kv, hd) in place, round
-    k, v to f16 when f16, store them at their positions of kc, vc (n_head_kv, n_ctx, hd)."""
+    """Tokens p0.. of a prompt: rotate q (n, n_head, hd) and k (n, n_head_kv, hd) in place, store
+    k and v (rounded to f16 when f16) at their positions of kc, vc (n_head_kv, n_ctx, hd)."""
     for t in range(q.shape[0]):
         _rope_one(q[t], cos[t], sin[t], neox)
         _rope_one(k[t], cos[t], sin[t], neox)
-        if f16:
-            _round_f16(k[t].reshape(-1))
-            _round_f16(v[t].reshape(-1))
-        _put_row(kc, p0 + t, k[t])
-        _put_row(vc, p0 + t, v[t])
+        _put_row(kc, p0 + t, k[t], f16)
+        _put_row(vc, p0 + t, v[t], f16)
 
 
 def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, window, softcap,
@@ -437,11 +434,8 @@ def _rope_store_attend_py(q, k, v, cos, sin, neox, kc, vc, pos, scale, f16, wind
     """
     _rope_one(q, cos, sin, neox)
     _rope_one(k, cos, sin, neox)
-    if f16:
-        _round_f16(k.reshape(-1))
-        _round_f16(v.reshape(-1))
-    _put_row(kc, pos, k)
-    _put_row(vc, pos, v)
+    _put_row(kc, pos, k, f16)
+    _put_row(vc, pos, v, f16)
     n_head, hd = q.shape
     g = n_head // kc.shape[0]
     t0 = max(0, pos - window + 1) if window > 0 else 0

@@ -9,6 +9,7 @@ from numba import njit
 from blockq.kernels.cpu_exp import X_HI, X_LO, exp32, silu32
 from blockq.model import Model
 from blockq.models.base import RMSNorm
+from blockq.ops import _f16_round
 from tiny_model import write_tiny
 
 
@@ -87,3 +88,26 @@ def test_prompt_rope_store_matches_the_reference(tmp_path, arch, cache_type):
     for ref, got in zip(*outs):
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
     assert np.any(outs[1][1][:, p0:p0 + n] != 0) and not np.any(outs[1][1][:, :p0])
+
+
+@njit(cache=True)
+def _map_f16(x, out):
+    for i in range(x.size):
+        out[i] = _f16_round(x[i])
+
+
+def test_f16_rounding_matches_numpy_on_every_exponent():
+    """The KV cache's f16 rounding against numpy's float32 -> float16 -> float32, on random bit
+    patterns over the whole float32 range (subnormal halves, ties, overflow to inf, nan)."""
+    rng = np.random.default_rng(9)
+    bits = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0x33000000, 0x47800000, 20_000).astype(np.uint32) & ~np.uint32(0x1FFF)) \
+        | np.uint32(0x1000)  # exactly halfway between two halves
+    x = np.concatenate([bits, ties]).view(np.float32)
+    x = np.concatenate([x, np.float32([0.0, -0.0, 65504, 65520, -65520, np.inf, -np.inf])])
+    out = np.empty_like(x)
+    _map_f16(x, out)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    same = (out == want) | (np.isnan(out) & np.isnan(want))
+    assert same.all(), x[~same][:5]

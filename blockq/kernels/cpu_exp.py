@@ -47,6 +47,14 @@ def bits_f32(typingctx, i):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of the float32 ``x`` as an int32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
 @njit(fastmath=_FLAGS, cache=True, error_model="numpy")
 def exp32(x):
     """exp(x) for a float32 x (see the module's doc for range and error)."""
@@ -65,4 +73,4 @@ def silu32(x):
     return x / (F32(1.0) + exp32(-x))
 
 
-__all__ = ["exp32", "silu32", "bits_f32"]
+__all__ = ["exp32", "silu32", "bits_f32", "f32_bits"]

@@ -894,9 +894,20 @@ def _run_kq_zmm(c, un, w, Y, out, n_threads):
         _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, rt)
 
 
+# the VNNI tiles are called by address, so a first run compiles only the kinds its file's types
+# need (SmolLM2 and Gemma-3's legacy matrices are all signed: the min tile, ~1.5 s of compile
+# time, is never built for them)
+_I = types.Array(types.int32, 2, "C")
+KQ_TILE_SIG = types.void(_B, _I, _F, _F, _F, types.int64, _B, _F, _F, _I, _F, types.int64)
+LG_TILE_SIG = types.void(_B, _F, _F, types.int64, _B, _F, _I, _F, _F, types.int64)
+_kq_tile_at = _function_at(KQ_TILE_SIG)
+_lg_tile_at = _function_at(LG_TILE_SIG)
+
+
 @_jit(nogil=True)
-def _run_kq_vnni(c, un, offset, w, Yp, dy, B, I, out, n_threads):
-    """_run_kq with the AVX-512 VNNI tiles (a function of its own, as _run_kq_zmm)."""
+def _run_kq_vnni(c, un, tile, w, Yp, dy, B, I, out, n_threads):
+    """_run_kq with an AVX-512 VNNI tile (a function of its own, as _run_kq_zmm); ``tile`` the
+    address of _kq_tile_vnni_off or _min."""
     rows, nsb = w.shape[0], dy.shape[1]
     r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
     codes, scales, mins, d, dm = _kq_buffers(nsb)
@@ -907,10 +918,7 @@ def _run_kq_vnni(c, un, offset, w, Yp, dy, B, I, out, n_threads):
         m = min(TILE_ROWS, r1 - rt)
         _kq_at(un)(w, rt, m, codes, scales, mins, d, dm)
         _vnni_weights(codes, scales, mins, dm, m, pc, S, M)
-        if offset:
-            _kq_tile_vnni_off(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
-        else:
-            _kq_tile_vnni_min(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
+        _kq_tile_at(tile)(pc, S, M, d, dm, m, Yp, dy, B, I, out, rt)
 
 
 @_jit(nogil=True)
@@ -931,9 +939,9 @@ def _run_lg(c, un, signed, w, Y, dy, sy, out, n_threads):
 
 
 @_jit(nogil=True)
-def _run_lg_vnni(c, un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
-    """_run_lg with the AVX-512 VNNI tiles (a function of its own, as _run_kq_zmm); nb blocks
-    per row, Yq (and so the tile) padded to an even count."""
+def _run_lg_vnni(c, un, tile, off, w, Yq, Dy, I, Sy, out, nb, n_threads):
+    """_run_lg with an AVX-512 VNNI tile (``tile`` the address of _lg_tile_vnni_signed or _min);
+    nb blocks per row, Yq (and so the tile) padded to an even count."""
     rows, nbp = w.shape[0], Yq.shape[1] // LG
     r0, r1 = rows * c // n_threads, rows * (c + 1) // n_threads
     codes = np.empty((TILE_ROWS, nb * LG), np.uint8)
@@ -947,19 +955,15 @@ def _run_lg_vnni(c, un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
         m = min(TILE_ROWS, r1 - rt)
         _lg_at(un)(w, rt, m, codes, signs, d, dm)
         _vnni_lg_weights(codes, signs, d, dm, m, off, U, Dw, Mw)
-        if has_min:
-            _lg_tile_vnni_min(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
-        else:
-            _lg_tile_vnni_signed(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
+        _lg_tile_at(tile)(U, Dw, Mw, m, Yq, Dy, I, Sy, out, rt)
 
 
 # each driver computes chunk c of n_threads (a range of rows or tokens): see _run
 _C = types.int64
 RUN_KQ_SIG = types.void(_C, types.int64, _W, _B, _F, types.int64)
 RUN_LG_SIG = types.void(_C, types.int64, types.boolean, _W, _B, _F, _F, _F, types.int64)
-_I = types.Array(types.int32, 2, "C")
-RUN_VNNI_SIG = types.void(_C, types.int64, types.boolean, _W, _B, _F, _F, _I, _F, types.int64)
-RUN_LG_VNNI_SIG = types.void(_C, types.int64, types.int64, types.boolean, _W, _B, _F, _I, _F,
+RUN_VNNI_SIG = types.void(_C, types.int64, types.int64, _W, _B, _F, _F, _I, _F, types.int64)
+RUN_LG_VNNI_SIG = types.void(_C, types.int64, types.int64, types.int64, _W, _B, _F, _I, _F,
                              _F, types.int64, types.int64)
 
 
@@ -990,9 +994,9 @@ def _par_kq_zmm(un, w, Y, out, n_threads):
         _run_kq_zmm(c, un, w, Y, out, n_threads)
 
 
-def _par_kq_vnni(un, offset, w, Yp, dy, B, I, out, n_threads):
+def _par_kq_vnni(un, tile, w, Yp, dy, B, I, out, n_threads):
     for c in prange(n_threads):
-        _run_kq_vnni(c, un, offset, w, Yp, dy, B, I, out, n_threads)
+        _run_kq_vnni(c, un, tile, w, Yp, dy, B, I, out, n_threads)
 
 
 def _par_lg(un, signed, w, Y, dy, sy, out, n_threads):
@@ -1000,9 +1004,9 @@ def _par_lg(un, signed, w, Y, dy, sy, out, n_threads):
         _run_lg(c, un, signed, w, Y, dy, sy, out, n_threads)
 
 
-def _par_lg_vnni(un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads):
+def _par_lg_vnni(un, tile, off, w, Yq, Dy, I, Sy, out, nb, n_threads):
     for c in prange(n_threads):
-        _run_lg_vnni(c, un, off, has_min, w, Yq, Dy, I, Sy, out, nb, n_threads)
+        _run_lg_vnni(c, un, tile, off, w, Yq, Dy, I, Sy, out, nb, n_threads)
 
 
 def _par_quantize_rows(quant, X, Y, n_threads):
@@ -1046,6 +1050,15 @@ def _unpacker(name: str) -> int:
     return compiled(un, KQ_SIG if family == "kq" else LG_SIG)[1]
 
 
+@functools.cache
+def _vnni_tile(family: str, variant: bool) -> int:
+    """The address of a VNNI tile: "kq" (variant: the offset types Q3_K / Q6_K) or "lg"
+    (variant: the types with a min, Q4_1 / Q5_1)."""
+    fn = {("kq", True): _kq_tile_vnni_off, ("kq", False): _kq_tile_vnni_min,
+          ("lg", True): _lg_tile_vnni_min, ("lg", False): _lg_tile_vnni_signed}[family, variant]
+    return compiled(fn, KQ_TILE_SIG if family == "kq" else LG_TILE_SIG)[1]
+
+
 PARALLEL_MIN_WORK = 1 << 16  # weight-token products below which one thread runs it
 
 
@@ -1065,7 +1078,8 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         Yp, dy = np.empty((n, nsb * KQ), np.uint8), np.empty((n, nsb), F32)
         B, I = np.empty((n, nsb * 16), F32), np.empty((n, nsb * 16), np.int32)
         _vnni_acts(Y, off, Yp, dy, B, I)
-        _run("kq_vnni", n_threads, _unpacker(name), off > 0, w, Yp, dy, B, I, out)
+        _run("kq_vnni", n_threads, _unpacker(name), _vnni_tile("kq", off > 0), w, Yp, dy, B, I,
+             out)
         return
     if VNNI512:
         n, nb = X.shape[0], X.shape[1] // LG
@@ -1074,8 +1088,8 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         Dy, Sy = np.zeros((n, nbp * 8), F32), np.zeros((n, nbp * 8), F32)
         I = np.zeros((n, nbp * 8), np.int32)
         _vnni_lg_acts(Y, nb, off, Yq, Dy, I, Sy)
-        _run("lg_vnni", n_threads, _unpacker(name), off, family == "min", w, Yq, Dy, I, Sy,
-             out, nb)
+        _run("lg_vnni", n_threads, _unpacker(name), _vnni_tile("lg", family == "min"), off, w,
+             Yq, Dy, I, Sy, out, nb)
         return
     run = ("kq_zmm" if ZMM else "kq") if family == "kq" else "lg"
     if family == "kq":
