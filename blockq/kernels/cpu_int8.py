@@ -875,12 +875,13 @@ def _many_sig(m: int):
 
 
 # A product that reads fewer weight bytes than this (times its tokens) runs on the calling
-# thread: waking the other threads costs more.  NOTE: measured on a 2-core machine shared with
-# other jobs, where waking a thread whose core is busy is slow: with 64 KiB-products as the
-# limit SmolLM2 decoded at -t 2 at 35-55 % of its -t 1 speed; alternating runs at -t 2 with
-# 1 / 2 / 4 MiB: SmolLM2 111 / 143-151 / 145 tok/s, synthetic 0.56 B Q4_K_M 64-67 / 67-68 / 65-68
-# (Numba's workqueue threading layer then; not re-tuned for OpenMP, the default).
-PARALLEL_MIN_BYTES = 2 << 20
+# thread: waking the other threads costs more.  NOTE: with Numba's OpenMP layer (the default) the
+# pool's threads spin a while after each parallel region, and a decode step's products follow
+# each other closely, so the hand-off is cheap: best of 4 alternating runs at -t 2 with 16 K /
+# 64 K / 128 K / 256 K / 2 MiB limits, SmolLM2 Q4_K_M 225 / 220 / 223 / 212 / 159 tok/s, Gemma-3
+# 147 (64 K) / 148 / 143 (512 K) / 118; the 0.56 B file (every matrix above 2 MiB) unchanged.
+# The 2 MiB limit before was measured with the workqueue layer, which sleeps between regions.
+PARALLEL_MIN_BYTES = 128 << 10
 
 
 @functools.cache
