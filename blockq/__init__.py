@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 
 from .errors import BadArgument, BlockqError, FileError, FormatError, UnsupportedModel
+from .kernels import jitcache as _jitcache  # noqa: F401  (Numba's disk cache, made race-safe)
 from .types import QK_K, QType, qtype
 
 # NOTE: the functions share their names with the modules that define them; importing them

@@ -558,3 +558,23 @@ def test_model_truncated_while_generating_is_one_line_and_exit_1(tmp_path):
     assert p.returncode == 1, p.stderr.decode()[-800:]
     assert err[-1] == (f"error: {path}: the file shrank from {size:,} to 8,192 bytes while "
                        "blockq had it mapped; stop other programs writing it, then run again")
+
+
+def test_numba_cache_entries_of_racing_processes_never_swap_code(tmp_path, monkeypatch):
+    """Two processes adding entries to one function's disk cache at once both read an index
+    without the other's entry.  Numba named both data files "1", so one key could end up with
+    the other's code; blockq names a data file by its key's hash (blockq.kernels.jitcache)."""
+    from numba.core.caching import IndexDataCacheFile
+    import blockq.kernels.jitcache  # noqa: F401  (the patch)
+    a, b = (IndexDataCacheFile(str(tmp_path), "fn-7.py311", ("stamp", 1)) for _ in range(2))
+    monkeypatch.setattr(b, "_load_index", lambda: {})  # b read the index before a wrote it
+    key_a, key_b = (("sig a", "avx512vnni"), ("h", "h")), (("sig a", "avx2"), ("h", "h"))
+    a.save(key_a, "code for a")
+    b.save(key_b, "code for b")
+    monkeypatch.undo()
+    fresh = IndexDataCacheFile(str(tmp_path), "fn-7.py311", ("stamp", 1))
+    assert fresh.load(key_a) in (None, "code for a")  # lost (compiled again), never b's code
+    assert fresh.load(key_b) == "code for b"
+    assert len(list(tmp_path.glob("fn-7.py311.*.nbc"))) == 2
+    a.save(key_a, "code for a")  # a second save of a key rewrites its own file
+    assert fresh.load(key_a) == "code for a" and fresh.load(key_b) == "code for b"

@@ -1,4 +1,5 @@
-"""``keyed_jit``: ``numba.njit(cache=True)`` with more in each disk-cache entry's key.
+"""``keyed_jit``: ``numba.njit(cache=True)`` with more in each disk-cache entry's key; and
+Numba's disk cache made safe for several processes at once (``_entry_name``).
 
 Numba keys a cached compilation by the function's bytecode, its closure variables and the target
 CPU -- not by the options it was compiled with, nor by what its intrinsics expand to.  Two
@@ -9,8 +10,48 @@ adds a tuple of values that tells them apart.
 """
 from __future__ import annotations
 
+import hashlib
+
 from numba import njit
-from numba.core.caching import FunctionCache
+from numba.core.caching import FunctionCache, IndexDataCacheFile
+
+
+# NOTE: Numba's disk cache names a new entry's data file by the first number its index does not
+# use yet, and writes the index before the data.  Two processes compiling different entries of
+# one function at once (a test and the server or CLI process it started, sharing the package's
+# cache) both read the index without the other's entry, both take number 1, and the last data
+# file written is the code of one entry under the other's index key: Numba loads it without
+# checking, and a later process runs one instruction-set variant's code for another (wrong
+# logits) or code for another signature (a crash).  Here a data file is named by a hash of its
+# key, written before the index, and loaded only if its name is that hash: a race now loses at
+# most an index entry (compiled again later), never pairs a key with other code.
+
+def _entry_name(cache_file, key) -> str:
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
+    return f"{cache_file._index_name[:-4]}.{digest}.nbc"  # the index's name, .nbi -> .HASH.nbc
+
+
+def _save(self, key, data):
+    name = _entry_name(self, key)
+    self._save_data(name, data)
+    overloads = self._load_index()
+    if overloads.get(key) != name:
+        overloads[key] = name
+        self._save_index(overloads)
+
+
+def _load(self, key):
+    name = self._load_index().get(key)
+    if name is None or name != _entry_name(self, key):  # absent, or written the old way
+        return None
+    try:
+        return self._load_data(name)
+    except OSError:
+        return None
+
+
+IndexDataCacheFile.save = _save
+IndexDataCacheFile.load = _load
 
 
 class _KeyedCache(FunctionCache):
