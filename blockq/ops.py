@@ -343,8 +343,10 @@ def _rms_norm_into(x, w, eps, out):  # x, w, out (d,)
         out[i] = np.float32(x[i] * scale) * w[i]
 
 
-@njit(**_JIT)
+@njit(cache=True, error_model="numpy")
 def _rms_norm_rows(x, w, eps, out):  # x, out (n, d), w (d,)
+    # NOTE: not fast-math either: _rms_norm_into is inlined here, and a fast-math caller's
+    # function attributes let LLVM's code generator relax the inlined steps again
     for r in range(x.shape[0]):
         _rms_norm_into(x[r], w, eps, out[r])
 
