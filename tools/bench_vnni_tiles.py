@@ -5,7 +5,10 @@
 Real matrices of SmolLM2 Q4_K_M (Q5_0, Q8_0, Q4_K, Q6_K) and of the synthetic 0.56 B Q4_K_M /
 Q6_K files (tools/bench_runtime.py makes them), ``cpu_int8_gemm.product`` with ``VNNI512`` on and
 off in one process, interleaved, best of 7; prints ms and GMAC/s (multiply-adds per second) and
-the largest difference between the two outputs relative to their largest value.
+the largest difference between the two outputs relative to their largest value.  Where
+llama-cpp-python is installed, ggml's own ``mul_mat`` of the same matrix and activations
+(tools/ggml_lib.py: a one-node graph on one thread, so its figure includes the graph's set-up
+and the copies in and out) is timed in the same loop, and the ratio printed.
 """
 from __future__ import annotations
 
@@ -46,11 +49,21 @@ def main() -> None:
         sys.exit("this CPU does not run the avx512vnni variant: nothing to compare")
     numba.set_num_threads(a.threads)
     rng = np.random.default_rng(0)
-    print(f"-t {a.threads}, {a.tokens} tokens, best of 7")
+    try:
+        import ggml_lib
+        ggml_lib.libs()
+    except (ImportError, OSError):
+        ggml_lib = None
+    print(f"-t {a.threads}, {a.tokens} tokens, best of 7"
+          + ("" if ggml_lib else " (no llama-cpp-python: no ggml column)"))
     for label, qtype, w, cols in matrices():
         X = rng.standard_normal((a.tokens, cols)).astype(np.float32)
-        outs, best = {}, {True: 1e9, False: 1e9}
+        outs, best, peer = {}, {True: 1e9, False: 1e9}, 1e9
         for _ in range(7):
+            if ggml_lib:
+                t0 = time.perf_counter()
+                ggml_lib.mul_mat(qtype, w, (w.shape[0], cols), X, threads=a.threads)
+                peer = min(peer, time.perf_counter() - t0)
             for vnni in (False, True):
                 G.VNNI512 = vnni
                 o = np.empty((a.tokens, w.shape[0]), np.float32)
@@ -64,7 +77,9 @@ def main() -> None:
         diff = np.abs(outs[True] - outs[False]).max() / np.abs(outs[False]).max()
         print(f"{label:32s} pmaddubsw {best[False] * 1e3:7.2f} ms {macs / best[False] / 1e9:6.1f}"
               f" GMAC/s | vpdpbusd {best[True] * 1e3:7.2f} ms {macs / best[True] / 1e9:6.1f} "
-              f"GMAC/s | {best[False] / best[True]:.2f}x | max rel diff {diff:.1e}")
+              f"GMAC/s | {best[False] / best[True]:.2f}x | max rel diff {diff:.1e}"
+              + (f" | ggml {peer * 1e3:7.2f} ms {macs / peer / 1e9:6.1f} GMAC/s, vpdpbusd / "
+                 f"ggml {peer / best[True]:.2f}x" if ggml_lib else ""))
 
 
 if __name__ == "__main__":
