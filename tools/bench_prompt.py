@@ -2,6 +2,7 @@
 
     python tools/bench_prompt.py types [-t 1,2] [--types Q4_K,Q5_0,...]
     python tools/bench_prompt.py model FILE [-t 1,2]
+    python tools/bench_prompt.py profile FILE [-t 1]
 
 ``types``: per block type, pp128-sized products (SmolLM2's and the synthetic 0.56 B model's
 shapes) through ``QMatrix.matmul`` with the int8 tiles and with the previous path (activations
@@ -13,6 +14,10 @@ whose total is above 1.
 ``model``: a whole pp128 forward of FILE with the new prompt path (int8 tiles, threaded
 attention) and the previous one (float tiles, BLAS attention) swapped in one process and
 interleaved, median of 4.
+
+``profile``: where a pp128 forward of FILE spends its time: each ``ops.CPUOps`` operation and each
+matrix product (by type and shape) summed over the layers, the best of 3 forwards (the operations
+nest: ``attend`` includes ``rope_store``, ``linear`` / ``linears`` the products).
 """
 from __future__ import annotations
 
@@ -102,9 +107,58 @@ def bench_model(path: str, threads: list[int], n: int = 128) -> None:
                   flush=True)
 
 
+def profile_model(path: str, threads: list[int]) -> None:
+    import collections
+
+    from blockq import ops
+    from blockq.cli.run import set_threads
+    from blockq.kernels import cpu_matvec
+    from blockq.model import Model
+
+    spent = collections.defaultdict(float)
+
+    def timed(key, f):
+        def g(*args, **kw):
+            t0 = time.perf_counter()
+            r = f(*args, **kw)
+            spent[key(*args)] += time.perf_counter() - t0
+            return r
+        return g
+    originals = {nm: getattr(ops.CPUOps, nm) for nm in
+                 ("rms_norm", "swiglu", "geglu", "attend", "add", "rope_store", "linear",
+                  "linears")}
+    matmul = cpu_matvec.QMatrix.matmul
+    try:
+        for nm, f in originals.items():
+            setattr(ops.CPUOps, nm, timed(lambda *a, nm=nm: nm, f))
+        cpu_matvec.QMatrix.matmul = timed(lambda m, x: f"matmul {m.qtype} {m.shape}", matmul)
+        for th in threads:
+            set_threads(th)
+            model = Model.load(path)
+            cache = model.new_cache(136)
+            toks = np.random.default_rng(0).integers(0, model.args.n_vocab, 128)
+            best = None
+            for _ in range(4):  # the first compiles and faults the weights in
+                spent.clear()
+                cache.clear()
+                t0 = time.perf_counter()
+                model.forward(toks, cache, "last")
+                total = time.perf_counter() - t0
+                if best is None or total < best[0]:
+                    best = (total, dict(spent))
+            total, parts = best
+            print(f"{path} -t {th}: pp128 {total * 1e3:.1f} ms = {128 / total:.1f} tok/s")
+            for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+                print(f"  {k:40s} {v * 1e3:8.1f} ms")
+    finally:
+        for nm, f in originals.items():
+            setattr(ops.CPUOps, nm, f)
+        cpu_matvec.QMatrix.matmul = matmul
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["types", "model"])
+    ap.add_argument("what", choices=["types", "model", "profile"])
     ap.add_argument("file", nargs="?")
     ap.add_argument("-t", "--threads", default="1,2")
     ap.add_argument("--types", default=TYPES)
@@ -114,8 +168,8 @@ def main(argv=None):
         bench_types(a.types.split(","), threads)
     else:
         if not a.file:
-            ap.error("model needs a GGUF file")
-        bench_model(a.file, threads)
+            ap.error(f"{a.what} needs a GGUF file")
+        (bench_model if a.what == "model" else profile_model)(a.file, threads)
 
 
 if __name__ == "__main__":
