@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(cpu_isa.isa() == "float",
                                 reason="this CPU runs the float kernels only (no AVX2+FMA+F16C)")
 
 RTOL = 1e-5
-TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
 
 
 def _gemm():
@@ -78,10 +78,49 @@ def test_zmm_only_where_the_host_has_it(monkeypatch):
 
 def test_covers_every_int8_type():
     from blockq.kernels import cpu_int8
-    # every integer grid of the int8 table; IQ4_NL / IQ4_XS have decode kernels only (prompts
-    # take the float tiles on 8-bit-rounded activations)
-    assert set(_gemm().UNPACK) == set(TYPES) == set(cpu_int8.KERNELS) - {"IQ4_NL", "IQ4_XS"}
-    assert _gemm().PROMPT_TYPES <= set(TYPES)
+    # every type of the int8 table: IQ4_NL in every tile build (a signed type, as Q8_0), IQ4_XS
+    # in the VNNI k-quant tile only
+    assert set(_gemm().UNPACK) == set(TYPES) | {"IQ4_XS"} == set(cpu_int8.KERNELS)
+    want = set(TYPES) | ({"IQ4_XS"} if _gemm().VNNI512 else set())
+    assert _gemm().PROMPT_TYPES == want
+
+
+needs_vnni = pytest.mark.skipif("vnni" not in (_variants() if cpu_isa.isa() != "float" else []),
+                                reason="the IQ4_XS prompt tile needs the avx512vnni variant")
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows, cols, n, threads", [
+    (1, 256, 4, 1), (37, 512, 5, 1), (16, 768, 8, 1), (70, 512, 13, 2), (33, 256, 130, 2)])
+def test_gemm_iq4_xs_random_blocks(rows, cols, n, threads, rng):
+    """IQ4_XS in the VNNI k-quant tile: grid values + 128 as unsigned codes, offset 128."""
+    w = random_blocks("IQ4_XS", rows * cols // 256, rng, scales=0.05).reshape(rows, -1)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    X[1, :256] = 0
+    check_gemm("IQ4_XS", w, X, threads)
+
+
+@needs_vnni
+def test_gemm_iq4_xs_extreme_codes(rng):
+    """Every index at the grid's ends (-127, 113) and every scale at its ends, times
+    activations at +-127: the int32 sums stay exact."""
+    t = BY_NAME["IQ4_XS"]
+    for fill in (0xFF, 0x00, 0x80, 0x7F, 0xF0):
+        w = filled_blocks(t, 19, fill)
+        X = np.where(rng.random((6, 512)) < 0.5, -1.0, 1.0).astype(np.float32)
+        check_gemm("IQ4_XS", w, X)
+        check_gemm("IQ4_XS", w, np.abs(X))
+
+
+def test_iq4_xs_prompt_tile_only_with_vnni(monkeypatch, rng):
+    """Without the VNNI tile, IQ4_XS is not a prompt type and product refuses it in one line
+    (the vpmaddubsw tiles would saturate on its unsigned codes)."""
+    g = _gemm()
+    monkeypatch.setattr(g, "VNNI512", False)
+    w = random_blocks("IQ4_XS", 2, rng, scales=0.05).reshape(2, -1)
+    w.flags.writeable = False
+    with pytest.raises(ValueError, match="IQ4_XS prompt tiles need AVX-512 VNNI"):
+        g.product("IQ4_XS", w, np.ones((4, 256), np.float32), np.empty((4, 2), np.float32))
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -95,7 +134,7 @@ def test_gemm_random_blocks(name, rows, cols, n, threads, rng, variant):
     check_gemm(name, w, X, threads)
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"])
 @pytest.mark.parametrize("cols", [32, 96, 608])
 def test_gemm_legacy_odd_block_counts(name, cols, rng, variant):
     """Rows of an odd number of 32-weight blocks: the VNNI tiles pair blocks into 64-byte

@@ -14,7 +14,10 @@ tinyBLAS and ggml's repacked gemm reuse a weight block for several activation ro
       row . token = d * dy * sum(codes * scales * y) - dm * dy * sum(mins * bsums)
   Q2_K / Q4_K / Q5_K: mins are the sub-block mins, dm = dmin; Q3_K / Q6_K: mins are the
   constant offset (4 / 32) times the scale, dm = d.
-- legacy 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; activations Q8_1).  Per block:
+- IQ4_XS (activations Q8_K), in the AVX-512 VNNI tile only: its grid values + 128 as unsigned
+  codes, one scale per 32 weights, the offset 128 as Q6_K's 32 (see ``_un_iq4_xs``).
+- legacy 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and IQ4_NL, whose codes are its grid's
+  int8 values; activations Q8_1).  Per block:
   ``codes`` 32 unsigned bytes and a float ``d``; Q4_1 / Q5_1: codes q and ``dm`` = the min m
   (added as m * s, Q8_1's f16 block sum, as llama.cpp does); Q4_0 / Q5_0 / Q8_0: ``codes`` hold
   |q - offset| and ``signs`` the signed codes (the sign trick, exact in integers).
@@ -40,6 +43,7 @@ from . import cpu_int8 as k8
 from .cpu_int8 import (I8x32, I16x16, Q8_1, Q8K, Q8K_BSUMS, Q8K_QS, _call, _madd, _writer,
                        bits32, compiled, dot_us, dot_usv, izeros, load16, load32, nibbles,
                        pairs_hi, pick, u8x16, i8x16)
+from .cpu_int8_iquant import IQ4_NL, IQ4_NL_QS, IQ4_XS, IQ4_XS_QS, _iq4_xs_scales, iq4_values
 from .cpu_isa import ENV, host_features, isa
 from .cpu_matvec import _function_at
 from .cpu_simd import I32x8, f16_to_f32, f32_at, fma, hsum, to_f32, u32_at, zeros
@@ -203,6 +207,26 @@ def _un_q6_k(w, r0, m, codes, scales, mins, d, dm):
             dm[i, b] = d[i, b]
 
 
+@_jit(**JIT)
+def _un_iq4_xs(w, r0, m, codes, scales, mins, d, dm):
+    """IQ4_XS for the AVX-512 VNNI tile only: each weight's grid value (IQ4_NL's 16 int8
+    values, looked up with one vpshufb per 32) plus 128 as an unsigned code (1..241; the tile's
+    offset 128 takes it back, as Q6_K's 32), one scale per 32 weights (ls - 32), no mins.
+    NOTE: never for the vpmaddubsw tiles, whose u8 x s8 pair sums would saturate at int16 on
+    codes this large (PROMPT_TYPES lists IQ4_XS only where VNNI512)."""
+    for i in range(m):
+        r = r0 + i
+        for b in range(d.shape[1]):
+            o, ib = b * IQ4_XS, b * KQ
+            sc = _iq4_xs_scales(w, r, o)
+            for h in range(8):
+                v = iq4_values(nibbles(w, r, o + IQ4_XS_QS + 16 * h))
+                _put_chunk(codes, scales, i, ib + 32 * h, v + 128, pick(sc, h, h))
+            store(mins, i, 32 * b, sc & 0)  # the offset tile reads no mins
+            d[i, b] = f16_to_f32(w, r, o)
+            dm[i, b] = d[i, b]
+
+
 # legacy: (codes, signs, d, dm) per 32-weight block
 
 @_jit(**JIT)
@@ -229,6 +253,21 @@ def _un_legacy(w, r0, m, codes, signs, d, dm, size, o_qs, o_qh, o_m, off):
                 store(signs, i, LG * b, q)
                 store(codes, i, LG * b, abs8(q))
                 dm[i, b] = 0.0
+
+
+@_jit(**JIT)
+def _un_iq4_nl(w, r0, m, codes, signs, d, dm):
+    """IQ4_NL: a signed type (as Q8_0) whose codes are its grid's int8 values (one vpshufb
+    lookup per 32 indices): signs = the values, codes = their magnitudes (at most 127)."""
+    for i in range(m):
+        r = r0 + i
+        for b in range(d.shape[1]):
+            o = b * IQ4_NL
+            q = iq4_values(nibbles(w, r, o + IQ4_NL_QS))
+            store(signs, i, LG * b, q)
+            store(codes, i, LG * b, abs8(q))
+            d[i, b] = f16_to_f32(w, r, o)
+            dm[i, b] = 0.0
 
 
 @_jit(**JIT)
@@ -517,7 +556,8 @@ def _kq_tile_zmm(codes, scales, mins, d, dm, m, Y, out, r0):
 # (an integer product there cost 11 % of Q4_K's tile time).
 
 VNNI512 = ZMM and k8.VARIANT == "avx512vnni"  # vpdpbusd on zmm registers (AVX-512 VNNI)
-VNNI_OFFSET = {"Q3_K": 4, "Q6_K": 32}  # the code offset of the types whose mins are it x scale
+VNNI_OFFSET = {"Q3_K": 4, "Q6_K": 32, "IQ4_XS": 128}  # the code offset of the types whose mins
+# are it x scale (IQ4_XS: its grid values + 128)
 _LANE_ORDER = [16 * (k % 16) // 4 + k // 16 for k in range(64)]  # lane-order u32 k <- natural
 
 
@@ -727,7 +767,7 @@ def _kq_tile_vnni_min(pc, S, M, d, dm, m, Yp, dy, B, I, out, r0):
 # of the block's dot that falls in l.  Every lane then takes its block's d_w dy in float (the
 # same rounding per 4 weights as the ymm tiles), and Q4_1 / Q5_1 add m s once per block.
 
-VNNI_LG_OFFSET = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q4_1": 0, "Q5_1": 0}
+VNNI_LG_OFFSET = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q4_1": 0, "Q5_1": 0, "IQ4_NL": 128}
 
 
 @intrinsic
@@ -844,11 +884,13 @@ UNPACK = {
     "Q5_K": (_un_q5_k, "kq"), "Q6_K": (_un_q6_k, "kq"),
     "Q4_0": (_un_q4_0, "signed"), "Q5_0": (_un_q5_0, "signed"), "Q8_0": (_un_q8_0, "signed"),
     "Q4_1": (_un_q4_1, "min"), "Q5_1": (_un_q5_1, "min"),
+    "IQ4_NL": (_un_iq4_nl, "signed"), "IQ4_XS": (_un_iq4_xs, "kq"),
 }
 
 # the types QMatrix.matmul sends here (n >= 4 tokens); the others round their activations and
 # take cpu_matvec's float tiles, which measured faster for them
-PROMPT_TYPES = frozenset(UNPACK)
+VNNI_ONLY = frozenset({"IQ4_XS"})  # unpacked for the VNNI k-quant tile alone (_un_iq4_xs)
+PROMPT_TYPES = frozenset(UNPACK) if VNNI512 else frozenset(UNPACK) - VNNI_ONLY
 
 _W = types.Array(types.uint8, 2, "C", readonly=True)  # weight blocks (rows, row_bytes)
 _B = types.Array(types.uint8, 2, "C")  # unpacked bytes / activation blocks
@@ -1066,6 +1108,8 @@ def product(name: str, w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
     """``out = Q8(X) @ W.T`` for a prompt: X float32 (n, cols) C-contiguous, w read-only uint8
     (rows, row_bytes), out float32 (n, rows)."""
     family = UNPACK[name][1]
+    if name in VNNI_ONLY and not VNNI512:
+        raise ValueError(f"{name} prompt tiles need AVX-512 VNNI (this process runs {k8.VARIANT})")
     rows = w.shape[0]
     n_threads = numba.get_num_threads()
     if n_threads == 1 or rows * X.size < PARALLEL_MIN_WORK:
