@@ -877,10 +877,10 @@ def _many_sig(m: int):
 # A product that reads fewer weight bytes than this (times its tokens) runs on the calling
 # thread: waking the other threads costs more.  NOTE: with Numba's OpenMP layer (the default) the
 # pool's threads spin a while after each parallel region, and a decode step's products follow
-# each other closely, so the hand-off is cheap: best of 4 alternating runs at -t 2 with 16 K /
-# 64 K / 128 K / 256 K / 2 MiB limits, SmolLM2 Q4_K_M 225 / 220 / 223 / 212 / 159 tok/s, Gemma-3
-# 147 (64 K) / 148 / 143 (512 K) / 118; the 0.56 B file (every matrix above 2 MiB) unchanged.
-# The 2 MiB limit before was measured with the workqueue layer, which sleeps between regions.
+# each other closely, so the hand-off is cheap (tools/bench_threads.py: SmolLM2 Q4_K_M at -t 2
+# 198 / 205 / 191 / 175 / 152 tok/s with 16 K / 64 K / 128 K / 256 K / 2 MiB limits, Gemma-3 137
+# at 64 K-512 K, 114 at 2 MiB; the 0.56 B file, every matrix above 2 MiB, unchanged).  The 2 MiB
+# limit before was measured with the workqueue layer, which sleeps between regions.
 PARALLEL_MIN_BYTES = 128 << 10
 
 
