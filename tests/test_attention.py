@@ -51,3 +51,33 @@ def test_attend_prompt_window_sees_only_its_keys():
     out = np.empty((n, 2 * hd), np.float32)
     attend_prompt(q, kc, vc, 0, np.float32(0.3), 1, np.float32(0), out)
     assert np.allclose(out[:, :hd], vc[0], atol=1e-6) and np.allclose(out[:, hd:], vc[0], atol=1e-6)
+
+
+def test_prompts_run_where_only_the_float_kernels_do(tmp_path):
+    """A CPU without an int8 variant (arm64, or BLOCKQ_ISA=float) still runs prompts: the prompt
+    attention's 16-lane vectors are generic LLVM and must not pull in the x86-only int8 modules
+    (an import of cpu_int8_gemm there once made ``import blockq.ops`` fail)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = f"""
+import sys, json, numpy as np
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from tiny_model import write_tiny
+from blockq.kernels.cpu_isa import isa
+from blockq.model import Model
+m = Model.load(write_tiny({str(tmp_path / 'm.gguf')!r}, qtype="Q8_0"))
+c = m.new_cache(32)
+a = m.forward([5, 200, 17, 88, 260, 3, 141, 99], c, "all")
+b = m.forward([12], c)
+print(json.dumps({{"isa": isa(), "int8": "blockq.kernels.cpu_int8" in sys.modules,
+                  "finite": bool(np.isfinite(a).all() and np.isfinite(b).all()),
+                  "last": a[-1, :4].tolist()}}))
+"""
+    env = dict(os.environ, BLOCKQ_ISA="float", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["isa"] == "float" and not got["int8"] and got["finite"], got

@@ -25,7 +25,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .cpu_exp import exp32
-from .cpu_int8_gemm import F32x16, _V16F32, _fmuladd16, _load16f, _ptr, _splat16, zeros16
+from .cpu_simd16 import F32x16, _V16F32, _fmuladd16, _load16f, _ptr, _splat16, zeros16
 
 F32 = np.float32
 ATTEND_QB = 4  # queries per task: they share every key and value row read

@@ -37,7 +37,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic
 
 from . import cpu_int8 as k8
 from .cpu_int8 import (I8x32, I16x16, Q8_1, Q8K, Q8K_BSUMS, Q8K_QS, _call, _madd, _writer,
@@ -47,6 +47,8 @@ from .cpu_int8_iquant import IQ4_NL, IQ4_NL_QS, IQ4_XS, IQ4_XS_QS, _iq4_xs_scale
 from .cpu_isa import ENV, host_features, isa
 from .cpu_matvec import _function_at
 from .cpu_simd import I32x8, f16_to_f32, f32_at, fma, hsum, to_f32, u32_at, zeros
+from .cpu_simd16 import (F32x16, I32x16, _V16F32, _V16I32, _fmuladd16, _load16f, _load16i,
+                         _ptr, _splat16, zeros16)
 from .jitcache import keyed_jit
 
 
@@ -408,51 +410,6 @@ def _q8_1_factors(Y, dy, sy):
 
 
 
-_V16I32 = ir.VectorType(ir.IntType(32), 16)
-_V16F32 = ir.VectorType(ir.FloatType(), 16)
-
-
-class I32x16Type(types.Type):
-    def __init__(self):
-        super().__init__(name="I32x16")
-
-
-class F32x16Type(types.Type):
-    def __init__(self):
-        super().__init__(name="F32x16")
-
-
-I32x16, F32x16 = I32x16Type(), F32x16Type()
-
-
-@register_model(I32x16Type)
-class _I32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16I32)
-
-
-@register_model(F32x16Type)
-class _F32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16F32)
-
-
-@intrinsic
-def zeros16(typingctx, like):
-    """All-zero I32x16 (like an int) or F32x16 (like a float)."""
-    ret, lty = (F32x16, _V16F32) if isinstance(like, types.Float) else (I32x16, _V16I32)
-
-    def codegen(context, builder, signature, args):
-        return ir.Constant(lty, [0.0 if lty is _V16F32 else 0] * 16)
-    return ret(like), codegen
-
-
-def _ptr(context, builder, aty, arr, rty, r, ity, i):
-    from .cpu_simd import _as_i64, _row_ptr
-    return _row_ptr(context, builder, aty, arr, _as_i64(context, builder, rty, r),
-                    _as_i64(context, builder, ity, i))
-
-
 @intrinsic
 def dot64_acc(typingctx, acc, q, i, c, y, t, k, sc):
     """acc + pmaddwd(pmaddubsw(q[i, c:c+64], y[t, k:k+64]), sc[i, c:c+64] as 32 int16): zmm."""
@@ -593,31 +550,6 @@ def dpbusd64(typingctx, acc, q, i, o, y, t, k):
         yv = load(yt, args[4], tt, args[5], kt, args[6])
         return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [args[0], qv, yv])
     return I32x16(acc, q, i, o, y, t, k), codegen
-
-
-def _load16f(context, builder, aty, a, rty, r, ity, i):
-    ptr = _ptr(context, builder, aty, a, rty, r, ity, i)
-    return builder.load(builder.bitcast(ptr, _V16F32.as_pointer()), align=1)
-
-
-def _splat16(context, builder, ty, v):
-    x = context.cast(builder, v, ty, types.float32)
-    vec = builder.insert_element(ir.Constant(_V16F32, ir.Undefined), x,
-                                 ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(vec, ir.Constant(_V16F32, ir.Undefined),
-                                  ir.Constant(_V16I32, [0] * 16))
-
-
-def _fmuladd16(builder, a, b, c):
-    from numba.core import cgutils
-    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3),
-                                       "llvm.fmuladd.v16f32")
-    return builder.call(f, [a, b, c])
-
-
-def _load16i(context, builder, aty, a, rty, r, ity, i):
-    ptr = _ptr(context, builder, aty, a, rty, r, ity, i)
-    return builder.load(builder.bitcast(ptr, _V16I32.as_pointer()), align=1)
 
 
 @intrinsic
