@@ -578,3 +578,43 @@ def test_numba_cache_entries_of_racing_processes_never_swap_code(tmp_path, monke
     assert len(list(tmp_path.glob("fn-7.py311.*.nbc"))) == 2
     a.save(key_a, "code for a")  # a second save of a key rewrites its own file
     assert fresh.load(key_a) == "code for a" and fresh.load(key_b) == "code for b"
+
+
+_FACTORY = '''
+from blockq.kernels.jitcache import keyed_jit
+def make(c):
+    @keyed_jit(("test",))
+    def add(a):
+        return a + c
+    return add
+add1, add2 = make(1), make(2)
+'''
+
+
+def test_cached_closures_of_one_factory_keep_their_own_code(tmp_path):
+    """Two closures a factory makes (one qualified name, one signature), each compiled by a
+    process of its own into a shared disk cache, then both loaded by a third: each must run its
+    own code.  Numba's symbol names would be equal there (the name plus a per-process counter)
+    and resolve to one address; keyed_jit gives each a name of its own (jitcache._distinct)."""
+    import subprocess
+    import sys
+    (tmp_path / "factory_mod.py").write_text(_FACTORY)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+    def run(code):
+        r = subprocess.run([sys.executable, "-c", "import factory_mod as m\n" + code], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-1500:]
+        return r.stdout.split()
+    assert run("print(m.add1(10))") == ["11"]  # compiles add1 alone
+    assert run("print(m.add2(10))") == ["12"]  # compiles add2 alone, in another process
+    # the native symbol of each, looked up by name as blockq's drivers take kernel addresses
+    # (cpu_int8.compiled): one address for both was the Q8_1-for-Q8_0 quantizer bug
+    got = run("""
+r = [m.add1(10), m.add2(10), m.add1.stats.cache_hits.total(), m.add2.stats.cache_hits.total()]
+a, b = (list(f.overloads.values())[0] for f in (m.add1, m.add2))
+r.append(a.library.get_pointer_to_function(a.fndesc.mangled_name)
+         != b.library.get_pointer_to_function(b.fndesc.mangled_name))
+print(*r)""")
+    assert got == ["11", "12", "1", "1", "True"]

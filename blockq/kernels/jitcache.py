@@ -11,6 +11,7 @@ adds a tuple of values that tells them apart.
 from __future__ import annotations
 
 import hashlib
+import types
 
 from numba import njit
 from numba.core.caching import FunctionCache, IndexDataCacheFile
@@ -65,13 +66,35 @@ class _KeyedCache(FunctionCache):
         return super()._index_key(sig, codegen) + self._extra
 
 
+def _distinct(fn, extra: tuple):
+    """A copy of ``fn`` whose ``__qualname__`` ends in a hash of ``extra`` and of its closure's
+    values.
+
+    NOTE: Numba names a compiled function's symbol after its qualified name plus a counter of
+    the functions of that name the compiling process has seen.  Closures a factory makes per
+    type (``_q8_32_quantizer.<locals>.quantize`` for Q8_0 and for Q8_1), or one function compiled
+    twice (serial and parallel), compiled by two processes, both get counter 1, and a third
+    process that loads both from the disk cache resolves the two names to one address: the
+    Q8_1 quantizer then ran for Q5_0's products (wrong results, order-dependent).  With the
+    hash the names, and the cache files, differ."""
+    from numba.core.serialize import dumps
+    cells = tuple(c.cell_contents for c in fn.__closure__ or ())
+    tag = hashlib.sha256(dumps((tuple(extra), cells))).hexdigest()[:12]
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__, copy.__doc__ = fn.__kwdefaults__, fn.__doc__
+    copy.__module__, copy.__qualname__ = fn.__module__, f"{fn.__qualname__}_{tag}"
+    return copy
+
+
 def keyed_jit(extra: tuple, **options):
     """``numba.njit(cache=True, **options)`` whose cache entries carry ``extra`` in their key
-    (a ``cache`` option given is ignored: the result always caches)."""
+    (a ``cache`` option given is ignored: the result always caches), compiled under a name of
+    its own (``_distinct``)."""
     options = {k: v for k, v in options.items() if k != "cache"}
 
     def wrap(fn):
-        d = njit(cache=True, **options)(fn)
+        d = njit(cache=True, **options)(_distinct(fn, tuple(extra)))
         d._cache = _KeyedCache(d.py_func, tuple(extra))
         return d
     return wrap
