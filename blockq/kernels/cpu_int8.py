@@ -45,14 +45,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global, signature
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic
 
 from ..types import BY_NAME, QK, QK_K
 from .cpu_isa import VNNI, announce_compile, isa
 from .cpu_matvec import _function_at
 from .jitcache import keyed_jit
 from .cpu_simd import I32x8, _as_i64, _row_ptr, _row_reader, f16_to_f32, f32_at, fma, hsum, \
-    to_f32, u32_at, zeros
+    to_f32, u32_at, vector_type, zeros
 
 VARIANT = isa()  # the instructions the dots below expand to, fixed for the process
 if VARIANT == "float":  # pragma: no cover - guarded by the caller
@@ -110,22 +110,8 @@ TILE_ROWS = 16  # prompt path: weight rows a thread keeps in cache while all tok
 # the <32 x i8> value and its intrinsics
 
 
-def _vector_type(name: str, lty):
-    """A Numba type (class, instance) held in registers as the LLVM vector type ``lty``; the
-    class must be bound to the module global ``name + "Type"`` (Numba's cache pickles it)."""
-    cls = type(name + "Type", (types.Type,), {
-        "__init__": lambda self: types.Type.__init__(self, name=name),
-        "__module__": __name__, "__qualname__": name + "Type"})
-
-    class Model(models.PrimitiveModel):
-        def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, lty)
-    register_model(cls)(Model)
-    return cls, cls()
-
-
-I8x32Type, I8x32 = _vector_type("I8x32", _V32I8)  # 32 bytes (one ymm register)
-I16x16Type, I16x16 = _vector_type("I16x16", _V16I16)  # 16 int16 lanes
+I8x32Type, I8x32 = vector_type("I8x32", _V32I8, __name__)  # 32 bytes (one ymm register)
+I16x16Type, I16x16 = vector_type("I16x16", _V16I16, __name__)  # 16 int16 lanes
 
 
 def _splat(builder, value, vty):

@@ -50,30 +50,23 @@ _VF32 = ir.VectorType(_F32, LANES)
 _VF16 = ir.VectorType(ir.HalfType(), LANES)
 
 
-class I32x8Type(types.Type):
-    def __init__(self):
-        super().__init__(name="I32x8")
+def vector_type(name: str, lty, module: str):
+    """A Numba type (class, instance) held in registers as the LLVM vector type ``lty``; the
+    class must be bound to the global ``name + "Type"`` of ``module`` (Numba's cache pickles
+    it by that name)."""
+    cls = type(name + "Type", (types.Type,), {
+        "__init__": lambda self: types.Type.__init__(self, name=name),
+        "__module__": module, "__qualname__": name + "Type"})
+
+    class Model(models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            super().__init__(dmm, fe_type, lty)
+    register_model(cls)(Model)
+    return cls, cls()
 
 
-class F32x8Type(types.Type):
-    def __init__(self):
-        super().__init__(name="F32x8")
-
-
-I32x8 = I32x8Type()
-F32x8 = F32x8Type()
-
-
-@register_model(I32x8Type)
-class _I32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VI32)
-
-
-@register_model(F32x8Type)
-class _F32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VF32)
+I32x8Type, I32x8 = vector_type("I32x8", _VI32, __name__)
+F32x8Type, F32x8 = vector_type("F32x8", _VF32, __name__)
 
 
 # ---- helpers used inside codegen ------------------------------------------------------------

@@ -13,37 +13,14 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic
 
-from .cpu_simd import _as_i64, _row_ptr
+from .cpu_simd import _as_i64, _row_ptr, vector_type
 
 _V16I32 = ir.VectorType(ir.IntType(32), 16)
 _V16F32 = ir.VectorType(ir.FloatType(), 16)
-
-
-class I32x16Type(types.Type):
-    def __init__(self):
-        super().__init__(name="I32x16")
-
-
-class F32x16Type(types.Type):
-    def __init__(self):
-        super().__init__(name="F32x16")
-
-
-I32x16, F32x16 = I32x16Type(), F32x16Type()
-
-
-@register_model(I32x16Type)
-class _I32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16I32)
-
-
-@register_model(F32x16Type)
-class _F32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16F32)
+I32x16Type, I32x16 = vector_type("I32x16", _V16I32, __name__)
+F32x16Type, F32x16 = vector_type("F32x16", _V16F32, __name__)
 
 
 @intrinsic
